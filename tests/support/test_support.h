@@ -1,0 +1,51 @@
+// Helpers shared by the test suite: seeded random tensors, dtype-derived tolerances, closeness
+// checks that report the worst element, and central finite differences in float64.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <functional>
+#include <limits>
+#include <string>
+
+#include "attn/attention.h"
+#include "attn/tensor.h"
+
+namespace attn::testing {
+
+// Uniform values in [lo, hi), deterministic from `seed`.
+Tensor random_tensor(const Shape& shape, DType dtype, uint64_t seed, double lo = -1.0,
+                     double hi = 1.0);
+
+// Unit roundoff of a dtype: 2^-24 for float32, 2^-53 for float64.
+double unit_roundoff(DType dtype);
+
+// A tolerance from an error bound: |actual - expected| <= atol + rtol * |expected|.
+struct Tolerance {
+  double atol = 0.0;
+  double rtol = 0.0;
+};
+
+// Tolerance for a result whose every element is a reduction of `terms` products of O(1)
+// values computed in `dtype`: forward error of recursive summation grows like
+// sqrt(terms) * u in practice (Higham, ch. 3, probabilistic bound); `safety` scales it.
+Tolerance tolerance_for(DType dtype, int64_t terms, double safety = 16.0);
+
+// Passes when every element satisfies the tolerance (NaN only matches NaN, inf only the same
+// inf). On failure names the worst element by index with expected, actual and the bound.
+::testing::AssertionResult all_close(const Tensor& actual, const Tensor& expected, Tolerance tol,
+                                     const std::string& what = "");
+
+// Central finite differences of a scalar function of `param` (float64, modified in place and
+// restored). Checks every element, or `max_elements` evenly spread ones, against `analytic`.
+// Step h defaults to 1e-6 (float64 central differences: error ~ h^2 f''' + u f / h).
+::testing::AssertionResult check_gradient(const std::function<double()>& loss, Tensor param,
+                                          const Tensor& analytic, const std::string& what,
+                                          int64_t max_elements = 64, double h = 1e-6,
+                                          double tol = 1e-6);
+
+// sum(out * weights): a scalar loss whose gradient with respect to out is `weights`.
+double weighted_sum(const Tensor& out, const Tensor& weights);
+
+}  // namespace attn::testing
