@@ -131,7 +131,7 @@ Tensor Tensor::full(const Shape& shape, double value, DType dtype) {
 
 Tensor Tensor::from(const std::vector<float>& values, const Shape& shape) {
   ATTN_CHECK(shape_numel(shape) == static_cast<int64_t>(values.size()), "tensor", values.size(),
-             " values do not fill shape ", shape_str(shape));
+             " values do not fill shape ", attn::shape_str(shape));
   Tensor t = empty(shape, DType::f32);
   std::copy(values.begin(), values.end(), t.data<float>());
   return t;
@@ -139,7 +139,7 @@ Tensor Tensor::from(const std::vector<float>& values, const Shape& shape) {
 
 Tensor Tensor::from(const std::vector<double>& values, const Shape& shape) {
   ATTN_CHECK(shape_numel(shape) == static_cast<int64_t>(values.size()), "tensor", values.size(),
-             " values do not fill shape ", shape_str(shape));
+             " values do not fill shape ", attn::shape_str(shape));
   Tensor t = empty(shape, DType::f64);
   std::copy(values.begin(), values.end(), t.data<double>());
   return t;
@@ -148,7 +148,7 @@ Tensor Tensor::from(const std::vector<double>& values, const Shape& shape) {
 Tensor Tensor::wrap_bytes(void* data, DType dtype, const Shape& shape, const Shape& strides) {
   check_shape(shape, "tensor");
   ATTN_CHECK(strides.empty() || strides.size() == shape.size(), "tensor", "strides ",
-             shape_str(strides), " do not match shape ", shape_str(shape));
+             attn::shape_str(strides), " do not match shape ", attn::shape_str(shape));
   Tensor t;
   t.base_ = static_cast<std::byte*>(data);
   t.dtype_ = dtype;

@@ -1,0 +1,79 @@
+// Attention front-end: validates, normalises (dtype, contiguity) and dispatches to a kernel.
+#include "attn/attention.h"
+
+#include <cmath>
+
+#include "attention_validate.h"
+#include "kernels/attention_composed.h"
+
+namespace attn {
+
+const char* score_name(const Score& score) {
+  static constexpr const char* names[] = {"dot",    "scaled_dot", "general",  "additive",
+                                          "concat", "cosine",     "location", "trilinear"};
+  return names[score.index()];
+}
+
+std::vector<double> alibi_slopes(int64_t num_heads) {
+  ATTN_CHECK(num_heads > 0, "alibi_slopes", "num_heads must be > 0, got ", num_heads);
+  // Geometric sequence starting at 2^(-8/n) for n a power of two (Press et al. 2022, section 3).
+  auto power_of_two_slopes = [](int64_t n) {
+    std::vector<double> s(static_cast<std::size_t>(n));
+    const double start = std::exp2(-8.0 / static_cast<double>(n));
+    for (int64_t i = 0; i < n; ++i) s[static_cast<std::size_t>(i)] = std::pow(start, i + 1);
+    return s;
+  };
+  int64_t closest = 1;
+  while (closest * 2 <= num_heads) closest *= 2;
+  std::vector<double> slopes = power_of_two_slopes(closest);
+  if (closest < num_heads) {
+    // The paper's interpolation: every other slope of the next power of two.
+    const std::vector<double> extra = power_of_two_slopes(2 * closest);
+    for (int64_t i = 0; static_cast<int64_t>(slopes.size()) < num_heads; i += 2)
+      slopes.push_back(extra[static_cast<std::size_t>(i)]);
+  }
+  return slopes;
+}
+
+namespace {
+
+struct Normalised {
+  Tensor q, k, v;
+  AttentionParams params;
+};
+
+Normalised normalise(const Tensor& q, const Tensor& k, const Tensor& v,
+                     const AttentionParams& params) {
+  const DType dtype = q.dtype();
+  return {q.contiguous(), k.contiguous(), v.contiguous(), detail::convert_params(params, dtype)};
+}
+
+}  // namespace
+
+AttentionOutput attention(const Tensor& q, const Tensor& k, const Tensor& v,
+                          const AttentionParams& params) {
+  const detail::AttentionDims dims = detail::validate_attention("attention", q, k, v, params);
+  const Normalised n = normalise(q, k, v, params);
+  if (q.dtype() == DType::f32)
+    return kernels::composed_attention_forward<float>(dims, n.q, n.k, n.v, n.params);
+  return kernels::composed_attention_forward<double>(dims, n.q, n.k, n.v, n.params);
+}
+
+AttentionGrads attention_backward(const Tensor& q, const Tensor& k, const Tensor& v,
+                                  const AttentionParams& params, const AttentionOutput& forward,
+                                  const Tensor& dout) {
+  const char* op = "attention_backward";
+  const detail::AttentionDims dims = detail::validate_attention(op, q, k, v, params);
+  detail::validate_attention_backward(op, dims, forward, dout);
+  const Normalised n = normalise(q, k, v, params);
+  const DType dtype = q.dtype();
+  AttentionOutput saved = forward;
+  saved.out = forward.out.to(dtype).contiguous();
+  saved.lse = forward.lse.to(dtype).contiguous();
+  const Tensor g = dout.to(dtype).contiguous();
+  if (dtype == DType::f32)
+    return kernels::composed_attention_backward<float>(dims, n.q, n.k, n.v, n.params, saved, g);
+  return kernels::composed_attention_backward<double>(dims, n.q, n.k, n.v, n.params, saved, g);
+}
+
+}  // namespace attn
