@@ -30,8 +30,11 @@
 // Fully masked rows (and rows of a sequence with no keys): output 0, weights 0, lse = -inf, and
 // every gradient that flows through them is exactly 0. The same on every path.
 //
+// Rows whose visible scores are all -inf (e.g. through a -inf bias) count as fully masked too.
+//
 // Softmax is computed with the row maximum subtracted, so scores of +-1e4 do not overflow.
-// A NaN in one query row stays in that row's output.
+// A NaN in one query row stays in that row's output; values of hidden keys are never read, so
+// NaN in padding does not leak. Returned weights are softmax x (local-p Gaussian), before dropout.
 #pragma once
 
 #include <cstdint>
