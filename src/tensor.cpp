@@ -174,6 +174,7 @@ int64_t Tensor::stride(int64_t d) const {
 int64_t Tensor::numel() const { return shape_numel(shape_); }
 
 bool Tensor::is_contiguous() const {
+  if (numel() == 0) return true;  // no element to misplace (torch agrees)
   int64_t expected = 1;
   for (std::size_t d = shape_.size(); d-- > 0;) {
     if (shape_[d] == 1) continue;
