@@ -228,6 +228,21 @@ void Tensor::copy_from(const Tensor& src) {
     std::memmove(base_, src.base_, static_cast<std::size_t>(n) * ds);
     return;
   }
+  if (dtype_ == src.dtype_ && strides_.back() == 1 && src.strides_.back() == 1) {
+    // Strided views with contiguous rows (transposed heads, slices): one memcpy per row.
+    const int64_t row = shape_.back();
+    const Shape outer(shape_.begin(), shape_.end() - 1);
+    const Shape dst_outer(strides_.begin(), strides_.end() - 1);
+    const Shape src_outer(src.strides_.begin(), src.strides_.end() - 1);
+    std::vector<int64_t> dst_offsets, src_offsets;
+    for_each_offset(outer, dst_outer, [&](int64_t off) { dst_offsets.push_back(off); });
+    for_each_offset(outer, src_outer, [&](int64_t off) { src_offsets.push_back(off); });
+    const auto bytes_per_row = static_cast<std::size_t>(row) * ds;
+    for (std::size_t r = 0; r < dst_offsets.size(); ++r)
+      std::memmove(base_ + dst_offsets[r] * static_cast<int64_t>(ds),
+                   src.base_ + src_offsets[r] * static_cast<int64_t>(ss), bytes_per_row);
+    return;
+  }
   // Gather source values in row-major order, then scatter into this tensor.
   std::vector<double> values;
   values.reserve(static_cast<std::size_t>(n));
