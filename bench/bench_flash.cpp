@@ -1,0 +1,127 @@
+// The fused dot-product attention forward (src/kernels/flash_attention.*) at B=1, H=8,
+// d in {64, 128}, N = Tq = Tk in {512, 2048, 8192}, non-causal and causal, float32.
+//
+// Counters (the machine is shared and loads come and go, so rates are taken from the fastest
+// iteration, the least disturbed one, and the baseline likewise):
+//   GFLOP/s        4 N^2 d H / best iteration time (Q K^T and P V) for non-causal; causal counts
+//                  only the visible pairs, 4 d H N (N + 1) / 2, so both measure useful work
+//   mean_GFLOP/s   the same from the mean iteration time
+//   sgemm_GFLOP/s  an OpenBLAS sgemm 2048 x 2048 x 2048, best of repeated calls timed right after
+//                  each case (the practical fp32 ceiling; same thread count as the kernel)
+//   vs_sgemm       GFLOP/s / sgemm_GFLOP/s
+//   peak_MB        peak resident memory of the process so far (VmHWM; inputs included)
+//   label          the Highway target the kernel dispatched to, and OpenBLAS's sgemm core
+//
+// OpenBLAS 0.3.21 does not recognise every CPU (this machine's Xeon is detected as "Prescott",
+// an SSE3 kernel 6x below the real ceiling): force its kernel when the label says Prescott.
+//
+//   OPENBLAS_CORETYPE=Cooperlake ./build/bench/bench_flash --benchmark_min_time=0.5
+//   ATTN_SIMD_TARGET=avx2 ./build/bench/bench_flash   (cap the SIMD target)
+#include <benchmark/benchmark.h>
+#include <cblas.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <fstream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/flash_attention.h"
+
+namespace {
+
+constexpr int64_t kBatch = 1, kHeads = 8;
+
+std::vector<float> random_vector(size_t n, uint32_t seed) {
+  std::vector<float> x(n);
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  for (float& e : x) e = dist(rng);
+  return x;
+}
+
+double peak_rss_mb() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
+  return 0.0;
+}
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+// GFLOP/s of a square OpenBLAS sgemm, best of the calls made in half a second, re-measured after
+// every case so that the ratio compares runs made under the same load.
+double sgemm_gflops() {
+  const int n = 2048;
+  const std::vector<float> a = random_vector(size_t{n} * n, 1), b = random_vector(size_t{n} * n, 2);
+  std::vector<float> c(size_t{n} * n);
+  double best = 1e30;
+  const auto start = Clock::now();
+  do {
+    const auto call = Clock::now();
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.0f, a.data(), n, b.data(),
+                n, 0.0f, c.data(), n);
+    best = std::min(best, seconds_since(call));
+  } while (seconds_since(start) < 0.5);
+  return 2.0 * n * n * double{n} / best * 1e-9;
+}
+
+void BM_FlashForward(benchmark::State& state) {
+  const int64_t d = state.range(0), n = state.range(1);
+  const bool causal = state.range(2) != 0;
+  const std::vector<float> q = random_vector(size_t(kBatch * kHeads * n * d), 1);
+  const std::vector<float> k = random_vector(size_t(kBatch * kHeads * n * d), 2);
+  const std::vector<float> v = random_vector(size_t(kBatch * kHeads * n * d), 3);
+  std::vector<float> out(size_t(kBatch * kHeads * n * d)), lse(size_t(kBatch * kHeads * n));
+
+  attn::kernels::FlashAttentionArgs args;
+  args.q = q.data(), args.k = k.data(), args.v = v.data();
+  args.out = out.data(), args.lse = lse.data();
+  args.batch = kBatch, args.q_heads = kHeads, args.kv_heads = kHeads;
+  args.q_len = n, args.k_len = n, args.head_dim = d, args.value_dim = d;
+  args.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
+  args.causal = causal;
+
+  attn::kernels::flash_attention_forward(args);  // warm-up: page in buffers, spin up threads
+  double best = 1e30, total = 0.0;
+  for (auto _ : state) {
+    const auto call = Clock::now();
+    attn::kernels::flash_attention_forward(args);
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+    const double seconds = seconds_since(call);
+    best = std::min(best, seconds);
+    total += seconds;
+  }
+  const double pairs = causal ? 0.5 * double(n) * double(n + 1) : double(n) * double(n);
+  const double flops = 4.0 * pairs * double(d) * kHeads * kBatch;
+  const double gflops = flops / best * 1e-9;
+  const double sgemm = sgemm_gflops();
+  state.counters["GFLOP/s"] = gflops;
+  state.counters["mean_GFLOP/s"] = flops * static_cast<double>(state.iterations()) / total * 1e-9;
+  state.counters["sgemm_GFLOP/s"] = sgemm;
+  state.counters["vs_sgemm"] = gflops / sgemm;
+  state.counters["peak_MB"] = peak_rss_mb();
+  state.SetLabel(std::string(attn::kernels::flash_attention_target_name()) + " sgemm:" +
+                 openblas_get_corename());
+}
+
+void Cases(benchmark::internal::Benchmark* b) {
+  for (int64_t d : {64, 128})
+    for (int64_t n : {512, 2048, 8192})
+      for (int64_t causal : {0, 1}) b->Args({d, n, causal});
+  b->ArgNames({"d", "N", "causal"})->Unit(benchmark::kMillisecond)->UseRealTime();
+}
+
+BENCHMARK(BM_FlashForward)->Apply(Cases);
+
+}  // namespace
+
+BENCHMARK_MAIN();
