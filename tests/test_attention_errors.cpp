@@ -11,21 +11,10 @@
 namespace attn {
 namespace {
 
+using attn::testing::expect_error;
+
 using testing::random_tensor;
 
-// Runs `fn`, expects attn::Error, and checks the message contains every fragment.
-void expect_error(const std::function<void()>& fn, std::initializer_list<std::string> fragments) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    const std::string message = e.what();
-    for (const std::string& f : fragments)
-      EXPECT_NE(message.find(f), std::string::npos) << "message \"" << message
-                                                    << "\" lacks \"" << f << "\"";
-    return;
-  }
-  ADD_FAILURE() << "no attn::Error thrown";
-}
 
 struct Inputs {
   Tensor q = random_tensor({2, 4, 5, 8}, DType::f32, 1);

@@ -20,6 +20,8 @@
 namespace attn {
 namespace {
 
+using attn::testing::expect_error;
+
 using testing::all_close;
 using testing::check_gradient;
 using testing::random_tensor;
@@ -399,19 +401,6 @@ TEST(MatmulBackward, ReferenceMatchesFiniteDifferences) {
 // ---------------------------------------------------------------------------------------------
 // Errors: one test per check, each message naming the op and the shapes.
 
-// Runs `fn`, expects attn::Error, and checks the message contains every fragment.
-void expect_error(const std::function<void()>& fn, std::initializer_list<std::string> fragments) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    const std::string message = e.what();
-    for (const std::string& f : fragments)
-      EXPECT_NE(message.find(f), std::string::npos)
-          << "message \"" << message << "\" lacks \"" << f << "\"";
-    return;
-  }
-  ADD_FAILURE() << "no attn::Error thrown";
-}
 
 Tensor f32(const Shape& shape) { return random_tensor(shape, DType::f32, 1); }
 Tensor f64(const Shape& shape) { return random_tensor(shape, DType::f64, 1); }

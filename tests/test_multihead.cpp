@@ -19,6 +19,8 @@
 namespace attn {
 namespace {
 
+using attn::testing::expect_error;
+
 using testing::all_close;
 using testing::check_gradient;
 using testing::random_tensor;
@@ -513,18 +515,6 @@ TEST(KVCache, CrossAttentionDecodingProjectsTheMemoryOnce) {
 // ---------------------------------------------------------------------------------------------
 // Errors: one test per validation check, each naming the op and the offending sizes.
 
-void expect_error(const std::function<void()>& fn, std::initializer_list<std::string> fragments) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    const std::string message = e.what();
-    for (const std::string& f : fragments)
-      EXPECT_NE(message.find(f), std::string::npos)
-          << "message \"" << message << "\" lacks \"" << f << "\"";
-    return;
-  }
-  ADD_FAILURE() << "no attn::Error thrown";
-}
 
 // A valid problem that each error test breaks in one way.
 struct Problem {

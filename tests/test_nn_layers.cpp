@@ -21,22 +21,14 @@
 namespace attn::nn {
 namespace {
 
+using attn::testing::expect_error;
+
 using attn::testing::all_close;
 using attn::testing::check_gradient;
 using attn::testing::random_tensor;
 using attn::testing::tolerance_for;
 using attn::testing::weighted_sum;
 
-template <class F>
-void expect_error(F&& f, const std::string& fragment) {
-  try {
-    f();
-    ADD_FAILURE() << "expected an attn::Error containing \"" << fragment << "\"";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(fragment), std::string::npos)
-        << "message: " << e.what() << "\nexpected to contain: " << fragment;
-  }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Linear.

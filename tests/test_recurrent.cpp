@@ -14,6 +14,8 @@
 namespace attn::nn {
 namespace {
 
+using attn::testing::expect_error;
+
 using attn::testing::all_close;
 using attn::testing::check_gradient;
 using attn::testing::random_tensor;
@@ -563,16 +565,6 @@ TEST(Recurrent, InitialisationAndParameterNames) {
 // ---------------------------------------------------------------------------------------------
 // Errors.
 
-template <class F>
-void expect_error(F&& f, const std::string& fragment) {
-  try {
-    f();
-    ADD_FAILURE() << "expected an attn::Error containing \"" << fragment << "\"";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(fragment), std::string::npos)
-        << "message: " << e.what() << "\nexpected to contain: " << fragment;
-  }
-}
 
 TEST(Recurrent, Errors) {
   Rnn gru = Rnn::create({RnnKind::gru, 8, 4, 2, true, true, DType::f32}, 1);

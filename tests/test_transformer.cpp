@@ -25,6 +25,8 @@
 namespace attn::nn {
 namespace {
 
+using attn::testing::expect_error;
+
 using attn::testing::all_close;
 using attn::testing::check_gradient;
 using attn::testing::random_tensor;
@@ -32,16 +34,6 @@ using attn::testing::Tolerance;
 using attn::testing::tolerance_for;
 using attn::testing::weighted_sum;
 
-template <class F>
-void expect_error(F&& f, const std::string& fragment) {
-  try {
-    f();
-    ADD_FAILURE() << "expected an attn::Error containing \"" << fragment << "\"";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(fragment), std::string::npos)
-        << "message: " << e.what() << "\nexpected to contain: " << fragment;
-  }
-}
 
 // Small sizes: finite differences run the whole layer twice per checked element.
 TransformerConfig small_config(NormPlacement norm, DType dtype = DType::f64) {

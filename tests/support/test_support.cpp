@@ -118,6 +118,19 @@ std::string index_str(int64_t linear, const Shape& shape) {
          << worst_fd << ", analytic " << worst_an << ", relative error " << worst_err << " > " << tol;
 }
 
+void expect_error(const std::function<void()>& fn, std::initializer_list<std::string> fragments) {
+  try {
+    fn();
+  } catch (const Error& e) {
+    const std::string message = e.what();
+    for (const std::string& f : fragments)
+      EXPECT_NE(message.find(f), std::string::npos)
+          << "message \"" << message << "\" lacks \"" << f << "\"";
+    return;
+  }
+  ADD_FAILURE() << "no attn::Error thrown";
+}
+
 double weighted_sum(const Tensor& out, const Tensor& weights) {
   const std::vector<double> a = out.to_vector(), w = weights.to_vector();
   double s = 0.0;

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <initializer_list>
 #include <limits>
 #include <string>
 
@@ -44,6 +45,13 @@ Tolerance tolerance_for(DType dtype, int64_t terms, double safety = 16.0);
                                           const Tensor& analytic, const std::string& what,
                                           int64_t max_elements = 64, double h = 1e-6,
                                           double tol = 1e-6);
+
+// Runs `fn` and expects an attn::Error whose message contains every fragment (op name,
+// argument, shapes); reports the message otherwise.
+void expect_error(const std::function<void()>& fn, std::initializer_list<std::string> fragments);
+inline void expect_error(const std::function<void()>& fn, const std::string& fragment) {
+  expect_error(fn, {fragment});
+}
 
 // sum(out * weights): a scalar loss whose gradient with respect to out is `weights`.
 double weighted_sum(const Tensor& out, const Tensor& weights);
