@@ -1,0 +1,47 @@
+// Decoding: greedy search and beam search with length normalisation, returning the tokens and
+// the alignment (the attention weights of every output step over the source).
+//
+// Beam search (Sutskever et al. 2014; Wu et al. 2016 for the length penalty): keeps the K best
+// partial translations by summed log-probability; a hypothesis that emits <eos> is finished and
+// ranked by score / length^alpha (length counts <eos>; alpha = 0 ranks by raw log-probability).
+// The search stops when K hypotheses are finished or max_length steps have been taken. Ties are
+// broken by the lower beam index, then the lower token id, so beam 1 is exactly greedy search.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "seq2seq/batching.h"
+#include "seq2seq/model.h"
+
+namespace attn::seq2seq {
+
+struct DecodeConfig {
+  int64_t beam = 1;              // 1: greedy
+  double length_penalty = 1.0;   // alpha
+  int64_t max_length = 0;        // output tokens, <eos> included; 0: 2 x source length + 10
+  bool alignment = true;         // fill Translation::alignment
+};
+
+struct Translation {
+  std::vector<int32_t> tokens;  // without <eos>
+  double log_prob = 0.0;        // sum of log p over tokens and <eos>
+  double score = 0.0;           // log_prob / length^alpha
+  bool finished = false;        // emitted <eos> within max_length
+  // alignment[i][j]: weight of output step i (tokens then <eos>) on source position j (source
+  // tokens then <eos>). Empty for the no-attention baseline.
+  std::vector<std::vector<double>> alignment;
+};
+
+// Sources are id sequences without <eos> (make_source_batch appends it).
+std::vector<Translation> greedy_decode(const Seq2Seq& model,
+                                       const std::vector<std::vector<int32_t>>& sources,
+                                       const DecodeConfig& config = {});
+Translation beam_decode(const Seq2Seq& model, const std::vector<int32_t>& source,
+                        const DecodeConfig& config);
+// Greedy (batched) for beam 1, else beam search sentence by sentence.
+std::vector<Translation> translate_ids(const Seq2Seq& model,
+                                       const std::vector<std::vector<int32_t>>& sources,
+                                       const DecodeConfig& config = {});
+
+}  // namespace attn::seq2seq

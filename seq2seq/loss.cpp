@@ -1,0 +1,134 @@
+#include "seq2seq/loss.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "attn/error.h"
+#include "nn/linear.h"
+
+namespace attn::seq2seq {
+
+CrossEntropyResult cross_entropy(const Tensor& logits, const std::vector<int32_t>& targets,
+                                 const CrossEntropyConfig& config) {
+  constexpr const char* op = "cross_entropy";
+  ATTN_CHECK(logits.defined() && logits.dim() >= 2, op, "logits must be [N, V], got ",
+             logits.defined() ? logits.shape_str() : "undefined");
+  const int64_t V = logits.size(-1);
+  const int64_t N = logits.numel() / std::max<int64_t>(V, 1);
+  ATTN_CHECK(static_cast<int64_t>(targets.size()) == N, op, "logits ", logits.shape_str(),
+             " hold ", N, " rows, got ", targets.size(), " targets");
+  ATTN_CHECK(config.label_smoothing >= 0.0 && config.label_smoothing < 1.0, op,
+             "label smoothing must be in [0, 1), got ", config.label_smoothing);
+  const Tensor x = logits.contiguous();
+  CrossEntropyResult r;
+  for (int32_t t : targets) {
+    if (t == config.ignore_id) continue;
+    ATTN_CHECK(0 <= t && t < V, op, "target ", t, " out of range for ", V, " classes");
+    ++r.count;
+  }
+  if (config.compute_grad) r.dlogits = Tensor::zeros(logits.shape(), logits.dtype());
+  if (r.count == 0) return r;
+  const double eps = config.label_smoothing;
+  const double inv_m = 1.0 / static_cast<double>(r.count);
+  nn::visit_float(x.dtype(), op, "logits", [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = x.data<T>();
+    T* dp = config.compute_grad ? r.dlogits.data<T>() : nullptr;
+    double loss = 0.0, nll = 0.0;
+    for (int64_t n = 0; n < N; ++n) {
+      if (targets[n] == config.ignore_id) continue;
+      const T* row = xp + n * V;
+      // log-sum-exp in float64: V terms of float32 would lose the small ones.
+      double mx = row[0];
+      for (int64_t v = 1; v < V; ++v) mx = std::max<double>(mx, row[v]);
+      double sum = 0.0, sum_x = 0.0;
+      for (int64_t v = 0; v < V; ++v) {
+        sum += std::exp(static_cast<double>(row[v]) - mx);
+        sum_x += static_cast<double>(row[v]);
+      }
+      const double log_z = mx + std::log(sum);
+      const double target_logp = static_cast<double>(row[targets[n]]) - log_z;
+      // -sum_v q(v) log p(v) = -(1 - eps) log p(y) - eps / V sum_v (x_v - log Z)
+      const double mean_logp = sum_x / static_cast<double>(V) - log_z;
+      loss += -(1.0 - eps) * target_logp - eps * mean_logp;
+      nll += -target_logp;
+      if (dp) {
+        T* drow = dp + n * V;
+        for (int64_t v = 0; v < V; ++v) {
+          const double p = std::exp(static_cast<double>(row[v]) - log_z);
+          drow[v] = static_cast<T>((p - eps / static_cast<double>(V)) * inv_m);
+        }
+        drow[targets[n]] -= static_cast<T>((1.0 - eps) * inv_m);
+      }
+    }
+    r.loss = loss * inv_m;
+    r.nll = nll * inv_m;
+  });
+  return r;
+}
+
+CopyMixtureResult copy_mixture_loss(const Tensor& logits, const Tensor& copy, const Tensor& gate,
+                                    const std::vector<int32_t>& targets,
+                                    const CrossEntropyConfig& config) {
+  constexpr const char* op = "copy_mixture_loss";
+  ATTN_CHECK(logits.defined() && copy.defined() && gate.defined() && logits.dim() >= 2 &&
+                 copy.shape() == logits.shape() && logits.dtype() == copy.dtype() &&
+                 gate.dtype() == logits.dtype(),
+             op, "logits ", logits.shape_str(), " and copy ", copy.shape_str(),
+             " must match, with a gate of the same dtype");
+  const int64_t V = logits.size(-1);
+  const int64_t N = logits.numel() / std::max<int64_t>(V, 1);
+  ATTN_CHECK(gate.numel() == N && static_cast<int64_t>(targets.size()) == N, op, "logits hold ", N,
+             " rows, gate ", gate.shape_str(), ", ", targets.size(), " targets");
+  ATTN_CHECK(config.label_smoothing >= 0.0 && config.label_smoothing < 1.0, op,
+             "label smoothing must be in [0, 1), got ", config.label_smoothing);
+  const std::vector<double> x = logits.to_vector(), c = copy.to_vector(), g = gate.to_vector();
+  CopyMixtureResult r;
+  for (int32_t t : targets) {
+    if (t == config.ignore_id) continue;
+    ATTN_CHECK(0 <= t && t < V, op, "target ", t, " out of range for ", V, " classes");
+    ++r.count;
+  }
+  std::vector<double> dx(config.compute_grad ? N * V : 0), dc(dx.size()), dg(config.compute_grad ? N : 0);
+  if (r.count > 0) {
+    const double eps = config.label_smoothing, inv_m = 1.0 / static_cast<double>(r.count);
+    std::vector<double> s(V), rv(V);
+    for (int64_t n = 0; n < N; ++n) {
+      if (targets[n] == config.ignore_id) continue;
+      const double* row = x.data() + n * V;
+      const double* crow = c.data() + n * V;
+      double mx = row[0];
+      for (int64_t v = 1; v < V; ++v) mx = std::max(mx, row[v]);
+      double sum = 0.0;
+      for (int64_t v = 0; v < V; ++v) sum += (s[v] = std::exp(row[v] - mx));
+      for (int64_t v = 0; v < V; ++v) s[v] /= sum;
+      double loss = 0.0, gate_sum = 0.0, sr = 0.0;
+      for (int64_t v = 0; v < V; ++v) {
+        const double q = (v == targets[n] ? 1.0 - eps : 0.0) + eps / static_cast<double>(V);
+        const double p = g[n] * s[v] + (1.0 - g[n]) * crow[v];
+        loss -= q * std::log(p);
+        if (v == targets[n]) r.nll -= std::log(p);
+        rv[v] = -q / p * inv_m;
+        gate_sum += rv[v] * (s[v] - crow[v]);
+        sr += s[v] * g[n] * rv[v];
+      }
+      r.loss += loss;
+      if (!config.compute_grad) continue;
+      dg[n] = gate_sum;
+      for (int64_t v = 0; v < V; ++v) {
+        dc[n * V + v] = (1.0 - g[n]) * rv[v];
+        dx[n * V + v] = s[v] * (g[n] * rv[v] - sr);
+      }
+    }
+    r.loss *= inv_m;
+    r.nll *= inv_m;
+  }
+  if (config.compute_grad) {
+    r.dlogits = Tensor::from(dx, logits.shape()).to(logits.dtype());
+    r.dcopy = Tensor::from(dc, copy.shape()).to(copy.dtype());
+    r.dgate = Tensor::from(dg, gate.shape()).to(gate.dtype());
+  }
+  return r;
+}
+
+}  // namespace attn::seq2seq

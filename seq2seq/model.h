@@ -1,0 +1,193 @@
+// Recurrent encoder-decoder translators with attention (and a no-attention baseline).
+//
+// Letters: B batch, S source steps, T target steps, E embedding width, H hidden width (the
+// encoder's output width and the decoder's state width), V target vocabulary, A attention
+// hidden width (additive / concat / local-p scoring).
+//
+// Encoder: Embedding + GRU or LSTM (nn::Rnn, lengths respected). Bidirectional: each direction
+// has H/2 units so that the concatenated outputs (the "memory", [B, S, H]) and the concatenated
+// final states (the decoder's initial state) are H wide.
+//
+// Decoders (one GRU or LSTM cell, one step at a time; e_t is the embedding of the previous
+// target token, attention is attn::attention with the B decoder rows as queries, Tq = 1, over
+// the memory, keys = values = memory, mask.key_lengths = source lengths):
+//   Bahdanau et al. 2015:  c_t = attend(s_{t-1});  s_t = cell([e_t; c_t], s_{t-1});
+//                          o_t = tanh(W_o [s_t; c_t; e_t])   (the readout of section A.2.2 with
+//                          tanh in place of maxout)
+//   Luong et al. 2015:     s_t = cell([e_t; o_{t-1}], s_{t-1})   (input feeding, o_0 = 0)
+//                          c_t = attend(s_t);  o_t = tanh(W_c [c_t; s_t])   (eq. 5)
+//   none (baseline):       as Bahdanau with c_t = the encoder's final state for every t
+//                          (Cho et al. 2014's fixed context).
+//   p(y_t) = softmax(W_s o_t + b_s).
+// Copy (pointer-generator, See et al. 2017; optional, attention decoders only):
+//   g_t = sigmoid(w_g [c_t; s_t; e_t] + b_g)
+//   p(w) = g_t softmax(W_s o_t + b_s)(w) + (1 - g_t) sum_{j: source_j maps to w} a_tj
+// where a_t are the attention weights and a source token maps to the target token spelt the
+// same (names, numbers), else to <unk>. The copy distribution comes out of the same attention
+// call: the values are [memory | one-hot target id of each source token], so its gradient flows
+// through attention_backward like the context's.
+// Any scoring function of attn can drive either attention decoder; local-m (p_t = t, window
+// |j - t| <= D, through Mask::allowed since each call sees one query) and local-p
+// (LocalAttention::predictive) restrict the window as in Luong section 3.2.
+//
+// Everything runs in the dtype of the parameters (float32 to train, float64 for the
+// finite-difference tests). Backward passes mirror the forward step by step (llm.c style).
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "attn/attention.h"
+#include "nn/embedding.h"
+#include "nn/linear.h"
+#include "nn/parameters.h"
+#include "nn/recurrent.h"
+#include "seq2seq/batching.h"
+
+namespace attn::seq2seq {
+
+enum class DecoderKind { bahdanau, luong, none };
+enum class ScoreKind { dot, scaled_dot, general, additive, concat, cosine, location };
+
+// The presets of `attn train --attention`: a decoder, a scoring function and a window.
+enum class AttentionPreset {
+  bahdanau, luong_dot, luong_general, luong_concat, location, local_m, local_p, scaled_dot,
+  cosine, none
+};
+const char* attention_preset_name(AttentionPreset preset);  // "luong-general", ...
+std::optional<AttentionPreset> parse_attention_preset(std::string_view name);
+const char* decoder_kind_name(DecoderKind kind);
+const char* score_kind_name(ScoreKind kind);
+std::optional<DecoderKind> parse_decoder_kind(std::string_view name);
+std::optional<ScoreKind> parse_score_kind(std::string_view name);
+
+struct ModelConfig {
+  nn::RnnKind rnn = nn::RnnKind::gru;
+  DecoderKind decoder = DecoderKind::luong;
+  ScoreKind score = ScoreKind::general;
+  LocalKind local = LocalKind::none;
+  int64_t local_half_width = 4;   // D of local-m / local-p
+  int64_t source_vocab = 0;
+  int64_t target_vocab = 0;
+  int64_t embedding = 64;         // E
+  int64_t hidden = 128;           // H (even when bidirectional)
+  int64_t encoder_layers = 1;
+  bool bidirectional = true;
+  int64_t attention_hidden = 0;   // A; 0 means H
+  int64_t max_source_steps = 64;  // longest source (with <eos>); sizes the location score
+  bool copy = false;              // pointer-generator output (attention decoders only)
+  DType dtype = DType::f32;
+};
+
+// Fills decoder, score and local from a preset.
+void apply_attention_preset(ModelConfig& config, AttentionPreset preset);
+
+// Throws attn::Error "[seq2seq] ..." for an inconsistent configuration.
+void validate(const ModelConfig& config);
+
+struct DecoderState {
+  Tensor h;     // [B, H]
+  Tensor c;     // [B, H], LSTM only
+  Tensor feed;  // [B, H], Luong's o_{t-1} (input feeding)
+};
+
+// What the encoder leaves for the decoder.
+struct EncodedSource {
+  Tensor memory;                 // [B, S, H]: keys and values of the attention
+  std::vector<int64_t> lengths;  // size B
+  DecoderState initial;
+  Tensor fixed_context;          // [B, H], the baseline's context (the encoder's final state)
+  Tensor values;                 // [B, 1, S, H (+ V)]: attention values (memory, and the
+                                 // one-hot copy targets when copying)
+  // For the backward.
+  nn::EmbeddingCache embedding_cache;
+  nn::RnnCache rnn_cache;
+};
+
+struct StepCache {
+  Tensor input;                  // the cell's input [e; c] or [e; o_{t-1}]
+  nn::GruCellCache gru;
+  nn::LstmCellCache lstm;
+  Tensor query;                  // [B, 1, 1, H]
+  AttentionParams attention_params;
+  AttentionOutput attention;
+  Tensor context;                // [B, H]
+  nn::LinearCache gate;          // copy gate input [c; s; e]
+  nn::LinearCache readout;
+  Tensor output;                 // o_t [B, H]
+};
+
+struct StepResult {
+  DecoderState state;
+  Tensor output;   // o_t [B, H]
+  Tensor weights;  // [B, S] attention weights (undefined for the baseline)
+  Tensor copy;     // [B, V] copy distribution, when copying
+  Tensor gate;     // [B, 1] g_t, when copying
+  StepCache cache;
+};
+
+struct ForwardResult {
+  Tensor logits;  // [T, B, V]
+  Tensor copy;    // [T, B, V], when copying
+  Tensor gate;    // [T, B, 1], when copying
+  EncodedSource source;
+  std::vector<StepCache> steps;
+  nn::EmbeddingCache target_embedding_cache;
+  Tensor target_embedded;  // [T, B, E]
+  nn::LinearCache generator;
+};
+
+struct Seq2Seq {
+  ModelConfig config;
+  nn::Embedding source_embedding;
+  nn::Embedding target_embedding;
+  nn::Rnn encoder;
+  nn::RnnCellParams cell;       // decoder cell
+  nn::RnnCellParams cell_grad;
+  Score score;                  // the scoring function's parameters
+  Score score_grad;
+  LocalAttention local;         // w_p, v_p for local-p
+  LocalAttention local_grad;
+  nn::Linear readout;           // W_o / W_c: [H, readout inputs]
+  nn::Linear generator;         // W_s: [V, H]
+  nn::Linear gate;              // w_g: [1, 2H + E], when copying
+  // Source id -> target id of the same token (<unk> when the target vocabulary lacks it); set
+  // with set_copy_map before a copying model runs.
+  std::vector<int32_t> copy_map;
+
+  void set_copy_map(const std::vector<std::string>& source_tokens,
+                    const std::vector<std::string>& target_tokens);
+
+  static Seq2Seq create(const ModelConfig& config, uint64_t seed);
+
+  // Names: source_embedding.weight, target_embedding.weight, encoder.weight_ih_l0, ...,
+  // decoder.cell.weight_ih, ..., attention.<score field>, attention.local.w_p / v_p,
+  // readout.weight / bias, generator.weight / bias, gate.weight / bias (copy).
+  nn::ParameterList parameters() const;
+  void zero_grad() const;
+
+  // Encoder on a batch's sources.
+  EncodedSource encode(const Batch& batch) const;
+  // One decoder step: `ids` are the previous target tokens (size B), `t` the step index (for
+  // local-m). Keeps the cache for a backward when `keep_cache`.
+  StepResult step(const EncodedSource& source, const DecoderState& state,
+                  const std::vector<int32_t>& ids, int64_t t, bool keep_cache,
+                  bool return_weights = false) const;
+  // Output layer: o [N, H] -> logits [N, V].
+  Tensor logits(const Tensor& output) const;
+  // log p(w) of a step's output [B][V] in float64: log-softmax of the logits, or the log of the
+  // copy mixture.
+  std::vector<std::vector<double>> log_probs(const StepResult& step) const;
+
+  // Teacher-forced forward over a whole batch (target_input as decoder inputs).
+  ForwardResult forward(const Batch& batch) const;
+  // dlogits [T, B, V]: accumulates every parameter's gradient. Copying models also take
+  // dcopy [T, B, V] and dgate [T, B, 1] (loss.h's copy_mixture_loss).
+  void backward(const Batch& batch, const ForwardResult& forward, const Tensor& dlogits,
+                const Tensor& dcopy = {}, const Tensor& dgate = {});
+};
+
+}  // namespace attn::seq2seq

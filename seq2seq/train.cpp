@@ -1,0 +1,501 @@
+#include "seq2seq/train.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <map>
+#include <numeric>
+
+#include "attn/error.h"
+#include "attn/random.h"
+#include "seq2seq/corpus.h"
+#include "seq2seq/loss.h"
+#include "seq2seq/safetensors.h"
+
+namespace attn::seq2seq {
+namespace {
+
+constexpr const char* kOp = "train";
+constexpr const char* kFormat = "attn-seq2seq";
+
+std::string exact(double x) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.17g", x);
+  return buf;
+}
+
+using Metadata = std::map<std::string, std::string>;
+
+void put_config(Metadata& md, const TrainConfig& c) {
+  const ModelConfig& m = c.model;
+  md["format"] = kFormat;
+  md["version"] = "1";
+  md["config.rnn"] = nn::rnn_kind_name(m.rnn);
+  md["config.decoder"] = decoder_kind_name(m.decoder);
+  md["config.score"] = score_kind_name(m.score);
+  md["config.local"] = m.local == LocalKind::none ? "none"
+                       : m.local == LocalKind::monotonic ? "monotonic" : "predictive";
+  md["config.local_half_width"] = std::to_string(m.local_half_width);
+  md["config.source_vocab"] = std::to_string(m.source_vocab);
+  md["config.target_vocab"] = std::to_string(m.target_vocab);
+  md["config.embedding"] = std::to_string(m.embedding);
+  md["config.hidden"] = std::to_string(m.hidden);
+  md["config.encoder_layers"] = std::to_string(m.encoder_layers);
+  md["config.bidirectional"] = m.bidirectional ? "true" : "false";
+  md["config.attention_hidden"] = std::to_string(m.attention_hidden);
+  md["config.max_source_steps"] = std::to_string(m.max_source_steps);
+  md["config.copy"] = m.copy ? "true" : "false";
+  md["train.vocab_max_size"] = std::to_string(c.vocab.max_size);
+  md["train.vocab_min_frequency"] = std::to_string(c.vocab.min_frequency);
+  md["train.epochs"] = std::to_string(c.epochs);
+  md["train.batch_size"] = std::to_string(c.batch_size);
+  md["train.lr"] = exact(c.lr);
+  md["train.adam_beta1"] = exact(c.adam.beta1);
+  md["train.adam_beta2"] = exact(c.adam.beta2);
+  md["train.adam_eps"] = exact(c.adam.eps);
+  md["train.weight_decay"] = exact(c.adam.weight_decay);
+  md["train.decoupled"] = c.adam.decoupled ? "true" : "false";
+  md["train.schedule"] = schedule_kind_name(c.schedule.kind);
+  md["train.warmup_steps"] = std::to_string(c.schedule.warmup_steps);
+  md["train.total_steps"] = std::to_string(c.schedule.total_steps);
+  md["train.min_ratio"] = exact(c.schedule.min_ratio);
+  md["train.clip_norm"] = exact(c.clip_norm);
+  md["train.label_smoothing"] = exact(c.label_smoothing);
+  md["train.seed"] = std::to_string(c.seed);
+}
+
+class MetadataReader {
+ public:
+  MetadataReader(const Metadata& md, std::string source) : md_(md), source_(std::move(source)) {}
+  const std::string& str(const std::string& key) const {
+    auto it = md_.find(key);
+    ATTN_CHECK(it != md_.end(), "checkpoint", source_, ": metadata has no \"", key, "\"");
+    return it->second;
+  }
+  int64_t i64(const std::string& key) const {
+    const std::string& s = str(key);
+    try {
+      std::size_t used = 0;
+      const long long v = std::stoll(s, &used);
+      if (used == s.size()) return v;
+    } catch (const std::exception&) {
+    }
+    throw Error("checkpoint", source_ + ": metadata \"" + key + "\" is not an integer: " + s);
+  }
+  double f64(const std::string& key) const {
+    const std::string& s = str(key);
+    try {
+      std::size_t used = 0;
+      const double v = std::stod(s, &used);
+      if (used == s.size()) return v;
+    } catch (const std::exception&) {
+    }
+    throw Error("checkpoint", source_ + ": metadata \"" + key + "\" is not a number: " + s);
+  }
+  bool boolean(const std::string& key) const {
+    const std::string& s = str(key);
+    ATTN_CHECK(s == "true" || s == "false", "checkpoint", source_, ": metadata \"", key,
+               "\" must be true or false, got ", s);
+    return s == "true";
+  }
+
+ private:
+  const Metadata& md_;
+  std::string source_;
+};
+
+TrainConfig read_config(const Metadata& md, const std::string& source) {
+  MetadataReader r(md, source);
+  ATTN_CHECK(r.str("format") == kFormat, "checkpoint", source, ": not an ", kFormat,
+             " checkpoint (format \"", r.str("format"), "\")");
+  ATTN_CHECK(r.str("version") == "1", "checkpoint", source, ": unsupported version ", r.str("version"));
+  TrainConfig c;
+  ModelConfig& m = c.model;
+  const std::string rnn = r.str("config.rnn");
+  ATTN_CHECK(rnn == "gru" || rnn == "lstm", "checkpoint", source, ": unknown rnn ", rnn);
+  m.rnn = rnn == "gru" ? nn::RnnKind::gru : nn::RnnKind::lstm;
+  auto decoder = parse_decoder_kind(r.str("config.decoder"));
+  ATTN_CHECK(decoder.has_value(), "checkpoint", source, ": unknown decoder ", r.str("config.decoder"));
+  m.decoder = *decoder;
+  auto score = parse_score_kind(r.str("config.score"));
+  ATTN_CHECK(score.has_value(), "checkpoint", source, ": unknown score ", r.str("config.score"));
+  m.score = *score;
+  const std::string local = r.str("config.local");
+  ATTN_CHECK(local == "none" || local == "monotonic" || local == "predictive", "checkpoint",
+             source, ": unknown local attention ", local);
+  m.local = local == "none" ? LocalKind::none
+            : local == "monotonic" ? LocalKind::monotonic : LocalKind::predictive;
+  m.local_half_width = r.i64("config.local_half_width");
+  m.source_vocab = r.i64("config.source_vocab");
+  m.target_vocab = r.i64("config.target_vocab");
+  m.embedding = r.i64("config.embedding");
+  m.hidden = r.i64("config.hidden");
+  m.encoder_layers = r.i64("config.encoder_layers");
+  m.bidirectional = r.boolean("config.bidirectional");
+  m.attention_hidden = r.i64("config.attention_hidden");
+  m.max_source_steps = r.i64("config.max_source_steps");
+  m.copy = r.boolean("config.copy");
+  c.vocab.max_size = r.i64("train.vocab_max_size");
+  c.vocab.min_frequency = r.i64("train.vocab_min_frequency");
+  c.epochs = r.i64("train.epochs");
+  c.batch_size = r.i64("train.batch_size");
+  c.lr = r.f64("train.lr");
+  c.adam.beta1 = r.f64("train.adam_beta1");
+  c.adam.beta2 = r.f64("train.adam_beta2");
+  c.adam.eps = r.f64("train.adam_eps");
+  c.adam.weight_decay = r.f64("train.weight_decay");
+  c.adam.decoupled = r.boolean("train.decoupled");
+  const std::string sched = r.str("train.schedule");
+  bool known = false;
+  for (ScheduleKind k : {ScheduleKind::constant, ScheduleKind::linear, ScheduleKind::cosine,
+                         ScheduleKind::inverse_sqrt})
+    if (sched == schedule_kind_name(k)) c.schedule.kind = k, known = true;
+  ATTN_CHECK(known, "checkpoint", source, ": unknown schedule ", sched);
+  c.schedule.warmup_steps = r.i64("train.warmup_steps");
+  c.schedule.total_steps = r.i64("train.total_steps");
+  c.schedule.min_ratio = r.f64("train.min_ratio");
+  c.clip_norm = r.f64("train.clip_norm");
+  c.label_smoothing = r.f64("train.label_smoothing");
+  c.seed = static_cast<uint64_t>(r.i64("train.seed"));
+  return c;
+}
+
+// Loads model.<name> tensors into the model's parameters (shapes must match).
+void load_weights(const SafetensorsFile& file, const nn::ParameterList& params,
+                  const std::string& source) {
+  for (const nn::Parameter& p : params) {
+    const std::string name = "model." + p.name;
+    ATTN_CHECK(file.contains(name), "checkpoint", source, ": no tensor ", name);
+    Tensor t = file.tensor(name);
+    ATTN_CHECK(t.shape() == p.value.shape(), "checkpoint", source, ": ", name, " is ",
+               t.shape_str(), ", the configuration needs ", p.value.shape_str());
+    Tensor(p.value).copy_from(t);
+  }
+}
+
+uint64_t fingerprint(const std::vector<SentencePair>& pairs) {
+  uint64_t h = mix64(pairs.size());
+  for (const SentencePair& p : pairs) {
+    for (unsigned char ch : p.source) h = mix64(h ^ ch);
+    h = mix64(h ^ 0x1f);
+    for (unsigned char ch : p.target) h = mix64(h ^ ch);
+    h = mix64(h ^ 0x1e);
+  }
+  return h;
+}
+
+std::string hex(uint64_t x) {
+  char buf[17];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(x));
+  return buf;
+}
+
+struct BatchLoss {
+  double loss = 0.0;
+  double nll = 0.0;
+  int64_t count = 0;
+};
+
+// The loss of a forward pass (cross-entropy, or the copy mixture's), and with `backward` its
+// gradients through the model.
+BatchLoss batch_loss(Seq2Seq& model, const Batch& batch, const ForwardResult& f,
+                     const CrossEntropyConfig& ce, bool backward) {
+  CrossEntropyConfig c = ce;
+  c.compute_grad = backward;
+  if (model.config.copy) {
+    const CopyMixtureResult r = copy_mixture_loss(f.logits, f.copy, f.gate, batch.target_output, c);
+    if (backward) model.backward(batch, f, r.dlogits, r.dcopy, r.dgate);
+    return {r.loss, r.nll, r.count};
+  }
+  const CrossEntropyResult r = cross_entropy(f.logits, batch.target_output, c);
+  if (backward) model.backward(batch, f, r.dlogits);
+  return {r.loss, r.nll, r.count};
+}
+
+std::string resolve_checkpoint(const std::string& path) {
+  namespace fs = std::filesystem;
+  if (fs::is_directory(path)) return (fs::path(path) / "checkpoint.safetensors").string();
+  return path;
+}
+
+}  // namespace
+
+Tokens tokenize_training_text(std::string_view text) {
+  TokenizeOptions options;
+  options.is_name = is_corpus_name;
+  return tokenize(text, options);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Translator
+
+std::vector<Translation> Translator::translate(const std::vector<std::string>& sentences,
+                                               const DecodeConfig& config,
+                                               std::vector<Tokens>* source_tokens) const {
+  TokenizeOptions options;
+  options.is_name = [this](std::string_view w) { return source_vocab.contains(w) || is_corpus_name(w); };
+  std::vector<std::vector<int32_t>> ids;
+  if (source_tokens) source_tokens->clear();
+  for (const std::string& s : sentences) {
+    Tokens tokens = tokenize(s, options);
+    ATTN_CHECK(!tokens.empty(), "translate", "empty sentence");
+    ATTN_CHECK(static_cast<int64_t>(tokens.size()) + 1 <= model.config.max_source_steps ||
+                   model.config.score != ScoreKind::location,
+               "translate", "sentence of ", tokens.size(), " tokens is longer than the model's ",
+               model.config.max_source_steps - 1);
+    std::vector<int32_t> row;
+    for (const std::string& t : tokens) row.push_back(static_cast<int32_t>(source_vocab.id(t)));
+    ids.push_back(std::move(row));
+    if (source_tokens) source_tokens->push_back(std::move(tokens));
+  }
+  return translate_ids(model, ids, config);
+}
+
+Tokens Translator::target_tokens(const Translation& t) const {
+  std::vector<int64_t> ids(t.tokens.begin(), t.tokens.end());
+  return target_vocab.decode(ids);
+}
+
+Translator Translator::load(const std::string& path) {
+  const std::string file_path = resolve_checkpoint(path);
+  const SafetensorsFile file = SafetensorsFile::load(file_path);
+  const TrainConfig config = read_config(file.metadata, file_path);
+  Translator t;
+  MetadataReader r(file.metadata, file_path);
+  t.source_vocab = Vocab::from_json(r.str("source_vocab"), file_path + " source_vocab");
+  t.target_vocab = Vocab::from_json(r.str("target_vocab"), file_path + " target_vocab");
+  ATTN_CHECK(t.source_vocab.size() == config.model.source_vocab &&
+                 t.target_vocab.size() == config.model.target_vocab,
+             "checkpoint", file_path, ": vocabulary sizes disagree with the configuration");
+  t.model = Seq2Seq::create(config.model, config.seed);
+  t.model.set_copy_map(t.source_vocab.tokens(), t.target_vocab.tokens());
+  load_weights(file, t.model.parameters(), file_path);
+  return t;
+}
+
+EvalResult evaluate(const Translator& translator, const std::vector<SentencePair>& pairs,
+                    const DecodeConfig& config) {
+  EvalResult r;
+  if (pairs.empty()) return r;
+  // Greedy decoding batches sentences; sorting by length keeps padding small.
+  std::vector<std::size_t> order(pairs.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
+    return pairs[a].source.size() < pairs[b].source.size();
+  });
+  r.hypotheses.resize(pairs.size());
+  r.references.resize(pairs.size());
+  constexpr std::size_t kChunk = 64;
+  for (std::size_t start = 0; start < order.size(); start += kChunk) {
+    std::vector<std::string> chunk;
+    const std::size_t end = std::min(order.size(), start + kChunk);
+    for (std::size_t i = start; i < end; ++i) chunk.push_back(pairs[order[i]].source);
+    DecodeConfig c = config;
+    c.alignment = false;
+    const std::vector<Translation> out = translator.translate(chunk, c);
+    for (std::size_t i = start; i < end; ++i) {
+      r.hypotheses[order[i]] = translator.target_tokens(out[i - start]);
+      r.references[order[i]] = tokenize_training_text(pairs[order[i]].target);
+    }
+  }
+  r.bleu = corpus_bleu(r.hypotheses, r.references);
+  r.exact_match = exact_match(r.hypotheses, r.references);
+  return r;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Trainer
+
+Trainer::Trainer(const TrainConfig& config, std::vector<SentencePair> train,
+                 std::vector<SentencePair> valid)
+    : config_(config), train_(std::move(train)), valid_(std::move(valid)) {
+  ATTN_CHECK(!train_.empty(), kOp, "no training pairs");
+  ATTN_CHECK(config_.epochs >= 1 && config_.batch_size >= 1, kOp, "epochs (", config_.epochs,
+             ") and batch size (", config_.batch_size, ") must be >= 1");
+  std::vector<Tokens> src, tgt;
+  for (const SentencePair& p : train_) {
+    src.push_back(tokenize_training_text(p.source));
+    tgt.push_back(tokenize_training_text(p.target));
+  }
+  translator_.source_vocab = Vocab::build(src, config_.vocab);
+  translator_.target_vocab = Vocab::build(tgt, config_.vocab);
+  config_.model.source_vocab = translator_.source_vocab.size();
+  config_.model.target_vocab = translator_.target_vocab.size();
+  translator_.model = Seq2Seq::create(config_.model, config_.seed);
+  translator_.model.set_copy_map(translator_.source_vocab.tokens(), translator_.target_vocab.tokens());
+  prepare_data();
+  optimizer_ = std::make_unique<Adam>(translator_.model.parameters(), config_.adam);
+}
+
+void Trainer::prepare_data() {
+  encoded_.clear();
+  int64_t line = 0;
+  for (const SentencePair& p : train_) {
+    ++line;
+    EncodedPair e = encode_pair(translator_.source_vocab, translator_.target_vocab,
+                                tokenize_training_text(p.source), tokenize_training_text(p.target));
+    ATTN_CHECK(static_cast<int64_t>(e.source.size()) + 1 <= config_.model.max_source_steps, kOp,
+               "training pair ", line, " has ", e.source.size(),
+               " source tokens; the model allows ", config_.model.max_source_steps - 1);
+    encoded_.push_back(std::move(e));
+  }
+  batches_ = bucket_batches(encoded_, config_.batch_size, config_.seed);
+  total_steps_ = config_.epochs * static_cast<int64_t>(batches_.size());
+  if (config_.schedule.total_steps <= 0) config_.schedule.total_steps = total_steps_;
+  fingerprint_ = fingerprint(train_);
+}
+
+std::string Trainer::checkpoint_file(const std::string& out_dir) {
+  return (std::filesystem::path(out_dir) / "checkpoint.safetensors").string();
+}
+
+void Trainer::save_checkpoint(const std::string& path) const {
+  SafetensorsFile file;
+  put_config(file.metadata, config_);
+  file.metadata["source_vocab"] = translator_.source_vocab.to_json();
+  file.metadata["target_vocab"] = translator_.target_vocab.to_json();
+  file.metadata["data_fingerprint"] = hex(fingerprint_);
+  const nn::ParameterList params = translator_.model.parameters();
+  for (const nn::Parameter& p : params) file.add("model." + p.name, p.value);
+  optimizer_->save(file, params);
+  file.add_i64("train.position", {epoch_, batch_in_epoch_, step_});
+  file.add_i64("train.seed", {static_cast<int64_t>(config_.seed)});
+  file.save(path);
+}
+
+Trainer Trainer::resume(const std::string& checkpoint_path, std::vector<SentencePair> train,
+                        std::vector<SentencePair> valid) {
+  const std::string path = resolve_checkpoint(checkpoint_path);
+  const SafetensorsFile file = SafetensorsFile::load(path);
+  Trainer t;
+  t.config_ = read_config(file.metadata, path);
+  t.translator_ = Translator::load(path);
+  t.train_ = std::move(train);
+  t.valid_ = std::move(valid);
+  t.prepare_data();
+  MetadataReader r(file.metadata, path);
+  ATTN_CHECK(r.str("data_fingerprint") == hex(t.fingerprint_), "checkpoint", path,
+             ": the training data differs from the data this run started with");
+  const nn::ParameterList params = t.translator_.model.parameters();
+  t.optimizer_ = std::make_unique<Adam>(params, t.config_.adam);
+  t.optimizer_->load(file, params);
+  const std::vector<int64_t> pos = file.i64("train.position");
+  ATTN_CHECK(pos.size() == 3 && pos[0] >= 0 && pos[1] >= 0 && pos[2] >= 0 &&
+                 pos[1] <= static_cast<int64_t>(t.batches_.size()),
+             "checkpoint", path, ": train.position must be [epoch, batch, step] within the data");
+  t.epoch_ = pos[0];
+  t.batch_in_epoch_ = pos[1];
+  t.step_ = pos[2];
+  return t;
+}
+
+EvalReport Trainer::evaluate_now(int64_t sentences) {
+  EvalReport report;
+  report.step = step_;
+  const std::vector<SentencePair>& pool = valid_.empty() ? train_ : valid_;
+  const int64_t n = std::min<int64_t>(sentences, static_cast<int64_t>(pool.size()));
+  std::vector<SentencePair> subset(pool.begin(), pool.begin() + n);
+  report.sentences = n;
+  if (n == 0) return report;
+  // Teacher-forced NLL over the subset.
+  std::vector<EncodedPair> enc;
+  for (const SentencePair& p : subset)
+    enc.push_back(encode_pair(translator_.source_vocab, translator_.target_vocab,
+                              tokenize_training_text(p.source), tokenize_training_text(p.target)));
+  double nll_sum = 0.0;
+  int64_t tokens = 0;
+  for (const auto& idx : bucket_batches(enc, config_.batch_size, config_.seed)) {
+    const Batch batch = make_batch(enc, idx);
+    const ForwardResult f = translator_.model.forward(batch);
+    const BatchLoss r = batch_loss(translator_.model, batch, f, {}, false);
+    nll_sum += r.nll * static_cast<double>(r.count);
+    tokens += r.count;
+  }
+  report.valid_loss = tokens ? nll_sum / static_cast<double>(tokens) : 0.0;
+  const EvalResult e = evaluate(translator_, subset);
+  report.bleu = e.bleu;
+  report.exact_match = e.exact_match;
+  return report;
+}
+
+bool Trainer::run(const RunControl& control, const TrainCallbacks& callbacks) {
+  using Clock = std::chrono::steady_clock;
+  const auto start = Clock::now();
+  auto elapsed = [&] { return std::chrono::duration<double>(Clock::now() - start).count(); };
+  Seq2Seq& model = translator_.model;
+  const nn::ParameterList params = model.parameters();
+  const int64_t num_batches = static_cast<int64_t>(batches_.size());
+  const int64_t first_step = step_;
+  double loss_sum = 0.0;
+  int64_t loss_steps = 0, tokens_since = 0;
+  double last_report = 0.0;
+  auto checkpoint = [&] {
+    if (control.out_dir.empty()) return;
+    std::filesystem::create_directories(control.out_dir);
+    const std::string path = checkpoint_file(control.out_dir);
+    save_checkpoint(path);
+    if (callbacks.on_checkpoint) callbacks.on_checkpoint(path);
+  };
+  auto eval = [&] {
+    if (!callbacks.on_eval) return;
+    callbacks.on_eval(evaluate_now(control.eval_sentences));
+  };
+  CrossEntropyConfig ce;
+  ce.label_smoothing = config_.label_smoothing;
+  ce.ignore_id = Vocab::pad_id;
+  while (epoch_ < config_.epochs) {
+    const std::vector<int64_t> order = epoch_order(num_batches, config_.seed, epoch_);
+    while (batch_in_epoch_ < num_batches) {
+      if ((control.max_steps > 0 && step_ >= control.max_steps) ||
+          (control.time_limit_s > 0 && elapsed() >= control.time_limit_s)) {
+        checkpoint();
+        return false;
+      }
+      const Batch batch = make_batch(encoded_, batches_[order[batch_in_epoch_]]);
+      model.zero_grad();
+      const ForwardResult f = model.forward(batch);
+      const BatchLoss r = batch_loss(model, batch, f, ce, true);
+      clip_grad_norm(params, config_.clip_norm);
+      const double lr = learning_rate(config_.schedule, config_.lr, step_);
+      optimizer_->step(params, lr);
+      ++step_;
+      ++batch_in_epoch_;
+      losses_.push_back(r.loss);
+      loss_sum += r.loss;
+      ++loss_steps;
+      tokens_since += batch.target_tokens;
+      const bool last = step_ == total_steps_;
+      if (callbacks.on_progress && (step_ % std::max<int64_t>(1, control.progress_every) == 0 || last)) {
+        const double now = elapsed();
+        Progress p;
+        p.epoch = epoch_;
+        p.epochs = config_.epochs;
+        p.step = step_;
+        p.total_steps = total_steps_;
+        p.loss = loss_sum / static_cast<double>(std::max<int64_t>(1, loss_steps));
+        p.lr = lr;
+        p.tokens_per_s = now > last_report ? static_cast<double>(tokens_since) / (now - last_report) : 0.0;
+        p.elapsed_s = now;
+        const double per_step = now / static_cast<double>(step_ - first_step);
+        p.eta_s = per_step * static_cast<double>(total_steps_ - step_);
+        if (control.time_limit_s > 0) p.eta_s = std::min(p.eta_s, control.time_limit_s - now);
+        callbacks.on_progress(p);
+        loss_sum = 0.0;
+        loss_steps = 0;
+        tokens_since = 0;
+        last_report = now;
+      }
+      if (control.eval_every > 0 && step_ % control.eval_every == 0) eval();
+      if (control.checkpoint_every > 0 && step_ % control.checkpoint_every == 0) checkpoint();
+    }
+    ++epoch_;
+    batch_in_epoch_ = 0;
+    if (control.eval_every == 0) eval();
+    if (control.checkpoint_every == 0 && epoch_ < config_.epochs) checkpoint();
+  }
+  checkpoint();
+  return true;
+}
+
+}  // namespace attn::seq2seq

@@ -1,0 +1,157 @@
+// Training a translator: vocabularies from the training pairs, length-bucketed batches, teacher
+// forcing, label-smoothed cross-entropy, gradient clipping, Adam/AdamW with a warm-up schedule,
+// periodic evaluation and checkpoints that resume bit for bit.
+//
+// Reproducibility: everything random is a pure function of the seed: the initial weights
+// (counter-based initialisers), the bucketing tie-break and each epoch's batch order
+// (batching.h). So the "RNG state" a checkpoint needs is the seed plus the data position (epoch,
+// batch within the epoch, global step); with the weights and Adam's moments that is the whole
+// state, and a resumed run computes the same losses as an uninterrupted one at the same thread
+// count (OpenBLAS and the attention kernels are deterministic for a fixed thread count).
+//
+// Checkpoint: one safetensors file <out>/checkpoint.safetensors (written atomically):
+//   model.<parameter>       float tensors (names from Seq2Seq::parameters)
+//   optim.m.<parameter>, optim.v.<parameter>, optim.step
+//   train.position          I64 [epoch, batch in epoch, step]
+//   train.seed              I64 [seed]
+//   __metadata__            format, configuration (config.*, train.*), both vocabularies as
+//                           JSON, a fingerprint of the training data (checked on resume)
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "seq2seq/batching.h"
+#include "seq2seq/bleu.h"
+#include "seq2seq/decode.h"
+#include "seq2seq/model.h"
+#include "seq2seq/optim.h"
+#include "seq2seq/pairs_file.h"
+#include "seq2seq/vocab.h"
+
+namespace attn::seq2seq {
+
+// What changes the arithmetic of a run (saved in checkpoints).
+struct TrainConfig {
+  ModelConfig model;          // vocabulary sizes are filled in from the data
+  VocabConfig vocab;
+  int64_t epochs = 10;
+  int64_t batch_size = 64;
+  double lr = 2e-3;
+  AdamConfig adam;
+  Schedule schedule{ScheduleKind::linear, 100, 0, 0.05};  // total_steps 0: epochs x batches
+  double clip_norm = 1.0;     // <= 0: no clipping
+  double label_smoothing = 0.1;
+  uint64_t seed = 1;
+};
+
+// How a run is driven (not saved: may differ between a run and its resumption).
+struct RunControl {
+  int64_t max_steps = 0;         // stop (and checkpoint) once the global step reaches it; 0: off
+  double time_limit_s = 0.0;     // stop (and checkpoint) after this much training time; 0: off
+  int64_t eval_every = 0;        // steps between evaluations; 0: at the end of every epoch
+  int64_t eval_sentences = 200;  // validation pairs used for the periodic BLEU
+  int64_t checkpoint_every = 0;  // steps between checkpoints; 0: end of every epoch and the run
+  int64_t progress_every = 50;   // steps between progress reports
+  std::string out_dir;           // where checkpoint.safetensors goes; empty: no checkpoints
+};
+
+struct Progress {
+  int64_t epoch = 0;  // 0-based
+  int64_t epochs = 0;
+  int64_t step = 0;   // steps done
+  int64_t total_steps = 0;
+  double loss = 0.0;  // mean over the steps since the last report
+  double lr = 0.0;
+  double tokens_per_s = 0.0;
+  double elapsed_s = 0.0;
+  double eta_s = 0.0;
+};
+
+struct EvalReport {
+  int64_t step = 0;
+  double valid_loss = 0.0;  // teacher-forced, label smoothing off (the NLL per token)
+  BleuScore bleu;
+  double exact_match = 0.0;
+  int64_t sentences = 0;
+};
+
+struct TrainCallbacks {
+  std::function<void(const Progress&)> on_progress;
+  std::function<void(const EvalReport&)> on_eval;
+  std::function<void(const std::string& path)> on_checkpoint;
+};
+
+// A trained model with its vocabularies: what `attn translate` and `attn eval` load.
+struct Translator {
+  Seq2Seq model;
+  Vocab source_vocab;
+  Vocab target_vocab;
+
+  // Tokenises (seq2seq::tokenize, a capitalised first word counts as a name when the source
+  // vocabulary knows it) and translates. The tokens of each source are in `source_tokens`.
+  std::vector<Translation> translate(const std::vector<std::string>& sentences,
+                                     const DecodeConfig& config,
+                                     std::vector<Tokens>* source_tokens = nullptr) const;
+  Tokens target_tokens(const Translation& t) const;
+
+  // Loads <dir>/checkpoint.safetensors (or a .safetensors path).
+  static Translator load(const std::string& path);
+};
+
+struct EvalResult {
+  BleuScore bleu;
+  double exact_match = 0.0;
+  std::vector<Tokens> hypotheses;
+  std::vector<Tokens> references;
+};
+
+// Translates every source and scores against the targets (tokenised the same way).
+EvalResult evaluate(const Translator& translator, const std::vector<SentencePair>& pairs,
+                    const DecodeConfig& config = {});
+
+// Tokenisation of training data: the corpus's own convention (names keep their capital).
+Tokens tokenize_training_text(std::string_view text);
+
+class Trainer {
+ public:
+  // A fresh run: builds the vocabularies from `train` and the model from config.model.
+  Trainer(const TrainConfig& config, std::vector<SentencePair> train,
+          std::vector<SentencePair> valid);
+  // Continues from a checkpoint; `train` must be the data the run started with (checked by
+  // fingerprint).
+  static Trainer resume(const std::string& checkpoint_path, std::vector<SentencePair> train,
+                        std::vector<SentencePair> valid);
+
+  // Trains until the epochs are done or `control` stops it. Returns true when all epochs ran.
+  bool run(const RunControl& control, const TrainCallbacks& callbacks = {});
+  EvalReport evaluate_now(int64_t sentences);
+  void save_checkpoint(const std::string& path) const;
+
+  const TrainConfig& config() const { return config_; }
+  const Translator& translator() const { return translator_; }
+  int64_t step() const { return step_; }
+  int64_t total_steps() const { return total_steps_; }
+  // The loss of every step this object ran (not those before a resume).
+  const std::vector<double>& losses() const { return losses_; }
+
+ private:
+  Trainer() = default;
+  void prepare_data();
+  static std::string checkpoint_file(const std::string& out_dir);
+
+  TrainConfig config_;
+  Translator translator_;
+  std::vector<SentencePair> train_, valid_;
+  std::vector<EncodedPair> encoded_;
+  std::vector<std::vector<int64_t>> batches_;
+  std::unique_ptr<Adam> optimizer_;
+  int64_t epoch_ = 0, batch_in_epoch_ = 0, step_ = 0, total_steps_ = 0;
+  uint64_t fingerprint_ = 0;
+  std::vector<double> losses_;
+};
+
+}  // namespace attn::seq2seq

@@ -1,0 +1,172 @@
+// The `attn` command-line tool, run as a separate process: help for every command, one-line
+// errors with a non-zero exit status, and a tiny train -> translate -> eval round trip.
+//
+// The binary is found next to the tests: <build>/tests/test_cli -> <build>/bin/attn.
+#include <gtest/gtest.h>
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <array>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+#include "seq2seq/corpus.h"
+#include "seq2seq/pairs_file.h"
+
+namespace {
+
+namespace fs = std::filesystem;
+namespace s2s = attn::seq2seq;
+
+fs::path attn_binary() {
+  const fs::path exe = fs::read_symlink("/proc/self/exe");
+  return exe.parent_path().parent_path() / "bin" / "attn";
+}
+
+struct Process {
+  int status = -1;
+  std::string output;  // stdout and stderr together
+};
+
+// Runs `prefix attn args`, e.g. prefix "timeout -s KILL 1 ".
+Process run_attn_with_prefix(const std::string& prefix, const std::string& args) {
+  const std::string command = prefix + attn_binary().string() + " " + args + " 2>&1";
+  Process r;
+  FILE* pipe = popen(command.c_str(), "r");
+  if (!pipe) return r;
+  std::array<char, 4096> buf;
+  std::size_t n;
+  while ((n = fread(buf.data(), 1, buf.size(), pipe)) > 0) r.output.append(buf.data(), n);
+  const int status = pclose(pipe);
+  r.status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return r;
+}
+
+Process run_attn(const std::string& args) { return run_attn_with_prefix("", args); }
+
+int count_lines(const std::string& s) {
+  int lines = 0;
+  for (char c : s) lines += c == '\n';
+  return lines;
+}
+
+class Cli : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!fs::exists(attn_binary())) GTEST_SKIP() << "no binary at " << attn_binary();
+    dir_ = fs::temp_directory_path() / ("attn_test_cli_" + std::to_string(getpid()));
+    fs::create_directories(dir_);
+  }
+  void TearDown() override {
+    if (!dir_.empty()) fs::remove_all(dir_);
+  }
+  fs::path dir_;
+};
+
+TEST_F(Cli, HelpForEveryCommand) {
+  for (const char* cmd : {"", "train", "translate", "eval"}) {
+    const Process r = run_attn(std::string(cmd) + " --help");
+    EXPECT_EQ(r.status, 0) << cmd << ": " << r.output;
+    EXPECT_NE(r.output.find("--help"), std::string::npos) << cmd;
+  }
+  EXPECT_NE(run_attn("train --help").output.find("--attention"), std::string::npos);
+  EXPECT_NE(run_attn("translate --help").output.find("--heatmap"), std::string::npos);
+  EXPECT_NE(run_attn("eval --help").output.find("--corpus-split"), std::string::npos);
+}
+
+TEST_F(Cli, BadArgumentsGiveOneLineAndFail) {
+  const std::string out = "--out " + (dir_ / "x").string();
+  const std::pair<std::string, std::string> cases[] = {
+      {"", "subcommand"},
+      {"frobnicate", "frobnicate"},
+      {"train --corpus " + out + " --attention sideways", "--attention must be"},
+      {"train --corpus " + out + " --arch transformerish", "--arch must be"},
+      {"train --corpus " + out + " --hidden -3", "hidden"},
+      {"train " + out, "--corpus or --train"},
+      {"train --corpus", "--out"},
+      {"translate \"the cat\"", "--model"},
+      {"translate --model " + (dir_ / "missing").string() + " \"the cat .\"", "missing"},
+      {"eval --model " + (dir_ / "missing").string(), "--test FILE or --corpus-split"},
+      {"train --train " + (dir_ / "nope.tsv").string() + " " + out, "nope.tsv"},
+  };
+  for (const auto& [args, needle] : cases) {
+    const Process r = run_attn(args);
+    EXPECT_NE(r.status, 0) << args;
+    EXPECT_EQ(count_lines(r.output), 1) << args << ":\n" << r.output;
+    EXPECT_NE(r.output.find("error"), std::string::npos) << args << ": " << r.output;
+    EXPECT_NE(r.output.find(needle), std::string::npos) << args << ": " << r.output;
+  }
+}
+
+TEST_F(Cli, TrainTranslateEvalRoundTrip) {
+  s2s::CorpusConfig config;
+  config.train_pairs = 200;
+  config.valid_pairs = 20;
+  config.test_pairs = 20;
+  config.long_test_pairs = 5;
+  config.max_train_tokens = 8;
+  const s2s::Corpus corpus = s2s::generate_corpus(config);
+  const fs::path train = dir_ / "train.tsv", test = dir_ / "test.tsv", model = dir_ / "model";
+  s2s::write_pairs_file(train.string(), corpus.train);
+  s2s::write_pairs_file(test.string(), corpus.test);
+
+  const Process t = run_attn("train --train " + train.string() + " --out " + model.string() +
+                    " --emb 8 --hidden 16 --epochs 2 --batch 32 --progress-every 1 --eval-sentences 5");
+  ASSERT_EQ(t.status, 0) << t.output;
+  EXPECT_NE(t.output.find("step 14/14"), std::string::npos) << t.output;
+  EXPECT_NE(t.output.find("tok/s"), std::string::npos);
+  EXPECT_NE(t.output.find("ETA"), std::string::npos);
+  EXPECT_TRUE(fs::exists(model / "checkpoint.safetensors"));
+
+  const fs::path svg = dir_ / "align.svg";
+  const Process tr = run_attn("translate --model " + model.string() + " --heatmap " + svg.string() + " \"" +
+                     corpus.test[0].source + "\"");
+  ASSERT_EQ(tr.status, 0) << tr.output;
+  EXPECT_GE(count_lines(tr.output), 3) << tr.output;  // translation, heatmap rows, "wrote"
+  ASSERT_TRUE(fs::exists(svg));
+  std::ifstream in(svg);
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_EQ(text.rfind("<svg", 0), 0u);
+  EXPECT_NE(text.find("&lt;eos&gt;"), std::string::npos);  // the source <eos> column, escaped
+
+  const Process stdin_run = run_attn("translate --model " + model.string() + " --beam 3 --no-alignment < " + test.string());
+  ASSERT_EQ(stdin_run.status, 0) << stdin_run.output;
+  EXPECT_EQ(count_lines(stdin_run.output), static_cast<int>(corpus.test.size()));
+
+  const Process e = run_attn("eval --model " + model.string() + " --test " + test.string());
+  ASSERT_EQ(e.status, 0) << e.output;
+  EXPECT_NE(e.output.find("BLEU"), std::string::npos) << e.output;
+  EXPECT_NE(e.output.find("exact match"), std::string::npos) << e.output;
+
+  // Resuming a finished run is a no-op that still succeeds.
+  const Process resumed = run_attn("train --train " + train.string() + " --out " + model.string() + " --resume");
+  EXPECT_EQ(resumed.status, 0) << resumed.output;
+  EXPECT_NE(resumed.output.find("resuming"), std::string::npos);
+}
+
+// A training process killed by SIGKILL while it checkpoints after every step (so a kill very
+// likely lands mid-save) leaves a checkpoint that loads: saves are atomic (safetensors.h).
+TEST_F(Cli, KilledTrainingLeavesALoadableCheckpoint) {
+  s2s::CorpusConfig config;
+  config.train_pairs = 300;
+  config.valid_pairs = 10;
+  config.test_pairs = 10;
+  config.long_test_pairs = 5;
+  const s2s::Corpus corpus = s2s::generate_corpus(config);
+  const fs::path train = dir_ / "train.tsv", model = dir_ / "model";
+  s2s::write_pairs_file(train.string(), corpus.train);
+  const Process killed = run_attn_with_prefix(
+      "timeout -s KILL 1.5 ", "train --train " + train.string() + " --out " + model.string() +
+                                  " --emb 16 --hidden 32 --epochs 1000 --batch 8 --checkpoint-every 1");
+  EXPECT_NE(killed.status, 0) << "the run was meant to be killed: " << killed.output;
+  ASSERT_TRUE(fs::exists(model / "checkpoint.safetensors"));
+  const Process tr = run_attn("translate --model " + model.string() + " --no-alignment \"" +
+                              corpus.train[0].source + "\"");
+  EXPECT_EQ(tr.status, 0) << tr.output;
+  EXPECT_EQ(count_lines(tr.output), 1) << tr.output;
+}
+
+}  // namespace

@@ -1,0 +1,350 @@
+// Training pieces and whole runs: cross-entropy with label smoothing, Adam/AdamW, clipping,
+// schedules, batching, a tiny training run that learns, and checkpoints that resume bit for bit.
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cmath>
+#include <filesystem>
+#include <set>
+#include <string>
+#include <unistd.h>
+#include <vector>
+
+#include "seq2seq/batching.h"
+#include "seq2seq/corpus.h"
+#include "seq2seq/loss.h"
+#include "seq2seq/optim.h"
+#include "seq2seq/train.h"
+#include "support/test_support.h"
+
+namespace {
+
+using attn::DType;
+using attn::Tensor;
+using attn::testing::check_gradient;
+namespace s2s = attn::seq2seq;
+namespace fs = std::filesystem;
+
+fs::path temp_dir(const std::string& name) {
+  const fs::path dir = fs::temp_directory_path() / ("attn_test_train_" + name + "_" + std::to_string(getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  return dir;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loss
+
+TEST(CrossEntropy, UniformLogitsGiveLogV) {
+  const int64_t V = 7;
+  const Tensor logits = Tensor::zeros({3, V}, DType::f64);
+  for (double eps : {0.0, 0.1}) {
+    s2s::CrossEntropyConfig c;
+    c.label_smoothing = eps;
+    c.ignore_id = 0;
+    const auto r = s2s::cross_entropy(logits, {2, 0, 5}, c);  // the 0 is padding
+    EXPECT_EQ(r.count, 2);
+    EXPECT_NEAR(r.loss, std::log(7.0), 1e-12);
+    EXPECT_NEAR(r.nll, std::log(7.0), 1e-12);
+    // Padding rows get no gradient.
+    for (int64_t v = 0; v < V; ++v) EXPECT_EQ(r.dlogits.get({1, v}), 0.0);
+  }
+}
+
+TEST(CrossEntropy, GradientMatchesFiniteDifferences) {
+  Tensor logits = attn::testing::random_tensor({4, 6}, DType::f64, 3, -3.0, 3.0);
+  const std::vector<int32_t> targets = {1, 0, 5, 3};
+  s2s::CrossEntropyConfig c;
+  c.label_smoothing = 0.2;
+  const auto r = s2s::cross_entropy(logits, targets, c);
+  s2s::CrossEntropyConfig no_grad = c;
+  no_grad.compute_grad = false;
+  auto loss = [&] { return s2s::cross_entropy(logits, targets, no_grad).loss; };
+  EXPECT_TRUE(check_gradient(loss, logits, r.dlogits, "dlogits", 24));
+}
+
+TEST(CopyMixtureLoss, GradientsMatchFiniteDifferences) {
+  const int64_t N = 3, V = 5;
+  Tensor logits = attn::testing::random_tensor({N, V}, DType::f64, 4, -2.0, 2.0);
+  // Copy rows: positive, summing to 1; gate in (0, 1).
+  Tensor copy = attn::testing::random_tensor({N, V}, DType::f64, 5, 0.1, 1.0);
+  for (int64_t n = 0; n < N; ++n) {
+    double sum = 0.0;
+    for (int64_t v = 0; v < V; ++v) sum += copy.get({n, v});
+    for (int64_t v = 0; v < V; ++v) copy.set({n, v}, copy.get({n, v}) / sum);
+  }
+  Tensor gate = attn::testing::random_tensor({N}, DType::f64, 6, 0.2, 0.8);
+  const std::vector<int32_t> targets = {2, 0, 4};  // the 0 is padding
+  s2s::CrossEntropyConfig c;
+  c.label_smoothing = 0.1;
+  const auto r = s2s::copy_mixture_loss(logits, copy, gate, targets, c);
+  EXPECT_EQ(r.count, 2);
+  s2s::CrossEntropyConfig no_grad = c;
+  no_grad.compute_grad = false;
+  auto loss = [&] { return s2s::copy_mixture_loss(logits, copy, gate, targets, no_grad).loss; };
+  EXPECT_TRUE(check_gradient(loss, logits, r.dlogits, "dlogits"));
+  EXPECT_TRUE(check_gradient(loss, copy, r.dcopy, "dcopy"));
+  EXPECT_TRUE(check_gradient(loss, gate, r.dgate, "dgate"));
+  // Gate 1 is plain cross-entropy.
+  const Tensor one = Tensor::full({N}, 1.0, DType::f64);
+  EXPECT_NEAR(s2s::copy_mixture_loss(logits, copy, one, targets, c).loss,
+              s2s::cross_entropy(logits, targets, c).loss, 1e-12);
+}
+
+TEST(CrossEntropy, LargeLogitsDoNotOverflow) {
+  const Tensor logits = Tensor::from(std::vector<float>{1e4f, 0.f, -1e4f}, {1, 3});
+  const auto r = s2s::cross_entropy(logits, {1}, {});
+  EXPECT_NEAR(r.loss, 1e4, 1e-3);
+  EXPECT_TRUE(std::isfinite(r.dlogits.get({0, 0})));
+}
+
+TEST(CrossEntropy, ErrorsNameTheProblem) {
+  const Tensor logits = Tensor::zeros({2, 3});
+  EXPECT_THROW(s2s::cross_entropy(logits, {1}, {}), attn::Error);
+  EXPECT_THROW(s2s::cross_entropy(logits, {1, 3}, {}), attn::Error);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Optimisers
+
+attn::nn::ParameterList one_parameter(double w, double g) {
+  attn::nn::ParameterList list;
+  attn::nn::add_parameter(list, "", "w", Tensor::full({1}, w, DType::f64), Tensor::full({1}, g, DType::f64));
+  return list;
+}
+
+TEST(Adam, FirstStepMovesByTheLearningRate) {
+  // Step 1: m_hat = g and v_hat = g^2, so the update is lr * g / (|g| + eps) = lr * sign(g).
+  const auto params = one_parameter(1.0, 0.5);
+  s2s::Adam adam(params, {});
+  adam.step(params, 0.1);
+  EXPECT_NEAR(params[0].value.get({0}), 0.9, 1e-7);
+  EXPECT_EQ(adam.steps(), 1);
+}
+
+TEST(Adam, SecondStepByHand) {
+  const auto params = one_parameter(1.0, 0.5);
+  s2s::AdamConfig c;
+  s2s::Adam adam(params, c);
+  adam.step(params, 0.1);
+  const double w1 = params[0].value.get({0});  // 0.9 up to eps
+  Tensor(params[0].grad).fill(-1.0);
+  adam.step(params, 0.1);
+  const double m = 0.9 * 0.05 + 0.1 * -1.0, v = 0.999 * 0.00025 + 0.001 * 1.0;
+  const double expected = w1 - 0.1 * (m / (1 - 0.81)) / (std::sqrt(v / (1 - 0.999 * 0.999)) + 1e-8);
+  EXPECT_NEAR(params[0].value.get({0}), expected, 1e-12);
+}
+
+TEST(Adam, DecoupledWeightDecayShrinksWithoutAGradient) {
+  const auto params = one_parameter(2.0, 0.0);
+  s2s::AdamConfig c;
+  c.weight_decay = 0.5;
+  c.decoupled = true;
+  s2s::Adam adamw(params, c);
+  adamw.step(params, 0.1);
+  EXPECT_NEAR(params[0].value.get({0}), 2.0 - 0.1 * 0.5 * 2.0, 1e-12);
+  // L2 (not decoupled): the decay goes through the moments, so the first step is lr * sign.
+  const auto params2 = one_parameter(2.0, 0.0);
+  c.decoupled = false;
+  s2s::Adam adam(params2, c);
+  adam.step(params2, 0.1);
+  EXPECT_NEAR(params2[0].value.get({0}), 1.9, 1e-7);
+}
+
+TEST(Adam, StateRoundTripsThroughSafetensors) {
+  const auto params = one_parameter(1.0, 0.5);
+  s2s::Adam a(params, {});
+  a.step(params, 0.1);
+  s2s::SafetensorsFile file;
+  a.save(file, params);
+  s2s::Adam b(params, {});
+  b.load(file, params);
+  const auto p1 = one_parameter(params[0].value.get({0}), 0.3);
+  const auto p2 = one_parameter(params[0].value.get({0}), 0.3);
+  a.step(p1, 0.1);
+  b.step(p2, 0.1);
+  EXPECT_EQ(p1[0].value.get({0}), p2[0].value.get({0}));
+  EXPECT_EQ(b.steps(), 2);
+}
+
+TEST(ClipGradNorm, ScalesToTheMaximumNorm) {
+  attn::nn::ParameterList list;
+  attn::nn::add_parameter(list, "", "a", Tensor::zeros({1}, DType::f64), Tensor::full({1}, 3.0, DType::f64));
+  attn::nn::add_parameter(list, "", "b", Tensor::zeros({1}, DType::f64), Tensor::full({1}, 4.0, DType::f64));
+  EXPECT_DOUBLE_EQ(s2s::clip_grad_norm(list, 1.0), 5.0);
+  EXPECT_NEAR(list[0].grad.get({0}), 0.6, 1e-12);
+  EXPECT_NEAR(list[1].grad.get({0}), 0.8, 1e-12);
+  // Below the maximum nothing changes.
+  EXPECT_NEAR(s2s::clip_grad_norm(list, 10.0), 1.0, 1e-12);
+  EXPECT_NEAR(list[1].grad.get({0}), 0.8, 1e-12);
+}
+
+TEST(Schedule, WarmupThenDecay) {
+  s2s::Schedule s{s2s::ScheduleKind::linear, 10, 110, 0.0};
+  EXPECT_DOUBLE_EQ(s2s::learning_rate(s, 1.0, 0), 0.1);
+  EXPECT_DOUBLE_EQ(s2s::learning_rate(s, 1.0, 9), 1.0);
+  EXPECT_DOUBLE_EQ(s2s::learning_rate(s, 1.0, 60), 0.5);
+  EXPECT_DOUBLE_EQ(s2s::learning_rate(s, 1.0, 110), 0.0);
+  s.kind = s2s::ScheduleKind::cosine;
+  EXPECT_NEAR(s2s::learning_rate(s, 1.0, 60), 0.5, 1e-12);
+  s.kind = s2s::ScheduleKind::inverse_sqrt;
+  EXPECT_NEAR(s2s::learning_rate(s, 1.0, 39), 0.5, 1e-12);  // sqrt(10 / 40)
+  s.kind = s2s::ScheduleKind::constant;
+  EXPECT_DOUBLE_EQ(s2s::learning_rate(s, 2.0, 50), 2.0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Batching
+
+TEST(Batching, PadsTimeMajorTargetsAndCountsTokens) {
+  const std::vector<s2s::EncodedPair> pairs = {{{5, 6}, {7}}, {{8}, {9, 10, 11}}};
+  const s2s::Batch b = s2s::make_batch(pairs, {0, 1});
+  EXPECT_EQ(b.source_steps, 3);
+  EXPECT_EQ(b.target_steps, 4);
+  EXPECT_EQ(b.source, (std::vector<int32_t>{5, 6, 3, 8, 3, 0}));
+  EXPECT_EQ(b.source_lengths, (std::vector<int64_t>{3, 2}));
+  // [T, B]: <bos> y, then padding.
+  EXPECT_EQ(b.target_input, (std::vector<int32_t>{2, 2, 7, 9, 0, 10, 0, 11}));
+  EXPECT_EQ(b.target_output, (std::vector<int32_t>{7, 9, 3, 10, 0, 11, 0, 3}));
+  EXPECT_EQ(b.target_tokens, 2 + 4);
+}
+
+TEST(Batching, BucketsAreLengthSortedAndEpochOrdersReproducible) {
+  std::vector<s2s::EncodedPair> pairs;
+  for (int i = 0; i < 50; ++i) pairs.push_back({std::vector<int32_t>(1 + (i * 7) % 13, 4), {4}});
+  const auto batches = s2s::bucket_batches(pairs, 8, 1);
+  ASSERT_EQ(batches.size(), 7u);
+  std::set<int64_t> seen;
+  std::size_t previous_max = 0;
+  for (const auto& b : batches) {
+    std::size_t lo = 1000, hi = 0;
+    for (int64_t i : b) {
+      seen.insert(i);
+      lo = std::min(lo, pairs[i].source.size());
+      hi = std::max(hi, pairs[i].source.size());
+    }
+    EXPECT_GE(lo, previous_max);  // batches do not interleave lengths
+    previous_max = hi;
+  }
+  EXPECT_EQ(seen.size(), pairs.size());
+  const auto a = s2s::epoch_order(7, 3, 0), again = s2s::epoch_order(7, 3, 0), next = s2s::epoch_order(7, 3, 1);
+  EXPECT_EQ(a, again);
+  EXPECT_NE(a, next);
+  EXPECT_EQ(std::set<int64_t>(a.begin(), a.end()).size(), 7u);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Whole runs
+
+s2s::Corpus small_corpus(int64_t train_pairs) {
+  s2s::CorpusConfig c;
+  c.train_pairs = train_pairs;
+  c.valid_pairs = 50;
+  c.test_pairs = 50;
+  c.long_test_pairs = 10;
+  c.max_train_tokens = 10;
+  return s2s::generate_corpus(c);
+}
+
+s2s::TrainConfig small_config(int64_t emb, int64_t hidden, int64_t batch, int64_t epochs) {
+  s2s::TrainConfig c;
+  c.model.embedding = emb;
+  c.model.hidden = hidden;
+  c.batch_size = batch;
+  c.epochs = epochs;
+  c.lr = 1e-2;
+  c.schedule.warmup_steps = 10;
+  return c;
+}
+
+// A seeded tiny run: the label-smoothed loss (eps 0.1) starts near log V ~ 5.5 and must fall
+// below 2.5 within 3 epochs of 1500 pairs (282 steps; about 2 s of CPU time).
+TEST(Training, TinyRunLearns) {
+  const auto start = std::chrono::steady_clock::now();
+  const s2s::Corpus corpus = small_corpus(1500);
+  s2s::Trainer trainer(small_config(32, 64, 16, 3), corpus.train, corpus.valid);
+  ASSERT_TRUE(trainer.run({}));
+  const auto& losses = trainer.losses();
+  ASSERT_EQ(static_cast<int64_t>(losses.size()), trainer.total_steps());
+  double last = 0.0;
+  const int64_t n = 10;
+  for (int64_t i = 0; i < n; ++i) last += losses[losses.size() - 1 - i] / n;
+  EXPECT_GT(losses.front(), 4.5);
+  std::printf("tiny run: first loss %.3f, mean of the last %d %.3f\n", losses.front(), int(n), last);
+  EXPECT_LT(last, 2.5) << "mean loss of the last " << n << " steps";
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  EXPECT_LT(seconds, 60.0);
+}
+
+TEST(Training, ResumeContinuesBitForBit) {
+  const s2s::Corpus corpus = small_corpus(300);
+  const s2s::TrainConfig config = small_config(16, 32, 16, 2);
+  s2s::Trainer full(config, corpus.train, corpus.valid);
+  ASSERT_TRUE(full.run({}));
+  const std::vector<double> expected = full.losses();
+  ASSERT_GT(expected.size(), 20u);
+
+  const fs::path dir = temp_dir("resume");
+  s2s::Trainer first(config, corpus.train, corpus.valid);
+  s2s::RunControl stop;
+  stop.max_steps = 13;  // mid-epoch: the data position matters
+  stop.out_dir = dir.string();
+  EXPECT_FALSE(first.run(stop));
+  s2s::Trainer resumed = s2s::Trainer::resume(dir.string(), corpus.train, corpus.valid);
+  EXPECT_EQ(resumed.step(), 13);
+  ASSERT_TRUE(resumed.run({}));
+  std::vector<double> losses = first.losses();
+  losses.insert(losses.end(), resumed.losses().begin(), resumed.losses().end());
+  ASSERT_EQ(losses.size(), expected.size());
+  for (std::size_t i = 0; i < losses.size(); ++i) EXPECT_EQ(losses[i], expected[i]) << "step " << i;
+  // And the final weights are identical, bit for bit.
+  const auto a = full.translator().model.parameters();
+  const auto b = resumed.translator().model.parameters();
+  ASSERT_EQ(a.size(), b.size());
+  for (std::size_t i = 0; i < a.size(); ++i) EXPECT_EQ(a[i].value.to_vector(), b[i].value.to_vector()) << a[i].name;
+  fs::remove_all(dir);
+}
+
+TEST(Training, ResumeRefusesDifferentData) {
+  const s2s::Corpus corpus = small_corpus(300);
+  const fs::path dir = temp_dir("refuse");
+  s2s::Trainer t(small_config(8, 16, 32, 1), corpus.train, corpus.valid);
+  s2s::RunControl stop;
+  stop.max_steps = 2;
+  stop.out_dir = dir.string();
+  t.run(stop);
+  auto other = corpus.train;
+  other.pop_back();
+  try {
+    s2s::Trainer::resume(dir.string(), other, corpus.valid);
+    FAIL() << "resumed on different data";
+  } catch (const attn::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("training data differs"), std::string::npos) << e.what();
+  }
+  fs::remove_all(dir);
+}
+
+TEST(Training, CheckpointLoadsAsATranslator) {
+  const s2s::Corpus corpus = small_corpus(300);
+  const fs::path dir = temp_dir("translator");
+  s2s::Trainer t(small_config(16, 32, 32, 1), corpus.train, corpus.valid);
+  s2s::RunControl control;
+  control.out_dir = dir.string();
+  ASSERT_TRUE(t.run(control));
+  const s2s::Translator loaded = s2s::Translator::load(dir.string());
+  EXPECT_EQ(loaded.source_vocab, t.translator().source_vocab);
+  EXPECT_EQ(loaded.target_vocab, t.translator().target_vocab);
+  const std::vector<std::string> sentences = {corpus.test[0].source, corpus.test[1].source};
+  s2s::DecodeConfig config;
+  config.beam = 3;
+  const auto x = t.translator().translate(sentences, config);
+  const auto y = loaded.translate(sentences, config);
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    EXPECT_EQ(x[i].tokens, y[i].tokens);
+    EXPECT_EQ(x[i].log_prob, y[i].log_prob);
+  }
+  fs::remove_all(dir);
+}
+
+}  // namespace
