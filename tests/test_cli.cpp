@@ -56,7 +56,8 @@ int count_lines(const std::string& s) {
 class Cli : public ::testing::Test {
  protected:
   void SetUp() override {
-    if (!fs::exists(attn_binary())) GTEST_SKIP() << "no binary at " << attn_binary();
+    // tests/CMakeLists.txt makes test_cli depend on the binary, so a missing one is a failure.
+    ASSERT_TRUE(fs::exists(attn_binary())) << "no binary at " << attn_binary();
     dir_ = fs::temp_directory_path() / ("attn_test_cli_" + std::to_string(getpid()));
     fs::create_directories(dir_);
   }
