@@ -1,0 +1,365 @@
+// Fused dot-product attention backward (src/kernels/flash_backward.*) against the library's
+// float64 oracle, attn::reference::attention_backward, on every Highway target this machine
+// supports (the test name carries the target). Sweeps Tq, Tk in {0, 1, 2, 3, 127, 128, 129, 513},
+// head dims {1, 3, 59, 64, 128} (Dv != D too), grouped-query heads, causal masks in both
+// alignments with Tq != Tk, windows, key and query lengths, bias broadcasts (dbias reduced to the
+// bias's shape), ALiBi, fully masked rows (exactly 0 gradients), and run-to-run determinism.
+//
+// The fused backward is fed the float32 forward (attn::attention), the oracle its own float64
+// forward, so the bound covers both passes.
+//
+// Tolerance (forward error analysis, u = 2^-24): a recomputed score carries an absolute error
+// ~ u (sqrt(D) + |s|_max) (products, bias, ALiBi, and lse's own error of the same size), which
+// perturbs every P_ij relatively by that much and so every gradient by that fraction of its
+// magnitude; the chained reductions (dO.V over Dv, D_i over Dv, then dQ over Tk keys, dK and dV
+// over Tq rows, dbias over the broadcast dimensions) add ~ u sqrt(terms) of the size of the
+// terms, at most max(1, |grad|_max) here (inputs in [-1, 1]). Hence
+//   bound = tolerance_for(f32, D + Dv + Tq + Tk) + 32 u |s|_max, times max(1, |grad|_max).
+#include <gtest/gtest.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <ostream>
+#include <string>
+#include <vector>
+
+#include "attention_validate.h"
+#include "attn/attention.h"
+#include "attn/reference.h"
+#include "kernels/attention_composed.h"
+#include "kernels/flash_backward.h"
+#include "kernels/simd_target.h"
+#include "support/test_support.h"
+
+// GCC 12 warns about members left to their default initialisers in designated initialisers
+// (GCC bug 96868); every member of Case below has a default.
+#pragma GCC diagnostic ignored "-Wmissing-field-initializers"
+
+namespace attn::kernels {
+// Names the parameter in test listings; without it gtest prints SimdTarget's raw bytes,
+// including std::string's uninitialised inline buffer (valgrind flags that read).
+void PrintTo(const SimdTarget& target, std::ostream* os) { *os << target.name; }
+}  // namespace attn::kernels
+
+namespace {
+
+using attn::DType;
+using attn::Shape;
+using attn::Tensor;
+using attn::kernels::SimdTarget;
+
+constexpr int64_t kUnbounded = attn::Window::unbounded;
+
+struct Case {
+  int64_t B = 1, Hq = 2, Hkv = 1, Tq = 0, Tk = 0, D = 0, Dv = 0;
+  double scale = 0.0;  // 0: ScaledDotScore's default 1 / sqrt(D); < 0: DotScore (scale 1)
+  std::vector<int64_t> key_lengths, query_lengths;
+  bool causal = false, bottom_right = false;
+  int64_t left = kUnbounded, right = kUnbounded;
+  Shape bias_shape;  // empty: no bias; right-aligned broadcast against [B, Hq, Tq, Tk]
+  double bias_range = 1.0;
+  bool alibi = false;
+  uint64_t seed = 1;
+
+  std::string str() const {
+    std::string s = "B=" + std::to_string(B) + " Hq=" + std::to_string(Hq) +
+                    " Hkv=" + std::to_string(Hkv) + " Tq=" + std::to_string(Tq) +
+                    " Tk=" + std::to_string(Tk) + " D=" + std::to_string(D) +
+                    " Dv=" + std::to_string(Dv);
+    if (scale < 0.0) s += " dot";
+    if (causal) s += bottom_right ? " causal(bottom_right)" : " causal(top_left)";
+    if (left != kUnbounded || right != kUnbounded)
+      s += " window(" + std::to_string(left == kUnbounded ? -1 : left) + "," +
+           std::to_string(right == kUnbounded ? -1 : right) + ")";
+    if (!key_lengths.empty()) s += " key_lengths";
+    if (!query_lengths.empty()) s += " query_lengths";
+    if (!bias_shape.empty()) s += " bias" + attn::shape_str(bias_shape);
+    if (alibi) s += " alibi";
+    return s;
+  }
+
+  double scale_value() const {
+    if (scale < 0.0) return 1.0;
+    return scale != 0.0 ? scale : 1.0 / std::sqrt(static_cast<double>(std::max<int64_t>(D, 1)));
+  }
+};
+
+struct Problem {
+  Tensor q, k, v, dout;
+  attn::AttentionParams params;
+  attn::detail::AttentionDims dims;
+};
+
+Problem make_problem(const Case& c) {
+  Problem p;
+  p.q = attn::testing::random_tensor({c.B, c.Hq, c.Tq, c.D}, DType::f32, c.seed);
+  p.k = attn::testing::random_tensor({c.B, c.Hkv, c.Tk, c.D}, DType::f32, c.seed + 1);
+  p.v = attn::testing::random_tensor({c.B, c.Hkv, c.Tk, c.Dv}, DType::f32, c.seed + 2);
+  p.dout = attn::testing::random_tensor({c.B, c.Hq, c.Tq, c.Dv}, DType::f32, c.seed + 3);
+  if (c.scale < 0.0)
+    p.params.score = attn::DotScore{};
+  else
+    p.params.score = attn::ScaledDotScore{c.scale == 0.0 ? std::nullopt
+                                                         : std::optional<double>(c.scale)};
+  attn::Mask& m = p.params.mask;
+  m.key_lengths = c.key_lengths;
+  m.query_lengths = c.query_lengths;
+  m.causal = c.causal;
+  m.alignment = c.bottom_right ? attn::Alignment::bottom_right : attn::Alignment::top_left;
+  if (c.left != kUnbounded || c.right != kUnbounded) m.window = attn::Window{c.left, c.right};
+  if (!c.bias_shape.empty())
+    m.bias = attn::testing::random_tensor(c.bias_shape, DType::f32, c.seed + 4, -c.bias_range,
+                                          c.bias_range);
+  if (c.alibi) m.alibi_slopes = attn::alibi_slopes(c.Hq);
+  p.dims = attn::detail::validate_attention("attention_backward", p.q, p.k, p.v, p.params);
+  return p;
+}
+
+attn::AttentionGrads run_fused(const Problem& p, const attn::AttentionOutput& forward) {
+  const attn::AttentionParams params = attn::detail::convert_params(p.params, DType::f32);
+  EXPECT_TRUE(attn::kernels::flash_backward_supported(DType::f32, params));
+  return attn::kernels::flash_attention_backward(p.dims, p.q, p.k, p.v, params, forward, p.dout);
+}
+
+// Largest |score| the inputs allow: |scale q.k| <= scale D, plus |bias|, plus ALiBi's
+// slope * distance (slopes <= 1/2, distance < Tq + Tk).
+double max_abs_score(const Case& c) {
+  double s = c.scale_value() * static_cast<double>(c.D);
+  if (!c.bias_shape.empty()) s += c.bias_range;
+  if (c.alibi) s += 0.5 * static_cast<double>(c.Tq + c.Tk);
+  return s;
+}
+
+double max_abs(const Tensor& t) {
+  double m = 0.0;
+  for (double x : t.to_vector()) m = std::max(m, std::abs(x));
+  return m;
+}
+
+attn::testing::Tolerance grad_tolerance(const Case& c, const Tensor& expected) {
+  const double u = attn::testing::unit_roundoff(DType::f32);
+  const attn::testing::Tolerance sums =
+      attn::testing::tolerance_for(DType::f32, c.D + c.Dv + c.Tq + c.Tk);
+  const double bound = (sums.atol + 32.0 * u * max_abs_score(c)) * std::max(1.0, max_abs(expected));
+  return {bound, bound};
+}
+
+// Rows and keys that no mask lets through must get exactly 0, not merely small values: dq rows
+// whose oracle lse is -inf (fully masked), and dk / dv rows of keys whose oracle dv row is all 0
+// (seen by no query: dv_j = sum_i P_ij dO_i is never exactly 0 otherwise). An exact 0 of the
+// oracle elsewhere is not a mask (Tk = 1 gives dq = dk = 0 up to rounding) and is not checked.
+::testing::AssertionResult exact_zero_rows(const Tensor& got, const Tensor& masked_when_zero,
+                                           const Tensor& lse, const std::string& what) {
+  const std::vector<double> g = got.to_vector(), w = masked_when_zero.to_vector();
+  const std::vector<double> l = lse.defined() ? lse.to_vector() : std::vector<double>{};
+  const int64_t rows = got.numel() == 0 ? 0 : got.numel() / got.size(got.dim() - 1);
+  const size_t width = rows == 0 ? 0 : static_cast<size_t>(got.size(got.dim() - 1));
+  const size_t ref_width = rows == 0 ? 0 : w.size() / static_cast<size_t>(rows);
+  for (size_t r = 0; r < static_cast<size_t>(rows); ++r) {
+    bool masked;
+    if (!l.empty()) {
+      masked = std::isinf(l[r]) && l[r] < 0;
+    } else {
+      masked = true;
+      for (size_t e = 0; e < ref_width; ++e) masked = masked && w[r * ref_width + e] == 0.0;
+    }
+    if (!masked) continue;
+    for (size_t e = 0; e < width; ++e)
+      if (g[r * width + e] != 0.0)
+        return ::testing::AssertionFailure() << what << " row " << r << " column " << e << " = "
+                                             << g[r * width + e] << " in a masked row, expected 0";
+  }
+  return ::testing::AssertionSuccess();
+}
+
+class FlashBackwardTest : public ::testing::TestWithParam<SimdTarget> {
+ protected:
+  void SetUp() override {
+    forced_ = std::make_unique<attn::kernels::ScopedSimdTarget>(GetParam().bits);
+    ASSERT_EQ(std::string(attn::kernels::flash_backward_target_name()), GetParam().name)
+        << "dispatch did not switch to the forced target";
+  }
+  void TearDown() override { forced_.reset(); }
+
+  void check(const Case& c) {
+    SCOPED_TRACE("target " + GetParam().name + ": " + c.str());
+    const Problem p = make_problem(c);
+    const attn::AttentionOutput fwd = attn::attention(p.q, p.k, p.v, p.params);
+    const attn::AttentionGrads got = run_fused(p, fwd);
+    const attn::AttentionOutput ref_fwd = attn::reference::attention(p.q, p.k, p.v, p.params);
+    const attn::AttentionGrads want =
+        attn::reference::attention_backward(p.q, p.k, p.v, p.params, ref_fwd, p.dout);
+    EXPECT_TRUE(attn::testing::all_close(got.dq, want.dq, grad_tolerance(c, want.dq), "dq"));
+    EXPECT_TRUE(attn::testing::all_close(got.dk, want.dk, grad_tolerance(c, want.dk), "dk"));
+    EXPECT_TRUE(attn::testing::all_close(got.dv, want.dv, grad_tolerance(c, want.dv), "dv"));
+    EXPECT_TRUE(exact_zero_rows(got.dq, want.dq, ref_fwd.lse, "dq"));
+    EXPECT_TRUE(exact_zero_rows(got.dk, want.dv, Tensor{}, "dk"));
+    EXPECT_TRUE(exact_zero_rows(got.dv, want.dv, Tensor{}, "dv"));
+    ASSERT_EQ(got.dbias.defined(), want.dbias.defined());
+    if (want.dbias.defined()) {
+      EXPECT_EQ(got.dbias.shape(), want.dbias.shape());
+      // dbias sums dS over every broadcast dimension: up to B Hq Tq Tk terms.
+      Case summed = c;
+      summed.Tq = c.B * c.Hq * c.Tq;
+      EXPECT_TRUE(attn::testing::all_close(got.dbias, want.dbias,
+                                           grad_tolerance(summed, want.dbias), "dbias"));
+    }
+  }
+
+ private:
+  std::unique_ptr<attn::kernels::ScopedSimdTarget> forced_;
+};
+
+TEST_P(FlashBackwardTest, SizeSweep) {
+  const int64_t sizes[] = {0, 1, 2, 3, 127, 128, 129, 513};
+  for (int64_t Tq : sizes)
+    for (int64_t Tk : sizes) check({.Tq = Tq, .Tk = Tk, .D = 16, .Dv = 8});
+}
+
+TEST_P(FlashBackwardTest, HeadDims) {
+  for (int64_t D : {1, 3, 59, 64, 128})
+    for (int64_t Dv : {D, int64_t{3}, int64_t{64}})
+      check({.Tq = 67, .Tk = 130, .D = D, .Dv = Dv, .seed = static_cast<uint64_t>(D + Dv)});
+}
+
+TEST_P(FlashBackwardTest, DotScoreAndExplicitScale) {
+  check({.Tq = 50, .Tk = 70, .D = 24, .Dv = 24, .scale = -1.0});
+  check({.Tq = 50, .Tk = 70, .D = 24, .Dv = 24, .scale = 0.37});
+}
+
+TEST_P(FlashBackwardTest, GroupedQueryHeads) {
+  check({.B = 2, .Hq = 6, .Hkv = 2, .Tq = 40, .Tk = 97, .D = 32, .Dv = 16});
+  check({.B = 1, .Hq = 4, .Hkv = 1, .Tq = 129, .Tk = 64, .D = 8, .Dv = 8, .causal = true});
+}
+
+TEST_P(FlashBackwardTest, CausalBothAlignments) {
+  for (bool bottom_right : {false, true})
+    for (auto [Tq, Tk] : {std::pair<int64_t, int64_t>{100, 100}, {70, 200}, {200, 70}, {1, 129}})
+      check({.Tq = Tq, .Tk = Tk, .D = 32, .Dv = 32, .causal = true, .bottom_right = bottom_right});
+}
+
+TEST_P(FlashBackwardTest, Windows) {
+  check({.Tq = 150, .Tk = 150, .D = 16, .Dv = 16, .left = 20, .right = 0});
+  check({.Tq = 150, .Tk = 150, .D = 16, .Dv = 16, .left = 7, .right = 9});
+  check({.Tq = 90, .Tk = 180, .D = 16, .Dv = 16, .causal = true, .bottom_right = true, .left = 33});
+  check({.Tq = 150, .Tk = 150, .D = 16, .Dv = 16, .left = kUnbounded, .right = 5});
+}
+
+TEST_P(FlashBackwardTest, KeyAndQueryLengths) {
+  check({.B = 3, .Tq = 80, .Tk = 120, .D = 16, .Dv = 16, .key_lengths = {120, 55, 0},
+         .query_lengths = {80, 30, 80}});
+  check({.B = 2, .Tq = 80, .Tk = 120, .D = 16, .Dv = 16, .key_lengths = {100, 7},
+         .query_lengths = {60, 80}, .causal = true, .bottom_right = true});
+}
+
+TEST_P(FlashBackwardTest, BiasBroadcastsAndAlibi) {
+  const Shape shapes[] = {{2, 2, 60, 90}, {2, 1, 60, 90}, {90}, {2, 1, 1, 90}, {60, 1}, {2, 1, 1}};
+  for (const Shape& shape : shapes)
+    check({.B = 2, .Tq = 60, .Tk = 90, .D = 16, .Dv = 16, .causal = true,
+           .bottom_right = true, .bias_shape = shape});
+  check({.Tq = 60, .Tk = 90, .D = 16, .Dv = 16, .bias_shape = {60, 90}, .alibi = true});
+  check({.Tq = 130, .Tk = 130, .D = 16, .Dv = 16, .causal = true, .alibi = true});
+}
+
+TEST_P(FlashBackwardTest, FullyMaskedRows) {
+  // Top-left causal with Tq > Tk under bottom-right alignment masks the first rows entirely;
+  // a zero-length sequence masks a whole batch; a -inf bias row masks through the scores.
+  check({.Tq = 100, .Tk = 40, .D = 16, .Dv = 16, .causal = true, .bottom_right = true});
+  check({.B = 2, .Tq = 50, .Tk = 50, .D = 16, .Dv = 16, .key_lengths = {50, 0}});
+  check({.Tq = 50, .Tk = 50, .D = 16, .Dv = 16, .left = 0, .right = 0, .seed = 3});
+  Case c{.Tq = 60, .Tk = 60, .D = 16, .Dv = 16};
+  const Problem p = make_problem(c);
+  Problem masked = p;
+  masked.params.mask.bias = Tensor::zeros({60, 1}, DType::f32);
+  masked.params.mask.bias.data<float>()[7] = -std::numeric_limits<float>::infinity();
+  const attn::AttentionOutput fwd = attn::attention(masked.q, masked.k, masked.v, masked.params);
+  const attn::AttentionGrads got = run_fused(masked, fwd);
+  for (int64_t h = 0; h < c.Hq; ++h)
+    for (int64_t d = 0; d < c.D; ++d)
+      ASSERT_EQ(got.dq.data<float>()[(h * c.Tq + 7) * c.D + d], 0.0f) << "head " << h;
+}
+
+TEST_P(FlashBackwardTest, RunToRunBitwiseIdentical) {
+  const Case c{.B = 2, .Hq = 4, .Hkv = 2, .Tq = 200, .Tk = 300, .D = 40, .Dv = 24,
+               .causal = true, .bias_shape = {300}};
+  const Problem p = make_problem(c);
+  const attn::AttentionOutput fwd = attn::attention(p.q, p.k, p.v, p.params);
+  const int threads = omp_get_max_threads();
+  const attn::AttentionGrads first = run_fused(p, fwd);
+  const attn::AttentionGrads second = run_fused(p, fwd);
+  for (const auto& [a, b, name] : {std::tuple{first.dq, second.dq, "dq"},
+                                   std::tuple{first.dk, second.dk, "dk"},
+                                   std::tuple{first.dv, second.dv, "dv"},
+                                   std::tuple{first.dbias, second.dbias, "dbias"}})
+    EXPECT_EQ(std::memcmp(a.data<float>(), b.data<float>(), a.numel() * sizeof(float)), 0)
+        << name << " differs between two runs with " << threads << " threads";
+  // dK and dV are owned by one work item each: identical for any thread count too.
+  omp_set_num_threads(1);
+  const attn::AttentionGrads single = run_fused(p, fwd);
+  omp_set_num_threads(threads);
+  EXPECT_EQ(std::memcmp(single.dk.data<float>(), first.dk.data<float>(),
+                        first.dk.numel() * sizeof(float)), 0);
+  EXPECT_EQ(std::memcmp(single.dv.data<float>(), first.dv.data<float>(),
+                        first.dv.numel() * sizeof(float)), 0);
+}
+
+std::string target_test_name(const ::testing::TestParamInfo<SimdTarget>& info) {
+  return info.param.name;
+}
+
+INSTANTIATE_TEST_SUITE_P(EveryTarget, FlashBackwardTest,
+                         ::testing::ValuesIn(attn::kernels::available_simd_targets()),
+                         target_test_name);
+
+TEST(FlashBackwardGlue, SupportedPredicate) {
+  attn::AttentionParams params;
+  EXPECT_TRUE(attn::kernels::flash_backward_supported(DType::f32, params));
+  params.score = attn::DotScore{};
+  EXPECT_TRUE(attn::kernels::flash_backward_supported(DType::f32, params));
+  EXPECT_FALSE(attn::kernels::flash_backward_supported(DType::f64, params));
+  params.dropout.p = 0.1;
+  EXPECT_FALSE(attn::kernels::flash_backward_supported(DType::f32, params));
+  params.dropout.p = 0.0;
+  params.score = attn::CosineScore{};
+  EXPECT_FALSE(attn::kernels::flash_backward_supported(DType::f32, params));
+  params.score = attn::ScaledDotScore{};
+  params.head_scores = {attn::DotScore{}};
+  EXPECT_FALSE(attn::kernels::flash_backward_supported(DType::f32, params));
+  params.head_scores.clear();
+  params.mask.allowed = Tensor::full({1}, 1.0, DType::b8);
+  EXPECT_FALSE(attn::kernels::flash_backward_supported(DType::f32, params));
+}
+
+// The fused gradients against the composed backward too (the fallback the front-end uses for
+// everything else; called directly, so this stays a fused-vs-composed check once
+// attn::attention_backward dispatches to the fused kernel), on the same float32 forward.
+TEST(FlashBackwardGlue, MatchesComposedPath) {
+  const Case c{.B = 2, .Hq = 4, .Hkv = 2, .Tq = 65, .Tk = 130, .D = 32, .Dv = 32, .scale = 0.3,
+               .key_lengths = {130, 100}, .causal = true, .bottom_right = true, .left = 50,
+               .bias_shape = {2, 1, 65, 130}, .alibi = true};
+  const Problem p = make_problem(c);
+  const attn::AttentionOutput fwd = attn::attention(p.q, p.k, p.v, p.params);
+  const attn::AttentionGrads got = run_fused(p, fwd);
+  const attn::AttentionGrads composed = attn::kernels::composed_attention_backward<float>(
+      p.dims, p.q, p.k, p.v, attn::detail::convert_params(p.params, DType::f32), fwd, p.dout);
+  // Both are float32 from the same forward: each within the bound of the exact gradient, so
+  // within twice it of each other.
+  auto twice = [&](const Tensor& t) {
+    attn::testing::Tolerance tol = grad_tolerance(c, t);
+    return attn::testing::Tolerance{2 * tol.atol, 2 * tol.rtol};
+  };
+  EXPECT_TRUE(attn::testing::all_close(got.dq, composed.dq, twice(composed.dq), "dq"));
+  EXPECT_TRUE(attn::testing::all_close(got.dk, composed.dk, twice(composed.dk), "dk"));
+  EXPECT_TRUE(attn::testing::all_close(got.dv, composed.dv, twice(composed.dv), "dv"));
+  Case summed = c;
+  summed.Tq = c.B * c.Hq * c.Tq;
+  attn::testing::Tolerance tol = grad_tolerance(summed, composed.dbias);
+  EXPECT_TRUE(attn::testing::all_close(got.dbias, composed.dbias,
+                                       {2 * tol.atol, 2 * tol.rtol}, "dbias"));
+  EXPECT_TRUE(std::holds_alternative<attn::ScaledDotScore>(got.dscore));
+}
+
+}  // namespace
