@@ -5,6 +5,7 @@
 
 #include "attention_validate.h"
 #include "kernels/attention_composed.h"
+#include "kernels/decode_attention.h"
 #include "kernels/flash_attention.h"
 #include "kernels/flash_backward.h"
 
@@ -63,6 +64,9 @@ AttentionOutput attention(const Tensor& q, const Tensor& k, const Tensor& v,
   const Normalised n = normalise(q, k, v, params);
   if (dims.Tq >= kMinFusedQueryRows && kernels::flash_attention_supported(q.dtype(), n.params))
     return kernels::flash_attention(dims, n.q, n.k, n.v, n.params);
+  // Few queries against many keys (decoder steps): split over the keys, merged by log-sum-exp.
+  if (kernels::decode_attention_supported(q.dtype(), dims, n.params))
+    return kernels::decode_attention(dims, n.q, n.k, n.v, n.params);
   if (q.dtype() == DType::f32)
     return kernels::composed_attention_forward<float>(dims, n.q, n.k, n.v, n.params);
   return kernels::composed_attention_forward<double>(dims, n.q, n.k, n.v, n.params);

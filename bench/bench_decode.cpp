@@ -1,0 +1,225 @@
+// Decode attention (src/kernels/decode_attention.*): one new query per sequence against a KV
+// cache, B = 1, Hq = 8, Hkv in {8, 2}, d = 128, cache length L in {4096, 32768}, float32 and bf16
+// caches, 1 and 2 threads. Decode reads every cache byte once and does ~2 FLOPs per byte, so it
+// is judged by read bandwidth against a plain streaming sum over the same bytes.
+//
+// BM_Decode counters (the machine is shared and memory bandwidth drifts by tens of percent
+// between runs, so the kernel and the baseline are timed alternately inside the same loop, and
+// each rate is taken from its fastest call, the least disturbed one):
+//   GB/s         K and V bytes of the cache / best kernel call
+//   stream_GB/s  the same bytes (the same K and V buffers) summed as 32-bit integers by a plain
+//                vectorised loop, same thread count, best call
+//   vs_stream    GB/s / stream_GB/s (target >= 0.85)
+//   us           best kernel call in microseconds
+//   peak_MB      peak resident memory of the process so far (VmHWM; inputs included)
+//   label        the Highway target the kernel dispatched to
+//
+// BM_Crossover: decode kernel vs the composed (BLAS) path on the Tensor glue, Tq = 1, for short
+// caches; decode_ms / composed_ms below 1 means the decode kernel wins. It sets kDecodeMinKeys.
+//
+//   OPENBLAS_CORETYPE=Cooperlake ./build/bench/bench_decode
+//   OPENBLAS_CORETYPE=Cooperlake ./build/bench/bench_decode --benchmark_filter=BM_Decode
+// (OpenBLAS 0.3.21 runs this Xeon on a generic kernel unless told its core type; it matters for
+// BM_Crossover's composed path.)
+#include <benchmark/benchmark.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <fstream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "attention_validate.h"
+#include "kernels/attention_composed.h"
+#include "kernels/decode_attention.h"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+double peak_rss_mb() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
+  return 0.0;
+}
+
+std::vector<float> random_vector(size_t n, uint32_t seed) {
+  std::vector<float> x(n);
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  for (float& e : x) e = dist(rng);
+  return x;
+}
+
+// The baseline: sum 32-bit words of two buffers, threads splitting each buffer in contiguous
+// halves (as the kernel's key splits do). Integer adds so that no bit pattern (bf16 pairs read as
+// float could be NaN or subnormal) slows it down; the widest vectors this CPU has.
+uint32_t sum_words_generic(const uint32_t* p, int64_t n) {
+  uint32_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += p[i];
+  return s;
+}
+#if defined(__x86_64__)
+[[gnu::target("avx512f")]] uint32_t sum_words_avx512(const uint32_t* p, int64_t n) {
+  uint32_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += p[i];
+  return s;
+}
+#endif
+
+uint32_t stream_sum(const void* a, size_t a_bytes, const void* b, size_t b_bytes) {
+#if defined(__x86_64__)
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+#else
+  const bool avx512 = false;
+#endif
+  uint32_t total = 0;
+#pragma omp parallel reduction(+ : total)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    for (auto [ptr, bytes] : {std::pair{a, a_bytes}, std::pair{b, b_bytes}}) {
+      const auto* words = static_cast<const uint32_t*>(ptr);
+      const int64_t n = static_cast<int64_t>(bytes / 4);
+      const int64_t lo = n * t / nt, hi = n * (t + 1) / nt;
+#if defined(__x86_64__)
+      total += avx512 ? sum_words_avx512(words + lo, hi - lo) : sum_words_generic(words + lo, hi - lo);
+#else
+      total += sum_words_generic(words + lo, hi - lo);
+#endif
+    }
+  }
+  return total;
+}
+
+constexpr int64_t kBatch = 1, kQueryHeads = 8, kHeadDim = 128;
+
+void BM_Decode(benchmark::State& state) {
+  const int64_t kv_heads = state.range(0), L = state.range(1);
+  const bool bf16 = state.range(2) != 0;
+  const int threads = static_cast<int>(state.range(3));
+  omp_set_num_threads(threads);
+
+  const size_t cache_elems = size_t(kBatch * kv_heads * L * kHeadDim);
+  const std::vector<float> q = random_vector(size_t(kBatch * kQueryHeads * kHeadDim), 1);
+  std::vector<float> k32, v32;
+  std::vector<uint16_t> k16, v16;
+  attn::kernels::DecodeAttentionArgs args;
+  if (bf16) {
+    const std::vector<float> k = random_vector(cache_elems, 2), v = random_vector(cache_elems, 3);
+    k16.resize(cache_elems), v16.resize(cache_elems);
+    attn::kernels::float_to_bf16(k.data(), k16.data(), cache_elems);
+    attn::kernels::float_to_bf16(v.data(), v16.data(), cache_elems);
+    args.k.data = k16.data(), args.v.data = v16.data();
+    args.kv_type = attn::kernels::KvType::bf16;
+  } else {
+    k32 = random_vector(cache_elems, 2), v32 = random_vector(cache_elems, 3);
+    args.k.data = k32.data(), args.v.data = v32.data();
+  }
+  const size_t bytes_each = cache_elems * (bf16 ? 2 : 4);
+  for (attn::kernels::KvView* view : {&args.k, &args.v}) {
+    view->stride_t = kHeadDim;
+    view->stride_h = L * kHeadDim;
+    view->stride_b = kv_heads * L * kHeadDim;
+  }
+  std::vector<float> out(size_t(kBatch * kQueryHeads * kHeadDim)), lse(size_t(kBatch * kQueryHeads));
+  args.q = q.data(), args.out = out.data(), args.lse = lse.data();
+  args.batch = kBatch, args.q_heads = kQueryHeads, args.kv_heads = kv_heads;
+  args.q_len = 1, args.k_len = L, args.head_dim = kHeadDim, args.value_dim = kHeadDim;
+  args.scale = static_cast<float>(1.0 / std::sqrt(double(kHeadDim)));
+  args.causal = true;  // one query at the last position: every key visible
+
+  attn::kernels::decode_attention_forward(args);  // warm-up: page in, spin up threads
+  benchmark::DoNotOptimize(stream_sum(args.k.data, bytes_each, args.v.data, bytes_each));
+  double best = 1e30, best_stream = 1e30;
+  for (auto _ : state) {
+    auto start = Clock::now();
+    attn::kernels::decode_attention_forward(args);
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+    best = std::min(best, seconds_since(start));
+
+    state.PauseTiming();
+    start = Clock::now();
+    benchmark::DoNotOptimize(stream_sum(args.k.data, bytes_each, args.v.data, bytes_each));
+    best_stream = std::min(best_stream, seconds_since(start));
+    state.ResumeTiming();
+  }
+  const double bytes = 2.0 * double(bytes_each);
+  state.counters["GB/s"] = bytes / best * 1e-9;
+  state.counters["stream_GB/s"] = bytes / best_stream * 1e-9;
+  state.counters["vs_stream"] = best_stream / best;
+  state.counters["us"] = best * 1e6;
+  state.counters["peak_MB"] = peak_rss_mb();
+  state.SetLabel(attn::kernels::decode_attention_target_name());
+}
+
+void DecodeCases(benchmark::internal::Benchmark* b) {
+  for (int64_t hkv : {8, 2})
+    for (int64_t L : {4096, 32768})
+      for (int64_t bf16 : {0, 1})
+        for (int64_t threads : {1, 2}) b->Args({hkv, L, bf16, threads});
+  b->ArgNames({"Hkv", "L", "bf16", "threads"})->Unit(benchmark::kMicrosecond)->UseRealTime();
+}
+BENCHMARK(BM_Decode)->Apply(DecodeCases);
+
+// Decode kernel vs composed path through the Tensor-level glue (what attention() would run).
+void BM_Crossover(benchmark::State& state) {
+  const int64_t B = state.range(0), H = state.range(1), Tk = state.range(2), d = state.range(3);
+  omp_set_num_threads(2);
+  const attn::detail::AttentionDims dims{.B = B, .Hq = H, .Hkv = H, .Tq = 1, .Tk = Tk,
+                                         .Dq = d, .Dk = d, .Dv = d};
+  const auto make = [](attn::Shape shape, uint32_t seed) {
+    attn::Tensor t = attn::Tensor::empty(shape);
+    const std::vector<float> x = random_vector(size_t(t.numel()), seed);
+    std::memcpy(t.data<float>(), x.data(), x.size() * sizeof(float));
+    return t;
+  };
+  const attn::Tensor q = make({B, H, 1, d}, 1), k = make({B, H, Tk, d}, 2),
+                     v = make({B, H, Tk, d}, 3);
+  attn::AttentionParams params;
+  params.mask.causal = true;
+  params.mask.alignment = attn::Alignment::bottom_right;
+  const auto time_best = [&](auto&& run) {
+    double best = 1e30;
+    const auto start = Clock::now();
+    do {
+      const auto call = Clock::now();
+      benchmark::DoNotOptimize(run().out.raw_data());
+      best = std::min(best, seconds_since(call));
+    } while (seconds_since(start) < 0.2);
+    return best;
+  };
+  double decode = 0.0, composed = 0.0;
+  for (auto _ : state) {
+    decode = time_best([&] { return attn::kernels::decode_attention(dims, q, k, v, params); });
+    composed = time_best(
+        [&] { return attn::kernels::composed_attention_forward<float>(dims, q, k, v, params); });
+  }
+  state.counters["decode_us"] = decode * 1e6;
+  state.counters["composed_us"] = composed * 1e6;
+  state.counters["decode/composed"] = decode / composed;
+}
+BENCHMARK(BM_Crossover)
+    ->ArgsProduct({{1}, {8}, {8, 16, 32, 64, 128, 512, 4096}, {64, 128}})
+    ->Args({64, 1, 50, 256})  // seq2seq decoder step: B = 64, Tq = 1, Tk = 50, d = 256
+    ->Args({64, 8, 50, 32})
+    ->ArgNames({"B", "H", "Tk", "d"})
+    ->Iterations(1)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+
+}  // namespace
+
+BENCHMARK_MAIN();

@@ -1,0 +1,564 @@
+// Per-target body of the decode attention kernel (see decode_attention.h). Included once per
+// Highway target by decode_attention.cpp through foreach_target.h.
+//
+// Layout: "lanes over features". With Tq * G of a few rows there are not enough query rows to
+// fill a vector (the flash kernel's transposed-query tiles would leave 15 of 16 lanes idle at
+// Tq = G = 1), so vectors run along the feature dimension D (Dv) instead:
+//   scores  s[r][j] = sum over chunks of q_r[chunk] * k_j[chunk], then one horizontal sum;
+//   values  o_r[chunk] += p[r][j] * v_j[chunk] (p broadcast).
+// A work item is (batch, kv head, key split) and owns R = G * Tq rows: every query of every
+// query head sharing that kv head. It walks its keys in blocks of kKeyBlock (K and V blocks of
+// 32 KiB each at D = Dv = 128 fp32, L1/L2-resident), so each K and V row comes from memory once
+// and is re-read from cache for the other rows and column groups. K rows are prefetched
+// kPrefetchKeys ahead and a block's V rows while its scores compute. Register blocks: 4 rows x 4
+// keys (bf16: 4 x 2) of partial dot products for the scores, 4 rows x 4 vectors of output
+// columns for P V. (Measured on the 2-core Xeon, 1 thread: key blocks of 32, 64 and 128 and
+// prefetch distances of 32 and 96 keys all ran within the run-to-run noise.)
+//
+// bf16 K/V: one vector of 2N bf16 is widened to two float32 vectors with a shift and a mask (a
+// bf16 is the upper half of a float32, so widening is exact): even elements to one, odd
+// elements to the other. No lane crossing is needed because q is stored in the same even/odd
+// order once per item, and the output accumulators live in that order until the merge. Highway
+// 1.0.3 has no vdpbf16ps path (its bf16 ReorderWidenMulAccumulate is this same shift/mask and
+// FMA), and the dot instruction would round q to bf16 as well; decode is bound by the cache read,
+// not by FMAs, so the exact widening costs nothing measurable.
+
+#if defined(ATTN_KERNELS_DECODE_ATTENTION_INL_H_) == defined(HWY_TARGET_TOGGLE)
+#ifdef ATTN_KERNELS_DECODE_ATTENTION_INL_H_
+#undef ATTN_KERNELS_DECODE_ATTENTION_INL_H_
+#else
+#define ATTN_KERNELS_DECODE_ATTENTION_INL_H_
+#endif
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "hwy/aligned_allocator.h"
+#include "hwy/contrib/math/math-inl.h"
+#include "hwy/highway.h"
+#include "kernels/decode_attention.h"
+
+#if HWY_ARCH_X86
+#include <xmmintrin.h>
+#endif
+
+HWY_BEFORE_NAMESPACE();
+namespace attn::kernels::HWY_NAMESPACE {
+namespace decode {
+
+namespace hn = hwy::HWY_NAMESPACE;
+using DF = hn::ScalableTag<float>;
+using VF = hn::Vec<DF>;
+
+constexpr int64_t kKeyBlock = 64;   // keys per block: a multiple of every vector length
+constexpr size_t kRowGroup = 4;     // query rows per register block
+// Keys per register block of the scores with 4 rows: 4 x 4 accumulators plus the widened keys
+// must stay within the 32 vector registers (GCC spilled the 4 x 4 bf16 block: 8 key vectors).
+template <typename T>
+constexpr size_t kKeyGroup = sizeof(T) == 4 ? 4 : 2;
+constexpr size_t kSingleRowKeys = 8;  // keys per register block when one row is left
+constexpr size_t kColVecs = 4;      // float32 vectors of output columns per register block
+constexpr int64_t kPrefetchKeys = 96;  // K rows requested this far ahead of the scores
+
+// How one chunk of a K or V row (the elements covered by one SIMD load) becomes float32
+// vectors. The chunk spans kVecs * N elements.
+template <typename T>
+struct Chunk;
+
+template <>
+struct Chunk<float> {
+  static constexpr size_t kVecs = 1;
+  static HWY_INLINE void Load(DF df, const float* HWY_RESTRICT p, VF* out) {
+    out[0] = hn::LoadU(df, p);
+  }
+  static HWY_INLINE float Scalar(float x) { return x; }
+};
+
+template <>
+struct Chunk<uint16_t> {
+  static constexpr size_t kVecs = 2;  // 2N bf16 -> N even + N odd elements
+  static HWY_INLINE void Load(DF df, const uint16_t* HWY_RESTRICT p, VF* out) {
+#if HWY_TARGET == HWY_SCALAR
+    out[0] = hn::Set(df, bf16_to_float(p[0]));
+    out[1] = hn::Set(df, bf16_to_float(p[1]));
+#else
+    // Little-endian: 32-bit lane l holds element 2l in its low half and 2l + 1 in its high half.
+    const hn::RebindToUnsigned<DF> du32;
+    const hn::Repartition<uint16_t, DF> du16;
+    const auto pair = hn::BitCast(du32, hn::LoadU(du16, p));
+    out[0] = hn::BitCast(df, hn::ShiftLeft<16>(pair));
+    out[1] = hn::BitCast(df, hn::And(pair, hn::Set(du32, 0xFFFF0000u)));
+#endif
+  }
+  static HWY_INLINE float Scalar(uint16_t x) { return bf16_to_float(x); }
+};
+
+// Position of element e of a chunk-arranged row (q and the output accumulators): inside each
+// full chunk of W = kVecs * N elements, vector v lane i holds element kVecs * i + v; the tail
+// after the last full chunk is in natural order.
+template <typename T>
+HWY_INLINE int64_t ArrangedIndex(int64_t e, int64_t full, int64_t N) {
+  constexpr int64_t V = static_cast<int64_t>(Chunk<T>::kVecs);
+  if (e >= full) return e;
+  const int64_t W = V * N, c = e / W * W, within = e - c;
+  return c + (within % V) * N + within / V;
+}
+
+// The key interval [lo, hi) a query row may attend (lo >= hi: fully masked).
+struct RowInterval {
+  int64_t lo = 0, hi = 0;
+};
+inline RowInterval VisibleKeys(const DecodeAttentionArgs& a, int64_t b, int64_t i) {
+  const int64_t key_len =
+      a.key_lengths ? std::clamp<int64_t>(a.key_lengths[b], 0, a.k_len) : a.k_len;
+  const int64_t query_len = a.query_lengths ? a.query_lengths[b] : a.q_len;
+  if (i >= query_len) return {0, 0};
+  const int64_t pos = i + (a.bottom_right ? key_len - query_len : 0);
+  int64_t lo = 0, hi = key_len;
+  if (a.causal) hi = std::min(hi, pos + 1);
+  // Sizes beyond any sequence length are as good as unbounded (and would overflow pos +- size).
+  constexpr int64_t kHuge = std::numeric_limits<int64_t>::max() / 4;
+  if (a.window_left < kHuge) lo = std::max(lo, pos - a.window_left);
+  if (a.window_right < kHuge) hi = std::min(hi, pos + a.window_right + 1);
+  return {std::clamp<int64_t>(lo, 0, key_len), std::clamp<int64_t>(hi, 0, key_len)};
+}
+
+// Per-thread buffers, sized once per call.
+struct Scratch {
+  Scratch(int64_t rows, int64_t head_dim)
+      : q(hwy::AllocateAligned<float>(static_cast<size_t>(std::max<int64_t>(1, rows * head_dim)))),
+        s(hwy::AllocateAligned<float>(static_cast<size_t>(std::max<int64_t>(1, rows) * kKeyBlock))),
+        q_rows(static_cast<size_t>(rows)),
+        s_rows(static_cast<size_t>(rows)),
+        o_rows(static_cast<size_t>(rows)),
+        intervals(static_cast<size_t>(rows)),
+        active(static_cast<size_t>(rows)) {}
+  hwy::AlignedFreeUniquePtr<float[]> q;  // [R][D] scaled queries, chunk-arranged
+  hwy::AlignedFreeUniquePtr<float[]> s;  // [R][kKeyBlock] scores, then probabilities
+  std::vector<const float*> q_rows;
+  std::vector<float*> s_rows, o_rows;
+  std::vector<RowInterval> intervals;
+  std::vector<char> active;  // row saw a visible key in the current block
+};
+
+// Per-split partial results: running max m, sum l (relative to m) and the unnormalised output
+// accumulator o (chunk-arranged) of every row of every item.
+struct Partials {
+  float* m;  // [items][R]
+  float* l;  // [items][R]
+  float* o;  // [items][R][Dv]
+};
+
+// out[x] = sum of the lanes of acc[x] for x < count. With AVX-512, four vectors are reduced
+// together by a transposing add tree (13 instructions instead of about 40 for four separate
+// reductions): at 4 query rows the horizontal sums were a fifth of the kernel's instructions.
+template <size_t kCount>
+HWY_INLINE void SumLanes(DF df, const VF (&acc)[kCount], float* HWY_RESTRICT out) {
+  size_t x = 0;
+#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+  for (; x + 4 <= kCount; x += 4) {
+    const __m512 a = acc[x].raw, b = acc[x + 1].raw, c = acc[x + 2].raw, d = acc[x + 3].raw;
+    // Per 128-bit block: (a, b, a, b) partials, then (c, d, c, d), then (a, b, c, d).
+    const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+    __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xEE));
+    // Add the four 128-bit blocks together.
+    abcd = _mm512_add_ps(abcd, _mm512_shuffle_f32x4(abcd, abcd, 0x4E));
+    abcd = _mm512_add_ps(abcd, _mm512_shuffle_f32x4(abcd, abcd, 0xB1));
+    _mm_storeu_ps(out + x, _mm512_castps512_ps128(abcd));
+  }
+#endif
+  for (; x < kCount; ++x) out[x] = hn::GetLane(hn::SumOfLanes(df, acc[x]));
+}
+
+// Requests rows [j0, j1) of a K or V head into L2, one prefetch per cache line.
+template <typename T>
+HWY_INLINE void PrefetchRows(const T* base, int64_t stride_t, int64_t width, int64_t j0,
+                             int64_t j1) {
+  const int64_t row_bytes = width * static_cast<int64_t>(sizeof(T));
+  for (int64_t j = j0; j < j1; ++j) {
+    const char* row = reinterpret_cast<const char*>(base + j * stride_t);
+    for (int64_t line = 0; line < row_bytes; line += 64) __builtin_prefetch(row + line, 0, 2);
+  }
+}
+
+// Scores of rows [r, r + RR) against keys [j, j + KR), masked to -inf outside each row's
+// interval, into s[row][j - jb].
+template <typename T, size_t RR, size_t KR>
+HWY_INLINE void ScoreBlock(DF df, Scratch& sc, size_t r, const T* HWY_RESTRICT k,
+                           int64_t k_stride, int64_t D, int64_t j, int64_t jb) {
+  constexpr size_t V = Chunk<T>::kVecs;
+  const int64_t N = static_cast<int64_t>(hn::Lanes(df));
+  const int64_t W = static_cast<int64_t>(V) * N;
+  const int64_t full = D / W * W;
+  const T* HWY_RESTRICT krow[KR];
+  for (size_t kk = 0; kk < KR; ++kk) krow[kk] = k + (j + static_cast<int64_t>(kk)) * k_stride;
+  const float* HWY_RESTRICT qrow[RR];
+  for (size_t rr = 0; rr < RR; ++rr) qrow[rr] = sc.q_rows[r + rr];
+
+  VF acc[RR * KR];  // [row][key]
+  for (size_t x = 0; x < RR * KR; ++x) acc[x] = hn::Zero(df);
+  for (int64_t c = 0; c < full; c += W) {
+    VF kv[KR][V];
+    for (size_t kk = 0; kk < KR; ++kk) Chunk<T>::Load(df, krow[kk] + c, kv[kk]);
+    for (size_t rr = 0; rr < RR; ++rr)
+      for (size_t v = 0; v < V; ++v) {
+        const VF qv = hn::LoadU(df, qrow[rr] + c + static_cast<int64_t>(v) * N);
+        for (size_t kk = 0; kk < KR; ++kk)
+          acc[rr * KR + kk] = hn::MulAdd(qv, kv[kk][v], acc[rr * KR + kk]);
+      }
+  }
+  float sums[RR * KR];
+  SumLanes(df, acc, sums);
+  const float inf = std::numeric_limits<float>::infinity();
+  for (size_t rr = 0; rr < RR; ++rr) {
+    const RowInterval iv = sc.intervals[r + rr];
+    float* HWY_RESTRICT srow = sc.s_rows[r + rr];
+    for (size_t kk = 0; kk < KR; ++kk) {
+      float s = sums[rr * KR + kk];
+      for (int64_t d = full; d < D; ++d) s += qrow[rr][d] * Chunk<T>::Scalar(krow[kk][d]);
+      const int64_t key = j + static_cast<int64_t>(kk);
+      srow[key - jb] = (key >= iv.lo && key < iv.hi) ? s : -inf;
+    }
+  }
+}
+
+// o[row][columns of chunks starting at element c] += sum_{j in [jb, je)} p[row][j - jb] * v_j,
+// for rows [r, r + RR) and CG chunks (CG * kVecs float32 vectors per row).
+template <typename T, size_t RR, size_t CG>
+HWY_INLINE void AccumulateBlock(DF df, Scratch& sc, size_t r, const T* HWY_RESTRICT v,
+                                int64_t v_stride, int64_t c, int64_t jb, int64_t je) {
+  constexpr size_t V = Chunk<T>::kVecs;
+  constexpr size_t NV = CG * V;
+  const size_t N = hn::Lanes(df);
+  const int64_t W = static_cast<int64_t>(V * N);
+  float* HWY_RESTRICT orow[RR];
+  const float* HWY_RESTRICT prow[RR];
+  for (size_t rr = 0; rr < RR; ++rr) {
+    orow[rr] = sc.o_rows[r + rr] + c;
+    prow[rr] = sc.s_rows[r + rr];
+  }
+  VF acc[RR][NV];
+  for (size_t rr = 0; rr < RR; ++rr)
+    for (size_t x = 0; x < NV; ++x) acc[rr][x] = hn::LoadU(df, orow[rr] + x * N);
+  const T* HWY_RESTRICT vcol = v + c;
+  for (int64_t j = jb; j < je; ++j) {
+    VF vv[NV];
+    const T* HWY_RESTRICT vrow = vcol + j * v_stride;
+    for (size_t cg = 0; cg < CG; ++cg) Chunk<T>::Load(df, vrow + cg * W, vv + cg * V);
+    for (size_t rr = 0; rr < RR; ++rr) {
+      const VF p = hn::Set(df, prow[rr][j - jb]);
+      for (size_t x = 0; x < NV; ++x) acc[rr][x] = hn::MulAdd(p, vv[x], acc[rr][x]);
+    }
+  }
+  for (size_t rr = 0; rr < RR; ++rr)
+    for (size_t x = 0; x < NV; ++x) hn::StoreU(acc[rr][x], df, orow[rr] + x * N);
+}
+
+// Online-softmax update of one row for the key block in s[0, n): new running max, rescale of
+// l and o when it grew, probabilities in place. Returns false when the row has seen no visible
+// key yet (its probabilities stay all zero and P V can skip it).
+HWY_INLINE bool SoftmaxRow(DF df, float* HWY_RESTRICT srow, int64_t n, int64_t Dv,
+                           float* HWY_RESTRICT o, float& m, float& l) {
+  const int64_t N = static_cast<int64_t>(hn::Lanes(df));
+  const float inf = std::numeric_limits<float>::infinity();
+  const int64_t padded = (n + N - 1) / N * N;  // <= kKeyBlock: kKeyBlock is a multiple of N
+  for (int64_t j = n; j < padded; ++j) srow[j] = -inf;
+  VF vmax = hn::Load(df, srow);  // n >= 1, so padded >= N
+  auto nan = hn::IsNaN(vmax);
+  for (int64_t j = N; j < padded; j += N) {
+    const VF x = hn::Load(df, srow + j);
+    vmax = hn::Max(vmax, x);
+    nan = hn::Or(nan, hn::IsNaN(x));
+  }
+  // A NaN score makes the whole row NaN, as in the reference (hn::Max would drop it).
+  const float block_max = hn::AllFalse(df, nan)
+                              ? hn::GetLane(hn::MaxOfLanes(df, vmax))
+                              : std::numeric_limits<float>::quiet_NaN();
+  const float m_new = std::isnan(m) || std::isnan(block_max) ? block_max + m
+                                                              : std::max(m, block_max);
+  if (m_new == -inf) {
+    std::fill_n(srow, padded, 0.0f);
+    return false;
+  }
+  if (!(m_new == m)) {
+    // alpha = e^(m - m_new): 0 when m was -inf (l and o are still 0 then), NaN stays NaN.
+    const float alpha = m == -inf ? 0.0f : std::exp(m - m_new);
+    l *= alpha;
+    const VF va = hn::Set(df, alpha);
+    const int64_t full = Dv / N * N;
+    for (int64_t e = 0; e < full; e += N) hn::StoreU(hn::Mul(hn::LoadU(df, o + e), va), df, o + e);
+    for (int64_t e = full; e < Dv; ++e) o[e] *= alpha;
+    m = m_new;
+  }
+  const VF vm = hn::Set(df, m_new);
+  VF sum = hn::Zero(df);
+  for (int64_t j = 0; j < padded; j += N) {
+    const VF x = hn::Sub(hn::Load(df, srow + j), vm);
+    // hn::Exp returns exactly 0 below -104 (and for the -inf of masked keys) but also for NaN:
+    // keep NaN.
+    const VF p = hn::IfThenElse(hn::IsNaN(x), x, hn::Exp(df, x));
+    sum = hn::Add(sum, p);
+    hn::Store(p, df, srow + j);
+  }
+  l += hn::GetLane(hn::SumOfLanes(df, sum));
+  return true;
+}
+
+// Geometry shared by every item of one call.
+struct Problem {
+  int64_t G, R, D, Dv, splits, split_keys;
+};
+
+// One work item: batch b, kv head kvh, key split `split`; writes its partials.
+template <typename T>
+void ProcessItem(const DecodeAttentionArgs& a, const Problem& pb, Scratch& sc, int64_t b,
+                 int64_t kvh, int64_t split, const Partials& part, int64_t item) {
+  const DF df;
+  const int64_t N = static_cast<int64_t>(hn::Lanes(df));
+  constexpr int64_t V = static_cast<int64_t>(Chunk<T>::kVecs);
+  const int64_t W = V * N;
+  const int64_t R = pb.R, D = pb.D, Dv = pb.Dv;
+  const float inf = std::numeric_limits<float>::infinity();
+  float* m = part.m + item * R;
+  float* l = part.l + item * R;
+  float* o = part.o + item * R * Dv;
+  std::fill_n(m, R, -inf);
+  std::fill_n(l, R, 0.0f);
+  std::fill_n(o, R * Dv, 0.0f);
+
+  // Rows r = g * Tq + i: query i of query head kvh * G + g. The item's keys: its split,
+  // narrowed to the union of the rows' visible intervals.
+  const int64_t split_lo = split * pb.split_keys;
+  const int64_t split_hi = std::min(a.k_len, split_lo + pb.split_keys);
+  int64_t lo = split_hi, hi = split_lo;
+  for (int64_t r = 0; r < R; ++r) {
+    const RowInterval iv = VisibleKeys(a, b, r % a.q_len);
+    sc.intervals[static_cast<size_t>(r)] = iv;
+    if (iv.lo < iv.hi) lo = std::min(lo, iv.lo), hi = std::max(hi, iv.hi);
+  }
+  lo = std::max(lo, split_lo), hi = std::min(hi, split_hi);
+  if (lo >= hi) return;
+
+  // Queries scaled once (the scale folds into q), in the chunk order of the K loads.
+  const int64_t full_d = D / W * W;
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t head = kvh * pb.G + r / a.q_len;
+    const float* q = a.q + ((b * a.q_heads + head) * a.q_len + r % a.q_len) * D;
+    float* qs = sc.q.get() + r * D;
+    for (int64_t e = 0; e < D; ++e) qs[ArrangedIndex<T>(e, full_d, N)] = q[e] * a.scale;
+    sc.q_rows[static_cast<size_t>(r)] = qs;
+    sc.s_rows[static_cast<size_t>(r)] = sc.s.get() + r * kKeyBlock;
+    sc.o_rows[static_cast<size_t>(r)] = o + r * Dv;
+  }
+
+  const T* k = static_cast<const T*>(a.k.data) + b * a.k.stride_b + kvh * a.k.stride_h;
+  const T* v = static_cast<const T*>(a.v.data) + b * a.v.stride_b + kvh * a.v.stride_h;
+  const int64_t full_dv = Dv / W * W;
+  const size_t rows = static_cast<size_t>(R);
+  for (int64_t jb = lo; jb < hi; jb += kKeyBlock) {
+    const int64_t je = std::min(jb + kKeyBlock, hi);
+
+    // 1. Scores, 4 rows x 4 keys (or 1 row x 8 keys) per register block. The first pass over
+    // the keys requests K rows kPrefetchKeys ahead and the block's V rows, spread over the
+    // loop, so that both stream in while the FMAs and horizontal sums run (one burst of
+    // prefetches per block stalled on the full miss queue instead).
+    const auto prefetch = [&](int64_t j0, int64_t j1) {
+      PrefetchRows(k, a.k.stride_t, D, std::min(j0 + kPrefetchKeys, hi),
+                   std::min(j1 + kPrefetchKeys, hi));
+      PrefetchRows(v, a.v.stride_t, Dv, j0, j1);
+    };
+    size_t r = 0;
+    for (; r + kRowGroup <= rows; r += kRowGroup) {
+      int64_t j = jb;
+      for (; j + static_cast<int64_t>(kKeyGroup<T>) <= je; j += kKeyGroup<T>) {
+        if (r == 0) prefetch(j, j + static_cast<int64_t>(kKeyGroup<T>));
+        ScoreBlock<T, kRowGroup, kKeyGroup<T>>(df, sc, r, k, a.k.stride_t, D, j, jb);
+      }
+      for (; j < je; ++j) {
+        if (r == 0) prefetch(j, j + 1);
+        ScoreBlock<T, kRowGroup, 1>(df, sc, r, k, a.k.stride_t, D, j, jb);
+      }
+    }
+    const bool first_pass = r == 0;
+    for (; r < rows; ++r) {
+      const bool fetch = first_pass && r == 0;
+      int64_t j = jb;
+      for (; j + static_cast<int64_t>(kSingleRowKeys) <= je; j += kSingleRowKeys) {
+        if (fetch) prefetch(j, j + static_cast<int64_t>(kSingleRowKeys));
+        ScoreBlock<T, 1, kSingleRowKeys>(df, sc, r, k, a.k.stride_t, D, j, jb);
+      }
+      for (; j < je; ++j) {
+        if (fetch) prefetch(j, j + 1);
+        ScoreBlock<T, 1, 1>(df, sc, r, k, a.k.stride_t, D, j, jb);
+      }
+    }
+
+    // 2. Online softmax per row (Milakov & Gimelshein 2018).
+    bool any_active = false;
+    for (size_t rr = 0; rr < rows; ++rr) {
+      const bool act = SoftmaxRow(df, sc.s_rows[rr], je - jb, Dv, sc.o_rows[rr],
+                                  m[rr], l[rr]);
+      sc.active[rr] = act;
+      any_active = any_active || act;
+    }
+    if (!any_active) continue;
+
+    // 3. o += P V: column groups outer so the V block is re-read from L1/L2, never DRAM.
+    constexpr size_t kCG = kColVecs / static_cast<size_t>(V);
+    const int64_t group_cols = static_cast<int64_t>(kCG) * W;
+    for (r = 0; r < rows; r += kRowGroup) {
+      if (r + kRowGroup <= rows) {
+        int64_t c = 0;
+        for (; c + group_cols <= full_dv; c += group_cols)
+          AccumulateBlock<T, kRowGroup, kCG>(df, sc, r, v, a.v.stride_t, c, jb, je);
+        for (; c < full_dv; c += W)
+          AccumulateBlock<T, kRowGroup, 1>(df, sc, r, v, a.v.stride_t, c, jb, je);
+        continue;
+      }
+      for (size_t rr = r; rr < rows; ++rr) {
+        if (!sc.active[rr]) continue;
+        int64_t c = 0;
+        for (; c + group_cols <= full_dv; c += group_cols)
+          AccumulateBlock<T, 1, kCG>(df, sc, rr, v, a.v.stride_t, c, jb, je);
+        for (; c < full_dv; c += W)
+          AccumulateBlock<T, 1, 1>(df, sc, rr, v, a.v.stride_t, c, jb, je);
+      }
+    }
+    // Columns after the last full chunk (odd Dv), scalar.
+    if (full_dv < Dv) {
+      for (size_t rr = 0; rr < rows; ++rr) {
+        if (!sc.active[rr]) continue;
+        const float* p = sc.s_rows[rr];
+        float* orow = sc.o_rows[rr];
+        for (int64_t j = jb; j < je; ++j) {
+          const T* vrow = v + j * a.v.stride_t;
+          for (int64_t e = full_dv; e < Dv; ++e)
+            orow[e] += p[j - jb] * Chunk<T>::Scalar(vrow[e]);
+        }
+      }
+    }
+  }
+}
+
+// Log-sum-exp merge of the splits of one output row, in split order (deterministic):
+// M = max_s m_s, L = sum_s l_s e^(m_s - M), out = sum_s o_s e^(m_s - M) / L, lse = M + log L.
+template <typename T>
+void MergeRow(const DecodeAttentionArgs& a, const Problem& pb, const Partials& part,
+              int64_t b, int64_t head, int64_t i, float* HWY_RESTRICT acc) {
+  const DF df;
+  const int64_t N = static_cast<int64_t>(hn::Lanes(df));
+  const int64_t W = static_cast<int64_t>(Chunk<T>::kVecs) * N;
+  const int64_t Dv = pb.Dv;
+  const int64_t kvh = head / pb.G, r = (head % pb.G) * a.q_len + i;
+  const int64_t first_item = (b * a.kv_heads + kvh) * pb.splits;
+  const float inf = std::numeric_limits<float>::infinity();
+  float M = -inf;
+  for (int64_t s = 0; s < pb.splits; ++s) {
+    const int64_t at = (first_item + s) * pb.R + r;
+    if (part.l[at] == 0.0f) continue;  // no visible key in this split
+    M = std::isnan(part.m[at]) || std::isnan(M) ? M + part.m[at] : std::max(M, part.m[at]);
+  }
+  float L = 0.0f;
+  std::fill_n(acc, Dv, 0.0f);
+  for (int64_t s = 0; s < pb.splits; ++s) {
+    const int64_t at = (first_item + s) * pb.R + r;
+    if (part.l[at] == 0.0f) continue;
+    const float w = std::exp(part.m[at] - M);
+    L += w * part.l[at];
+    const float* o = part.o + at * Dv;
+    for (int64_t e = 0; e < Dv; ++e) acc[e] += w * o[e];
+  }
+  const int64_t row = (b * a.q_heads + head) * a.q_len + i;
+  float* out = a.out + row * Dv;
+  const bool masked = L == 0.0f;  // NaN falls through and keeps the row NaN
+  const float inv = masked ? 0.0f : 1.0f / L;
+  const int64_t full_dv = Dv / W * W;
+  for (int64_t e = 0; e < Dv; ++e)
+    out[e] = masked ? 0.0f : acc[ArrangedIndex<T>(e, full_dv, N)] * inv;
+  if (a.lse != nullptr)
+    a.lse[row] = masked ? -inf
+                        : static_cast<float>(static_cast<double>(M) +
+                                             std::log(static_cast<double>(L)));
+}
+
+// Flush-to-zero and denormals-are-zero for the calling thread (MXCSR is per thread), restored
+// on destruction: tiny probabilities must not put P V on the slow denormal path.
+class FlushDenormals {
+ public:
+#if HWY_ARCH_X86
+  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040u); }
+  ~FlushDenormals() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned saved_;
+#endif
+};
+
+template <typename T>
+void Run(const DecodeAttentionArgs& a) {
+  if (a.batch == 0 || a.q_heads == 0 || a.q_len == 0) return;
+  const DecodeSplit split = decode_attention_split(a.batch, a.kv_heads, a.k_len);
+  Problem pb;
+  pb.G = a.q_heads / a.kv_heads;
+  pb.R = pb.G * a.q_len;
+  pb.D = a.head_dim;
+  pb.Dv = a.value_dim;
+  pb.splits = split.count;
+  pb.split_keys = split.keys;
+  const int64_t items = a.batch * a.kv_heads * pb.splits;
+  const int64_t out_rows = a.batch * a.q_heads * a.q_len;
+  // Partials: a few KiB per item (R rows of Dv + 2 floats), against the split's hundreds of
+  // KiB of K and V: the merge traffic is negligible.
+  std::vector<float> m(static_cast<size_t>(items * pb.R)), l(m.size());
+  std::vector<float> o(static_cast<size_t>(items * pb.R * pb.Dv));
+  const Partials part{m.data(), l.data(), o.data()};
+
+  // Threads only when there is enough to read: below ~128 KiB of K and V (a few microseconds)
+  // waking a second thread costs more than it saves. Results do not depend on it.
+  const double kv_bytes = static_cast<double>(a.batch * a.kv_heads * a.k_len) *
+                          static_cast<double>(pb.D + pb.Dv) *
+                          (a.kv_type == KvType::bf16 ? 2.0 : 4.0);
+  constexpr double kMinParallelBytes = 128.0 * 1024.0;
+#pragma omp parallel if (items > 1 && kv_bytes >= kMinParallelBytes)
+  {
+    FlushDenormals ftz;
+    Scratch scratch(pb.R, pb.D);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t split_index = item % pb.splits;
+      const int64_t kvh = item / pb.splits % a.kv_heads;
+      const int64_t b = item / pb.splits / a.kv_heads;
+      ProcessItem<T>(a, pb, scratch, b, kvh, split_index, part, item);
+    }
+    std::vector<float> acc(static_cast<size_t>(std::max<int64_t>(1, pb.Dv)));
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < out_rows; ++row) {
+      const int64_t i = row % a.q_len;
+      const int64_t head = row / a.q_len % a.q_heads;
+      const int64_t b = row / a.q_len / a.q_heads;
+      MergeRow<T>(a, pb, part, b, head, i, acc.data());
+    }
+  }
+}
+
+}  // namespace decode
+
+void DecodeAttentionForward(const DecodeAttentionArgs& a) {
+  if (a.kv_type == KvType::bf16)
+    decode::Run<uint16_t>(a);
+  else
+    decode::Run<float>(a);
+}
+
+const char* DecodeTargetName() { return hwy::TargetName(HWY_TARGET); }
+
+}  // namespace attn::kernels::HWY_NAMESPACE
+HWY_AFTER_NAMESPACE();
+
+#endif  // ATTN_KERNELS_DECODE_ATTENTION_INL_H_

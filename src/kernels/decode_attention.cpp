@@ -1,0 +1,87 @@
+// Dispatch and front-end glue of the decode attention kernel; the SIMD body is in
+// decode_attention-inl.h, compiled here once per Highway target.
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "kernels/decode_attention.cpp"
+#include "hwy/foreach_target.h"  // IWYU pragma: keep
+
+#include "hwy/highway.h"
+#include "kernels/decode_attention-inl.h"
+
+#if HWY_ONCE
+#include <algorithm>
+#include <cmath>
+#include <variant>
+
+#include "kernels/simd_target.h"
+
+namespace attn::kernels {
+
+HWY_EXPORT(DecodeAttentionForward);
+HWY_EXPORT(DecodeTargetName);
+
+void decode_attention_forward(const DecodeAttentionArgs& args) {
+  apply_simd_target_from_env();
+  HWY_DYNAMIC_DISPATCH(DecodeAttentionForward)(args);
+}
+
+const char* decode_attention_target_name() {
+  apply_simd_target_from_env();
+  return HWY_DYNAMIC_DISPATCH(DecodeTargetName)();
+}
+
+DecodeSplit decode_attention_split(int64_t batch, int64_t kv_heads, int64_t k_len) {
+  if (k_len <= 0) return {1, 0};
+  const int64_t pairs = std::max<int64_t>(1, batch * kv_heads);
+  const int64_t wanted = (kDecodeMinItems + pairs - 1) / pairs;
+  const int64_t allowed = std::max<int64_t>(1, k_len / kDecodeMinSplitKeys);
+  const int64_t count = std::clamp<int64_t>(wanted, 1, allowed);
+  const int64_t keys = (k_len + count - 1) / count;
+  return {(k_len + keys - 1) / keys, keys};
+}
+
+bool decode_attention_supported(DType dtype, const detail::AttentionDims& dims,
+                                const AttentionParams& params) {
+  const bool dot_score = std::holds_alternative<DotScore>(params.score) ||
+                         std::holds_alternative<ScaledDotScore>(params.score);
+  const Mask& mask = params.mask;
+  return dtype == DType::f32 && dot_score && params.head_scores.empty() &&
+         !mask.allowed.defined() && !mask.bias.defined() && mask.alibi_slopes.empty() &&
+         mask.local.kind == LocalKind::none && params.dropout.p == 0.0 &&
+         !params.return_weights && dims.Tq <= kDecodeMaxQueries && dims.Tk >= kDecodeMinKeys;
+}
+
+AttentionOutput decode_attention(const detail::AttentionDims& dims, const Tensor& q,
+                                 const Tensor& k, const Tensor& v, const AttentionParams& params) {
+  AttentionOutput result;
+  result.out = Tensor::empty({dims.B, dims.Hq, dims.Tq, dims.Dv}, DType::f32);
+  result.lse = Tensor::empty({dims.B, dims.Hq, dims.Tq}, DType::f32);
+
+  DecodeAttentionArgs args;
+  args.q = q.data<float>();
+  args.k = {k.data<float>(), dims.Hkv * dims.Tk * dims.Dk, dims.Tk * dims.Dk, dims.Dk};
+  args.v = {v.data<float>(), dims.Hkv * dims.Tk * dims.Dv, dims.Tk * dims.Dv, dims.Dv};
+  args.kv_type = KvType::f32;
+  args.out = result.out.data<float>();
+  args.lse = result.lse.data<float>();
+  args.batch = dims.B, args.q_heads = dims.Hq, args.kv_heads = dims.Hkv;
+  args.q_len = dims.Tq, args.k_len = dims.Tk, args.head_dim = dims.Dq, args.value_dim = dims.Dv;
+  double scale = 1.0;
+  if (const auto* scaled = std::get_if<ScaledDotScore>(&params.score))
+    scale = scaled->scale.value_or(1.0 / std::sqrt(static_cast<double>(dims.Dk)));
+  args.scale = static_cast<float>(scale);
+
+  const Mask& mask = params.mask;
+  if (!mask.key_lengths.empty()) args.key_lengths = mask.key_lengths.data();
+  if (!mask.query_lengths.empty()) args.query_lengths = mask.query_lengths.data();
+  args.causal = mask.causal;
+  args.bottom_right = mask.alignment == Alignment::bottom_right;
+  if (mask.window) {
+    args.window_left = mask.window->left;
+    args.window_right = mask.window->right;
+  }
+  decode_attention_forward(args);
+  return result;
+}
+
+}  // namespace attn::kernels
+#endif  // HWY_ONCE

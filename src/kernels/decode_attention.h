@@ -1,0 +1,143 @@
+// Decode attention (internal): a few new queries per sequence (Tq <= 16, incremental decoding)
+// against a long key/value cache, for the dot-product scores. Memory-bound by design: every K
+// and V row of a kv head is read exactly once per call, by one thread, for all the G = Hq / Hkv
+// query heads that share it (and all their Tq queries).
+//
+// Letters as in attn/attention.h: B batch, Hq query heads, Hkv key/value heads, Tq query length,
+// Tk key length (cache rows considered), D = Dq = Dk, Dv.
+//
+//   q [B, Hq, Tq, D] float32, contiguous
+//   k [B, Hkv, Tk, D], v [B, Hkv, Tk, Dv]: float32 or bf16 (uint16_t bit patterns), addressed
+//     through element strides (stride_b, stride_h, stride_t; the feature dimension is
+//     contiguous), so a cache allocated with capacity > Tk rows is read in place
+//   -> out [B, Hq, Tq, Dv] float32, lse [B, Hq, Tq] (natural log; -inf and out = 0 for fully
+//      masked rows)
+//
+// Query i of batch b may attend key j when j < key_len[b], i < query_len[b] and, with
+// pos(i) = i + offset_b (offset_b = key_len[b] - query_len[b] bottom-right, i.e. the Tq new
+// queries are the last Tq positions; 0 top-left), causal: j <= pos(i); window:
+// pos(i) - left <= j <= pos(i) + right. Scores are scale * q.k.
+//
+// Work split: OpenMP over (batch, kv head, key split). The split length depends only on the
+// problem sizes (never on the thread count), so that B = 1, Hkv = 1 still yields enough items
+// for every core, and the per-split (max, sum, accumulator) partials are merged by log-sum-exp
+// in a fixed order afterwards: results are bitwise identical from run to run AND across thread
+// counts. Softmax and every accumulation are float32; bf16 K/V are widened to float32 exactly
+// (a bf16 is the top half of a float32), so only the cache rounding itself costs accuracy.
+//
+// The SIMD code is compiled for every Highway target and picked at run time
+// (HWY_DYNAMIC_DISPATCH); ATTN_SIMD_TARGET caps the choice (see simd_target.h).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#include "attention_validate.h"
+#include "attn/attention.h"
+
+namespace attn::kernels {
+
+// ---------------------------------------------------------------------------------------------
+// bf16 <-> float32. A bf16 is the upper 16 bits of a float32 (same exponent range, 8-bit
+// significand), stored here as uint16_t.
+
+// Round to nearest, ties to even; NaN stays a (quiet) NaN, +-inf stays +-inf, values beyond the
+// largest bf16 round to inf as IEEE rounding prescribes.
+inline uint16_t float_to_bf16(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((bits >> 16) | 0x0040u);
+  // Adding 0x7FFF plus the lowest kept bit carries into the kept half exactly when the dropped
+  // half is above one half ulp, or equal to it with an odd kept half.
+  bits += 0x7FFFu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+// Exact.
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float x;
+  std::memcpy(&x, &bits, sizeof x);
+  return x;
+}
+
+inline void float_to_bf16(const float* src, uint16_t* dst, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) dst[i] = float_to_bf16(src[i]);
+}
+inline void bf16_to_float(const uint16_t* src, float* dst, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) dst[i] = bf16_to_float(src[i]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw-pointer entry.
+
+enum class KvType { f32, bf16 };
+
+// One of K or V: element type and element strides (the last dimension is contiguous).
+struct KvView {
+  const void* data = nullptr;  // float* or uint16_t* (bf16 bits)
+  int64_t stride_b = 0, stride_h = 0, stride_t = 0;
+};
+
+struct DecodeAttentionArgs {
+  const float* q = nullptr;  // [B, Hq, Tq, D] contiguous
+  KvView k, v;
+  KvType kv_type = KvType::f32;  // of both k and v
+  float* out = nullptr;  // [B, Hq, Tq, Dv] contiguous
+  float* lse = nullptr;  // [B, Hq, Tq] or nullptr
+
+  int64_t batch = 0, q_heads = 0, kv_heads = 0, q_len = 0, k_len = 0;
+  int64_t head_dim = 0, value_dim = 0;
+  float scale = 1.0f;
+
+  const int64_t* key_lengths = nullptr;    // [batch] or nullptr (all k_len); clamped to k_len
+  const int64_t* query_lengths = nullptr;  // [batch] or nullptr (all q_len)
+  bool causal = false;
+  bool bottom_right = true;  // pos(i) = i + key_len[b] - query_len[b]; false: pos(i) = i
+  int64_t window_left = Window::unbounded;
+  int64_t window_right = Window::unbounded;
+};
+
+// Runs the decode kernel on the best SIMD target. No validation (see the Tensor-level glue).
+void decode_attention_forward(const DecodeAttentionArgs& args);
+
+// Name of the Highway target decode_attention_forward dispatches to now ("AVX3", "AVX2", ...).
+const char* decode_attention_target_name();
+
+// How the keys of each (batch, kv head) are split into work items: `count` splits of `keys`
+// keys (the last one shorter). Depends only on the sizes, never on the thread count: at least
+// kDecodeMinItems items in all where the keys allow it (both cores busy at B = 1, Hkv = 1, with
+// room for dynamic balancing), splits of at least kDecodeMinSplitKeys keys (the merge and the
+// per-item setup stay negligible against the split's K/V read).
+constexpr int64_t kDecodeMinItems = 16;
+constexpr int64_t kDecodeMinSplitKeys = 512;
+struct DecodeSplit {
+  int64_t count = 1;
+  int64_t keys = 0;
+};
+DecodeSplit decode_attention_split(int64_t batch, int64_t kv_heads, int64_t k_len);
+
+// ---------------------------------------------------------------------------------------------
+// Glue for the front-end (src/attention.cpp).
+
+// The decode kernel is used from this many keys on. Measured with bench_decode's BM_Crossover
+// (Tq = 1, B = 1, Hq = 8, 2-core Xeon): at Tk = 8 it took 2.8 us (d = 64) and 3.1 us (d = 128)
+// against 3.2 us for the composed path, and it stayed ahead at every larger Tk measured on an
+// unloaded core; below 8 keys nothing was measured, so the composed path keeps them.
+constexpr int64_t kDecodeMinKeys = 8;
+constexpr int64_t kDecodeMaxQueries = 16;
+
+// True when the decode kernel computes exactly what attention() specifies and is the fastest
+// path: float32, DotScore or ScaledDotScore (no head_scores), no boolean `allowed` mask, no
+// bias, no ALiBi, no local attention, no dropout, no returned weights; Tq <= 16 and
+// Tk >= kDecodeMinKeys. Key/query lengths, causal (both alignments) and windows are supported.
+bool decode_attention_supported(DType dtype, const detail::AttentionDims& dims,
+                                const AttentionParams& params);
+
+// Runs the kernel on validated, contiguous float32 tensors (params as detail::convert_params
+// returns them); fills out and lse.
+AttentionOutput decode_attention(const detail::AttentionDims& dims, const Tensor& q,
+                                 const Tensor& k, const Tensor& v, const AttentionParams& params);
+
+}  // namespace attn::kernels
