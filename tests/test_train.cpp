@@ -2,7 +2,6 @@
 // schedules, batching, a tiny training run that learns, and checkpoints that resume bit for bit.
 #include <gtest/gtest.h>
 
-#include <chrono>
 #include <cstdio>
 #include <cmath>
 #include <filesystem>
@@ -261,7 +260,6 @@ s2s::TrainConfig small_config(int64_t emb, int64_t hidden, int64_t batch, int64_
 // A seeded tiny run: the label-smoothed loss (eps 0.1) starts near log V ~ 5.5 and must fall
 // below 2.5 within 3 epochs of 1500 pairs (282 steps; about 2 s of CPU time).
 TEST(Training, TinyRunLearns) {
-  const auto start = std::chrono::steady_clock::now();
   const s2s::Corpus corpus = small_corpus(1500);
   s2s::Trainer trainer(small_config(32, 64, 16, 3), corpus.train, corpus.valid);
   ASSERT_TRUE(trainer.run({}));
@@ -273,8 +271,6 @@ TEST(Training, TinyRunLearns) {
   EXPECT_GT(losses.front(), 4.5);
   std::printf("tiny run: first loss %.3f, mean of the last %d %.3f\n", losses.front(), int(n), last);
   EXPECT_LT(last, 2.5) << "mean loss of the last " << n << " steps";
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  EXPECT_LT(seconds, 60.0);
 }
 
 TEST(Training, ResumeContinuesBitForBit) {
