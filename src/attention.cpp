@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "attention_validate.h"
+#include "kernels/additive_attention.h"
 #include "kernels/attention_composed.h"
 #include "kernels/decode_attention.h"
 #include "kernels/flash_attention.h"
@@ -62,6 +63,9 @@ AttentionOutput attention(const Tensor& q, const Tensor& k, const Tensor& v,
                           const AttentionParams& params) {
   const detail::AttentionDims dims = detail::validate_attention("attention", q, k, v, params);
   const Normalised n = normalise(q, k, v, params);
+  // Additive/concat: project q and k once, stream v . tanh(qp_i + kp_j) into an online softmax.
+  if (kernels::additive_attention_supported(q.dtype(), n.params))
+    return kernels::additive_attention_forward(dims, n.q, n.k, n.v, n.params);
   if (dims.Tq >= kMinFusedQueryRows && kernels::flash_attention_supported(q.dtype(), n.params))
     return kernels::flash_attention(dims, n.q, n.k, n.v, n.params);
   // Few queries against many keys (decoder steps): split over the keys, merged by log-sum-exp.
@@ -84,6 +88,8 @@ AttentionGrads attention_backward(const Tensor& q, const Tensor& k, const Tensor
   saved.out = forward.out.to(dtype).contiguous();
   saved.lse = forward.lse.to(dtype).contiguous();
   const Tensor g = dout.to(dtype).contiguous();
+  if (kernels::additive_attention_supported(dtype, n.params))
+    return kernels::additive_attention_backward(dims, n.q, n.k, n.v, n.params, saved, g);
   if (dims.Tq >= kMinFusedQueryRows && kernels::flash_backward_supported(dtype, n.params))
     return kernels::flash_attention_backward(dims, n.q, n.k, n.v, n.params, saved, g);
   if (dtype == DType::f32)

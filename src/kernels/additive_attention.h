@@ -1,0 +1,116 @@
+// Fused additive (Bahdanau) and concat (Luong) attention, forward and backward, float32
+// (internal). The one score no library fuses: everywhere else tanh(W_q q_i + W_k k_j + b) is
+// materialised as [B, Tq, Tk, A]. Here the projections are computed once (BLAS GEMMs) and the
+// scores are streamed tile by tile into an online softmax, so memory beyond the inputs and
+// outputs is O(N A + N Dv), never O(Tq Tk).
+//
+// Letters as in attn/attention.h: B batch, Hq query heads, Hkv key/value heads (query head h uses
+// kv head h / (Hq / Hkv)), Tq, Tk lengths, Dq, Dk, Dv widths, A the hidden width of the score.
+//
+//   s_ij = v . tanh(Qp_i + Kp_j),  Qp = Q W_q^T + b [.., Tq, A],  Kp = K W_k^T [.., Tk, A]
+//   (concat: W_q, W_k are the column blocks of W [A, Dq + Dk], b = 0)
+//
+// The SIMD kernels below take the projections pre-scaled by 2 log2(e): with x = 2 log2(e) y,
+//   tanh(y) = 1 - 2 r,  r = 1 / (2^x + 1)
+// so the score is s = sum_a v_a - 2 sum_a v_a r_a. Since 2^(Qp'_ia + Kp'_ja) = 2^Qp'_ia 2^Kp'_ja,
+// the exponentials are taken once per projection element (O(N A)), and each (i, j, a) costs one
+// FMA (d = eq ek + 1), a reciprocal estimate with one Newton step, and the FMA with v_a: 5 vector
+// operations, the kernel's whole cost. That split form needs every |Qp'|, |Kp'| <= 63 (tanh
+// arguments |y| <= 21.8, beyond which tanh is +-1 in float anyway); a call with larger or
+// non-finite projections uses the plain form, exp2 (degree-5 polynomial) of Qp' + Kp' per element.
+//
+// Masks supported by the kernels: key/query lengths, causal (both alignments), windows (the same
+// interval rule as the fused dot-product kernel, flash_attention.h) and ALiBi slopes. Fully
+// masked rows give out = 0, lse = -inf and zero gradients. Not supported (the front-end falls back
+// to the composed path): boolean `allowed` masks, additive bias tensors, local attention,
+// dropout, returned weights, per-head scores.
+//
+// Threads: the forward runs OpenMP over (batch, query head, block of query rows), dynamic
+// schedule (each row is computed by one thread in a fixed order: bitwise identical for any
+// thread count). The backward runs over (batch, kv head, key block) with a static schedule; dKp
+// and dV rows have one writer, dQp and dv go to per-thread partials summed in thread order:
+// bitwise identical run to run at a fixed thread count (not across thread counts).
+// The SIMD code is compiled for every Highway target and picked at run time
+// (HWY_DYNAMIC_DISPATCH); ATTN_SIMD_TARGET caps the choice (simd_target.h).
+#pragma once
+
+#include <cstdint>
+
+#include "attention_validate.h"
+#include "attn/attention.h"
+
+namespace attn::kernels {
+
+// Column padding of the projection rows the kernels read and write: every Highway target's
+// float vector (at most 16 lanes) divides it, so rows load as whole vectors.
+inline constexpr int64_t kAdditiveRowPad = 16;
+
+// Inputs shared by the forward and backward kernels.
+struct AdditiveAttentionArgs {
+  // Scaled projections 2 log2(e) (Q W_q^T + b) [B*Hq*Tq rows] and 2 log2(e) K W_k^T
+  // [B*Hkv*Tk rows], row stride proj_stride (a multiple of kAdditiveRowPad, columns >= A zero).
+  const float* q_proj = nullptr;
+  const float* k_proj = nullptr;
+  int64_t proj_stride = 0;
+  const float* score_v = nullptr;  // [A]
+  const float* v = nullptr;        // values [B, Hkv, Tk, Dv]
+
+  int64_t batch = 0, q_heads = 0, kv_heads = 0, q_len = 0, k_len = 0;
+  int64_t hidden = 0, value_dim = 0;  // A, Dv
+
+  const int64_t* key_lengths = nullptr;    // [batch] or nullptr (all k_len)
+  const int64_t* query_lengths = nullptr;  // [batch] or nullptr (all q_len)
+  bool causal = false;
+  bool bottom_right = false;  // pos(i) = i + key_len[b] - query_len[b]
+  int64_t window_left = Window::unbounded;
+  int64_t window_right = Window::unbounded;
+  const float* alibi_slopes = nullptr;  // [q_heads] or nullptr
+};
+
+// Forward: out [B, Hq, Tq, Dv], lse [B, Hq, Tq] (natural log; -inf and out = 0 for masked rows).
+void additive_attention_forward_kernel(const AdditiveAttentionArgs& args, float* out, float* lse);
+
+struct AdditiveAttentionGradArgs {
+  const float* out = nullptr;   // the forward's out and lse
+  const float* lse = nullptr;
+  const float* dout = nullptr;  // [B, Hq, Tq, Dv]
+  // Outputs, fully overwritten: dL/dQp (rows like q_proj, stride proj_stride, unscaled: the
+  // gradient with respect to Q W_q^T + b), dL/dKp (like k_proj), dL/dv of the score [A],
+  // dL/dV [B, Hkv, Tk, Dv].
+  float* d_q_proj = nullptr;
+  float* d_k_proj = nullptr;
+  float* d_score_v = nullptr;
+  float* dv = nullptr;
+};
+
+// Backward in the FlashAttention-2 style: probabilities recomputed from lse, tile by tile.
+void additive_attention_backward_kernel(const AdditiveAttentionArgs& args,
+                                        const AdditiveAttentionGradArgs& grads);
+
+// Name of the Highway target the kernels dispatch to now ("AVX3", "AVX2", ...).
+const char* additive_attention_target_name();
+
+// ---------------------------------------------------------------------------------------------
+// Glue for the front-end (src/attention.cpp).
+
+// True when the fused kernels compute exactly what attention() / attention_backward() specify:
+// float32, AdditiveScore or ConcatScore in params.score (no head_scores), no boolean `allowed`
+// mask, no additive bias tensor, no local attention, no dropout, no returned weights.
+// key/query lengths, causal (both alignments), windows and ALiBi slopes are supported.
+bool additive_attention_supported(DType dtype, const AttentionParams& params);
+
+// Validated, contiguous float32 q, k, v and params converted to float32 (as the front-end's
+// normalise() gives them). Fills out and lse.
+AttentionOutput additive_attention_forward(const detail::AttentionDims& dims, const Tensor& q,
+                                           const Tensor& k, const Tensor& v,
+                                           const AttentionParams& params);
+
+// The same inputs plus the forward's result (out, lse: contiguous float32) and dout. Returns dq,
+// dk, dv and dscore (AdditiveScore / ConcatScore of gradients, bias only when the score has
+// one); dbias, dhead_scores and dlocal stay undefined, as on the composed path.
+AttentionGrads additive_attention_backward(const detail::AttentionDims& dims, const Tensor& q,
+                                           const Tensor& k, const Tensor& v,
+                                           const AttentionParams& params,
+                                           const AttentionOutput& forward, const Tensor& dout);
+
+}  // namespace attn::kernels

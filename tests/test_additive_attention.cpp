@@ -1,0 +1,453 @@
+// Fused additive / concat attention (src/kernels/additive_attention.*), forward and backward,
+// against the float64 oracle (attn::reference::attention / attention_backward), on every
+// Highway target this machine supports (each case computes the oracle once, then runs the fused
+// path under ScopedSimdTarget for every target; failures name the target). Sweeps Tq, Tk in
+// {0, 1, 2, 3, 127, 128, 129, 513}, A and D in {1, 3, 59, 64, 128}, grouped-query heads, causal
+// in both alignments, windows, key/query lengths, fully masked rows, ALiBi, saturated and
+// non-finite tanh arguments, and run-to-run determinism.
+//
+// Tolerances (forward error analysis, on top of tolerance_for's sqrt(terms) u summation bound):
+// the fused kernel evaluates tanh(y) = 1 - 2 / (2^x + 1) with a polynomial exp2 (rel. error
+// 1.8e-7 = 3u) and a reciprocal estimate plus one Newton step (~2u), so each t_a is off by at
+// most ~6u, and a score s = sum_a v_a t_a by delta_s <= 6u sum_a |v_a| beyond the rounding that
+// tolerance_for already counts. A probability moves by p_j (ds_j - sum_k p_k ds_k), so out and lse
+// move by <= 2 delta_s max|V| and delta_s; gradients, linear in dS = P (dP - D), by the same factor
+// times their own magnitude (|dS| scales with max|dO| max|V|), plus the rounding of the tanh
+// argument itself, which saturating weights amplify (see bounds_for). Every bound below is
+// tolerance_for(f32, terms, 16) plus that score term, with terms the longest reduction feeding an
+// element (as in test_attention_paths.cpp).
+#include <gtest/gtest.h>
+#include <omp.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "attention_validate.h"
+#include "attn/attention.h"
+#include "attn/reference.h"
+#include "kernels/additive_attention.h"
+#include "kernels/simd_target.h"
+#include "support/test_support.h"
+
+// GCC 12 warns about members left to their default initialisers in designated initialisers
+// (GCC bug 96868); every member of Case below has a default.
+#pragma GCC diagnostic ignored "-Wmissing-field-initializers"
+
+namespace {
+
+using attn::AttentionGrads;
+using attn::AttentionOutput;
+using attn::AttentionParams;
+using attn::DType;
+using attn::Shape;
+using attn::Tensor;
+using attn::testing::all_close;
+using attn::testing::Tolerance;
+
+constexpr int64_t kUnbounded = attn::Window::unbounded;
+
+enum class ScoreKind { additive, additive_nobias, concat };
+
+struct Case {
+  int64_t B = 1, Hq = 2, Hkv = 1, Tq = 0, Tk = 0, D = 8, A = 8, Dv = 8;
+  ScoreKind kind = ScoreKind::additive;
+  std::vector<int64_t> key_lengths, query_lengths;
+  bool causal = false, bottom_right = false;
+  int64_t left = kUnbounded, right = kUnbounded;
+  bool alibi = false;
+  double weight_scale = 1.0;  // multiplies W_q, W_k: large values saturate the tanh
+  uint64_t seed = 1;
+
+  std::string str() const {
+    static const char* kinds[] = {"additive", "additive_nobias", "concat"};
+    std::string s = std::string(kinds[static_cast<int>(kind)]) + " B=" + std::to_string(B) +
+                    " Hq=" + std::to_string(Hq) + " Hkv=" + std::to_string(Hkv) +
+                    " Tq=" + std::to_string(Tq) + " Tk=" + std::to_string(Tk) +
+                    " D=" + std::to_string(D) + " A=" + std::to_string(A) +
+                    " Dv=" + std::to_string(Dv);
+    if (causal) s += bottom_right ? " causal(bottom_right)" : " causal(top_left)";
+    if (left != kUnbounded || right != kUnbounded)
+      s += " window(" + std::to_string(left == kUnbounded ? -1 : left) + "," +
+           std::to_string(right == kUnbounded ? -1 : right) + ")";
+    if (!key_lengths.empty()) s += " key_lengths";
+    if (!query_lengths.empty()) s += " query_lengths";
+    if (alibi) s += " alibi";
+    if (weight_scale != 1.0) s += " weight_scale=" + std::to_string(weight_scale);
+    return s;
+  }
+};
+
+struct Inputs {
+  Tensor q, k, v, dout;
+  AttentionParams params;
+};
+
+// Parameters scaled by 1/sqrt(fan-in) so that tanh arguments stay O(1) (times weight_scale).
+Tensor param(const Shape& shape, uint64_t seed, double fan_in, double scale = 1.0) {
+  const double r = scale / std::sqrt(fan_in);
+  return attn::testing::random_tensor(shape, DType::f32, seed, -r, r);
+}
+
+Inputs make_inputs(const Case& c) {
+  Inputs in;
+  in.q = attn::testing::random_tensor({c.B, c.Hq, c.Tq, c.D}, DType::f32, c.seed);
+  in.k = attn::testing::random_tensor({c.B, c.Hkv, c.Tk, c.D}, DType::f32, c.seed + 1);
+  in.v = attn::testing::random_tensor({c.B, c.Hkv, c.Tk, c.Dv}, DType::f32, c.seed + 2);
+  in.dout = attn::testing::random_tensor({c.B, c.Hq, c.Tq, c.Dv}, DType::f32, c.seed + 3);
+  const double d = static_cast<double>(c.D);
+  switch (c.kind) {
+    case ScoreKind::additive:
+    case ScoreKind::additive_nobias: {
+      attn::AdditiveScore s;
+      s.w_query = param({c.A, c.D}, c.seed + 4, d, c.weight_scale);
+      s.w_key = param({c.A, c.D}, c.seed + 5, d, c.weight_scale);
+      if (c.kind == ScoreKind::additive) s.bias = param({c.A}, c.seed + 6, 4.0);
+      s.v = param({c.A}, c.seed + 7, 1.0);
+      in.params.score = s;
+      break;
+    }
+    case ScoreKind::concat:
+      in.params.score = attn::ConcatScore{param({c.A, 2 * c.D}, c.seed + 4, 2 * d, c.weight_scale),
+                                          param({c.A}, c.seed + 7, 1.0)};
+      break;
+  }
+  attn::Mask& m = in.params.mask;
+  m.key_lengths = c.key_lengths;
+  m.query_lengths = c.query_lengths;
+  m.causal = c.causal;
+  m.alignment = c.bottom_right ? attn::Alignment::bottom_right : attn::Alignment::top_left;
+  if (c.left != kUnbounded || c.right != kUnbounded) m.window = attn::Window{c.left, c.right};
+  if (c.alibi) m.alibi_slopes = attn::alibi_slopes(c.Hq);
+  return in;
+}
+
+const Tensor& score_v(const attn::Score& s) {
+  if (const auto* a = std::get_if<attn::AdditiveScore>(&s)) return a->v;
+  return std::get<attn::ConcatScore>(s).v;
+}
+
+double max_abs(const Tensor& t) {
+  const Tensor d = t.to(DType::f64).contiguous();
+  double m = 0.0;
+  for (int64_t x = 0; x < d.numel(); ++x)
+    if (std::isfinite(d.data<double>()[x])) m = std::max(m, std::abs(d.data<double>()[x]));
+  return m;
+}
+
+// The bound of the header comment: tolerance_for(terms) plus the approximate-tanh score error
+// delta_s = 6u sum|v_a|, propagated with factor 2 max|V| (out) or 2 (relative, gradients).
+struct Bounds {
+  Tolerance fwd, grad, param;
+};
+Bounds bounds_for(const Case& c, const Inputs& in) {
+  const double u = attn::testing::unit_roundoff(DType::f32);
+  double v1 = 0.0;
+  const Tensor sv = score_v(in.params.score);
+  for (int64_t a = 0; a < sv.numel(); ++a) v1 += std::abs(sv.data<float>()[a]);
+  const double delta_s = 6.0 * u * v1;
+  const int64_t width = std::max({c.D, c.A, c.Dv});
+  const double vmax = std::max(1.0, max_abs(in.v));
+  // Rounding the tanh argument y = W_q q + W_k k + b (|y| <= y_max) moves 1 - t^2 by a relative
+  // 2 |t| delta_y <= 2 u y_max, and the gradients through W (dq = dQp W_q) carry it over terms of
+  // size |W| |dQp| that may cancel: a relative 4 u y_max on every gradient. It matters only for
+  // saturating weights (SaturatedTanh: y_max ~ 1e3).
+  double y_max = 0.0;
+  const double qmax = max_abs(in.q), kmax = max_abs(in.k);
+  if (const auto* s = std::get_if<attn::AdditiveScore>(&in.params.score)) {
+    for (int64_t a = 0; a < c.A; ++a) {
+      double y = s->bias.defined() ? std::abs(s->bias.data<float>()[a]) : 0.0;
+      for (int64_t d = 0; d < c.D; ++d)
+        y += std::abs(s->w_query.data<float>()[a * c.D + d]) * qmax +
+             std::abs(s->w_key.data<float>()[a * c.D + d]) * kmax;
+      y_max = std::max(y_max, y);
+    }
+  } else {
+    const Tensor& w = std::get<attn::ConcatScore>(in.params.score).weight;
+    for (int64_t a = 0; a < c.A; ++a) {
+      double y = 0.0;
+      for (int64_t d = 0; d < 2 * c.D; ++d)
+        y += std::abs(w.data<float>()[a * 2 * c.D + d]) * std::max(qmax, kmax);
+      y_max = std::max(y_max, y);
+    }
+  }
+  const double grad_rel = 2.0 * delta_s + 4.0 * u * y_max;
+  Bounds b;
+  b.fwd = attn::testing::tolerance_for(DType::f32, std::max(width, c.Tk) + c.A);
+  b.fwd.atol += 2.0 * delta_s * vmax;
+  b.grad = attn::testing::tolerance_for(DType::f32, width + c.Tq + c.Tk + c.A);
+  b.grad.atol += grad_rel * vmax;
+  b.grad.rtol += grad_rel;
+  b.param = attn::testing::tolerance_for(DType::f32,
+                                         std::max<int64_t>(1, c.B * c.Hq * c.Tq * c.Tk) + width);
+  b.param.atol += grad_rel * vmax;
+  b.param.rtol += grad_rel;
+  return b;
+}
+
+::testing::AssertionResult scores_close(const attn::Score& got, const attn::Score& want,
+                                        Tolerance tol) {
+  std::vector<std::pair<std::string, std::pair<Tensor, Tensor>>> fields;
+  if (const auto* w = std::get_if<attn::AdditiveScore>(&want)) {
+    const auto* g = std::get_if<attn::AdditiveScore>(&got);
+    if (g == nullptr) return ::testing::AssertionFailure() << "dscore is not an AdditiveScore";
+    if (g->bias.defined() != w->bias.defined())
+      return ::testing::AssertionFailure() << "dscore.bias defined: " << g->bias.defined()
+                                           << ", expected " << w->bias.defined();
+    fields = {{"w_query", {g->w_query, w->w_query}}, {"w_key", {g->w_key, w->w_key}},
+              {"v", {g->v, w->v}}};
+    if (w->bias.defined()) fields.push_back({"bias", {g->bias, w->bias}});
+  } else {
+    const auto* g = std::get_if<attn::ConcatScore>(&got);
+    const auto& wc = std::get<attn::ConcatScore>(want);
+    if (g == nullptr) return ::testing::AssertionFailure() << "dscore is not a ConcatScore";
+    fields = {{"weight", {g->weight, wc.weight}}, {"v", {g->v, wc.v}}};
+  }
+  for (const auto& [name, pair] : fields) {
+    auto r = all_close(pair.first, pair.second, tol, "dscore." + name);
+    if (!r) return r;
+  }
+  return ::testing::AssertionSuccess();
+}
+
+struct Fused {
+  AttentionOutput out;
+  AttentionGrads grads;
+};
+
+Fused run_fused(const Inputs& in) {
+  const attn::detail::AttentionDims dims =
+      attn::detail::validate_attention("attention", in.q, in.k, in.v, in.params);
+  const AttentionParams p = attn::detail::convert_params(in.params, DType::f32);
+  Fused f;
+  f.out = attn::kernels::additive_attention_forward(dims, in.q, in.k, in.v, p);
+  f.grads = attn::kernels::additive_attention_backward(dims, in.q, in.k, in.v, p, f.out, in.dout);
+  return f;
+}
+
+// The oracle once, then the fused path on every target.
+void check(const Case& c) {
+  SCOPED_TRACE(c.str());
+  const Inputs in = make_inputs(c);
+  ASSERT_TRUE(attn::kernels::additive_attention_supported(DType::f32, in.params));
+  const AttentionOutput want = attn::reference::attention(in.q, in.k, in.v, in.params);
+  const AttentionGrads want_g =
+      attn::reference::attention_backward(in.q, in.k, in.v, in.params, want, in.dout);
+  const Bounds tol = bounds_for(c, in);
+  for (const attn::kernels::SimdTarget& target : attn::kernels::available_simd_targets()) {
+    attn::kernels::ScopedSimdTarget forced(target.bits);
+    ASSERT_EQ(std::string(attn::kernels::additive_attention_target_name()), target.name);
+    SCOPED_TRACE("target " + target.name);
+    const Fused got = run_fused(in);
+    EXPECT_TRUE(all_close(got.out.out, want.out, tol.fwd, "out"));
+    EXPECT_TRUE(all_close(got.out.lse, want.lse, tol.fwd, "lse"));
+    EXPECT_TRUE(all_close(got.grads.dq, want_g.dq, tol.grad, "dq"));
+    EXPECT_TRUE(all_close(got.grads.dk, want_g.dk, tol.grad, "dk"));
+    EXPECT_TRUE(all_close(got.grads.dv, want_g.dv, tol.grad, "dv"));
+    EXPECT_TRUE(scores_close(got.grads.dscore, want_g.dscore, tol.param));
+    EXPECT_FALSE(got.grads.dbias.defined());
+    EXPECT_TRUE(got.grads.dhead_scores.empty());
+    // Fully masked rows: exactly 0 output and 0 dq, lse -inf, not merely close.
+    const double* ref_lse = want.lse.data<double>();
+    const float* out = got.out.out.data<float>();
+    const float* dq = got.grads.dq.data<float>();
+    for (int64_t row = 0; row < c.B * c.Hq * c.Tq; ++row) {
+      if (!std::isinf(ref_lse[row])) continue;
+      ASSERT_EQ(got.out.lse.data<float>()[row], -std::numeric_limits<float>::infinity()) << row;
+      for (int64_t e = 0; e < c.Dv; ++e) ASSERT_EQ(out[row * c.Dv + e], 0.0f) << row;
+      for (int64_t e = 0; e < c.D; ++e) ASSERT_EQ(dq[row * c.D + e], 0.0f) << row;
+    }
+  }
+}
+
+const int64_t kSizes[] = {0, 1, 2, 3, 127, 128, 129, 513};
+const int64_t kDims[] = {1, 3, 59, 64, 128};
+
+TEST(AdditiveAttention, SizeSweep) {
+  int n = 0;
+  for (int64_t tq : kSizes)
+    for (int64_t tk : kSizes) {
+      const int64_t d = kDims[n % 5], a = kDims[(n + 2) % 5];
+      const auto kind = static_cast<ScoreKind>(n % 3);
+      ++n;
+      // The float64 oracle materialises Tq Tk A tanh values: keep the big products narrow.
+      if (tq * tk > 128 * 129 && (a > 3 || d > 3)) continue;
+      check({.Tq = tq, .Tk = tk, .D = d, .A = a, .Dv = d, .kind = kind,
+             .seed = static_cast<uint64_t>(n)});
+    }
+  check({.Hq = 1, .Tq = 513, .Tk = 513, .D = 16, .A = 16, .Dv = 16, .seed = 99});
+}
+
+TEST(AdditiveAttention, HiddenAndHeadDims) {
+  int n = 0;
+  for (int64_t a : kDims)
+    for (int64_t d : kDims) {
+      if ((a + d) % 2 != 0 && a != 128 && d != 128) continue;  // half the grid, both extremes
+      check({.Hq = 2, .Hkv = 1, .Tq = 33, .Tk = 70, .D = d, .A = a, .Dv = (n % 2) ? 59 : d,
+             .kind = static_cast<ScoreKind>(n % 3), .seed = static_cast<uint64_t>(10 + n)});
+      ++n;
+    }
+}
+
+TEST(AdditiveAttention, GroupedQueryHeads) {
+  for (auto [hq, hkv] : {std::pair{6, 2}, std::pair{8, 1}, std::pair{3, 3}})
+    check({.B = 2, .Hq = hq, .Hkv = hkv, .Tq = 40, .Tk = 129, .D = 16, .A = 24, .Dv = 16,
+           .causal = true, .bottom_right = true});
+}
+
+TEST(AdditiveAttention, CausalBothAlignments) {
+  const std::pair<int64_t, int64_t> sizes[] = {{129, 200}, {200, 129}, {1, 130},
+                                               {128, 128}, {127, 3},   {2, 1}};
+  for (auto [tq, tk] : sizes)
+    for (bool bottom_right : {false, true})
+      check({.B = 2, .Tq = tq, .Tk = tk, .D = 8, .A = 16, .Dv = 9, .kind = ScoreKind::concat,
+             .causal = true, .bottom_right = bottom_right});
+}
+
+TEST(AdditiveAttention, Windows) {
+  const std::pair<int64_t, int64_t> windows[] = {
+      {0, 0}, {3, kUnbounded}, {kUnbounded, 2}, {16, 16}, {100, 0}};
+  for (auto [left, right] : windows)
+    for (bool causal : {false, true})
+      for (bool bottom_right : {false, true})
+        check({.Tq = 70, .Tk = 150, .D = 8, .A = 16, .Dv = 8, .causal = causal,
+               .bottom_right = bottom_right, .left = left, .right = right});
+}
+
+TEST(AdditiveAttention, LengthsAndFullyMaskedRows) {
+  for (bool causal : {false, true})
+    for (bool bottom_right : {false, true})
+      check({.B = 4, .Tq = 50, .Tk = 100, .D = 8, .A = 16, .Dv = 12,
+             .key_lengths = {0, 1, 100, 37}, .query_lengths = {50, 0, 5, 40}, .causal = causal,
+             .bottom_right = bottom_right, .left = 20});
+  // Bottom-right with Tq > Tk: the first Tq - Tk rows see no key.
+  check({.Tq = 150, .Tk = 50, .D = 8, .A = 8, .Dv = 8, .causal = true, .bottom_right = true});
+  // A window entirely beyond the keys for the later rows.
+  check({.Tq = 100, .Tk = 60, .D = 8, .A = 8, .Dv = 8, .left = 0, .right = 0});
+}
+
+TEST(AdditiveAttention, Alibi) {
+  for (bool causal : {false, true})
+    check({.Hq = 4, .Hkv = 2, .Tq = 70, .Tk = 140, .D = 8, .A = 16, .Dv = 8, .causal = causal,
+           .bottom_right = true, .alibi = true});
+}
+
+TEST(AdditiveAttention, SplitFormNearItsLimit) {
+  // The kernels use 2^(Qp' + Kp') = 2^Qp' 2^Kp' while every |Qp'|, |Kp'| <= 63 (Qp' = 2 log2(e)
+  // Qp). Weights 10 / sqrt(D) with D = 4 and |q|, |k| <= 1 keep |Qp| <= 20.5, so |Qp'| <= 59:
+  // still the split form, with factors near 2^+-59 and many saturated units.
+  check({.Tq = 65, .Tk = 70, .D = 4, .A = 16, .Dv = 8, .weight_scale = 10.0});
+  check({.Tq = 65, .Tk = 70, .D = 2, .A = 16, .Dv = 8, .kind = ScoreKind::concat,
+         .weight_scale = 10.0});
+}
+
+TEST(AdditiveAttention, SaturatedTanh) {
+  // Weights 1e3 / sqrt(D): most tanh arguments lie far beyond the clamp at |x| = 64 (|y| ~ 22),
+  // where tanh is exactly +-1 in float; scores still vary through the few unsaturated units.
+  check({.Tq = 65, .Tk = 70, .D = 4, .A = 16, .Dv = 8, .weight_scale = 1e3});
+  check({.Tq = 65, .Tk = 70, .D = 4, .A = 16, .Dv = 8, .kind = ScoreKind::concat,
+         .weight_scale = 30.0});
+}
+
+// tanh at its edge arguments, through D = 1 so Qp = w q exactly: +-0, +-inf, huge, tiny and
+// NaN queries. Infinite arguments give tanh = +-1 (finite rows); a NaN query makes its own row
+// NaN and no other.
+TEST(AdditiveAttention, EdgeArguments) {
+  const float inf = std::numeric_limits<float>::infinity();
+  const std::vector<float> special = {0.0f, -0.0f, inf, -inf, 1e30f, -1e30f, 1e-30f, 44.0f,
+                                      -44.0f, 88.7f, -88.7f, 1e-40f};
+  Case c{.Hq = 1, .Tq = static_cast<int64_t>(special.size()) + 1, .Tk = 37, .D = 1, .A = 5,
+         .Dv = 4, .kind = ScoreKind::additive_nobias};
+  Inputs in = make_inputs(c);
+  for (size_t i = 0; i < special.size(); ++i) in.q.data<float>()[i] = special[i];
+  in.q.data<float>()[special.size()] = std::numeric_limits<float>::quiet_NaN();
+  const AttentionOutput want = attn::reference::attention(in.q, in.k, in.v, in.params);
+  for (const attn::kernels::SimdTarget& target : attn::kernels::available_simd_targets()) {
+    attn::kernels::ScopedSimdTarget forced(target.bits);
+    SCOPED_TRACE("target " + target.name);
+    const attn::detail::AttentionDims dims =
+        attn::detail::validate_attention("attention", in.q, in.k, in.v, in.params);
+    const AttentionOutput got =
+        attn::kernels::additive_attention_forward(dims, in.q, in.k, in.v, in.params);
+    const float* out = got.out.data<float>();
+    const int64_t nan_row = static_cast<int64_t>(special.size());
+    for (int64_t e = 0; e < c.Dv; ++e) EXPECT_TRUE(std::isnan(out[nan_row * c.Dv + e])) << e;
+    for (int64_t row = 0; row < nan_row; ++row)
+      for (int64_t e = 0; e < c.Dv; ++e) ASSERT_TRUE(std::isfinite(out[row * c.Dv + e])) << row;
+    // Compare the finite rows against the oracle.
+    const Bounds tol = bounds_for(c, in);
+    for (int64_t row = 0; row < nan_row; ++row) {
+      const Tensor g = got.out.reshape({c.Tq, c.Dv}).select(0, row).contiguous();
+      const Tensor w = want.out.reshape({c.Tq, c.Dv}).select(0, row).contiguous();
+      EXPECT_TRUE(all_close(g, w, tol.fwd, "out row " + std::to_string(row)));
+    }
+  }
+}
+
+// Bitwise: the forward for any thread count; the backward run to run at a fixed thread count.
+TEST(AdditiveAttention, Deterministic) {
+  const Case c{.B = 2, .Hq = 4, .Hkv = 2, .Tq = 150, .Tk = 190, .D = 16, .A = 32, .Dv = 16,
+               .causal = true};
+  const Inputs in = make_inputs(c);
+  auto same = [](const Tensor& x, const Tensor& y) {
+    return x.numel() == y.numel() &&
+           std::memcmp(x.data<float>(), y.data<float>(),
+                       static_cast<size_t>(x.numel()) * sizeof(float)) == 0;
+  };
+  const int threads = omp_get_max_threads();
+  const Fused first = run_fused(in);
+  const Fused again = run_fused(in);
+  EXPECT_TRUE(same(first.out.out, again.out.out));
+  EXPECT_TRUE(same(first.grads.dq, again.grads.dq));
+  EXPECT_TRUE(same(first.grads.dk, again.grads.dk));
+  EXPECT_TRUE(same(first.grads.dv, again.grads.dv));
+  const auto& d1 = std::get<attn::AdditiveScore>(first.grads.dscore);
+  const auto& d2 = std::get<attn::AdditiveScore>(again.grads.dscore);
+  EXPECT_TRUE(same(d1.w_query, d2.w_query));
+  EXPECT_TRUE(same(d1.w_key, d2.w_key));
+  EXPECT_TRUE(same(d1.bias, d2.bias));
+  EXPECT_TRUE(same(d1.v, d2.v));
+  omp_set_num_threads(1);
+  const Fused single = run_fused(in);
+  omp_set_num_threads(threads);
+  EXPECT_TRUE(same(first.out.out, single.out.out));
+  EXPECT_TRUE(same(first.out.lse, single.out.lse));
+}
+
+TEST(AdditiveAttention, SupportedPredicate) {
+  Inputs in = make_inputs({.Tq = 4, .Tk = 4});
+  AttentionParams p = in.params;
+  EXPECT_TRUE(attn::kernels::additive_attention_supported(DType::f32, p));
+  EXPECT_FALSE(attn::kernels::additive_attention_supported(DType::f64, p));
+  p.mask.bias = Tensor::zeros({4});
+  EXPECT_FALSE(attn::kernels::additive_attention_supported(DType::f32, p));
+  p = in.params;
+  p.mask.allowed = Tensor::full({1}, 1.0, DType::b8);
+  EXPECT_FALSE(attn::kernels::additive_attention_supported(DType::f32, p));
+  p = in.params;
+  p.dropout.p = 0.1;
+  EXPECT_FALSE(attn::kernels::additive_attention_supported(DType::f32, p));
+  p = in.params;
+  p.return_weights = true;
+  EXPECT_FALSE(attn::kernels::additive_attention_supported(DType::f32, p));
+  p = in.params;
+  p.head_scores = {in.params.score, in.params.score};
+  EXPECT_FALSE(attn::kernels::additive_attention_supported(DType::f32, p));
+  p = in.params;
+  p.mask.local.kind = attn::LocalKind::monotonic;
+  EXPECT_FALSE(attn::kernels::additive_attention_supported(DType::f32, p));
+  p = in.params;
+  p.score = attn::ScaledDotScore{};
+  EXPECT_FALSE(attn::kernels::additive_attention_supported(DType::f32, p));
+  p = in.params;
+  p.mask.causal = true;
+  p.mask.key_lengths = {3};
+  p.mask.window = attn::Window{2, 0};
+  p.mask.alibi_slopes = attn::alibi_slopes(2);
+  EXPECT_TRUE(attn::kernels::additive_attention_supported(DType::f32, p));
+}
+
+}  // namespace
