@@ -3,6 +3,7 @@
 
 #include <cmath>
 
+#include "attention_dot_form.h"
 #include "attention_validate.h"
 #include "kernels/additive_attention.h"
 #include "kernels/attention_composed.h"
@@ -68,6 +69,12 @@ AttentionOutput attention(const Tensor& q, const Tensor& k, const Tensor& v,
     return kernels::additive_attention_forward(dims, n.q, n.k, n.v, n.params);
   if (dims.Tq >= kMinFusedQueryRows && kernels::flash_attention_supported(q.dtype(), n.params))
     return kernels::flash_attention(dims, n.q, n.k, n.v, n.params);
+  // General and cosine scores: transform q and k once, then the fused dot-product kernel.
+  if (dims.Tq >= kMinFusedQueryRows) {
+    if (auto form = detail::to_dot_form(dims, n.q, n.k, n.params);
+        form && kernels::flash_attention_supported(q.dtype(), form->params))
+      return kernels::flash_attention(form->dims, form->q, form->k, n.v, form->params);
+  }
   // Few queries against many keys (decoder steps): split over the keys, merged by log-sum-exp.
   if (kernels::decode_attention_supported(q.dtype(), dims, n.params))
     return kernels::decode_attention(dims, n.q, n.k, n.v, n.params);
@@ -92,6 +99,14 @@ AttentionGrads attention_backward(const Tensor& q, const Tensor& k, const Tensor
     return kernels::additive_attention_backward(dims, n.q, n.k, n.v, n.params, saved, g);
   if (dims.Tq >= kMinFusedQueryRows && kernels::flash_backward_supported(dtype, n.params))
     return kernels::flash_attention_backward(dims, n.q, n.k, n.v, n.params, saved, g);
+  if (dims.Tq >= kMinFusedQueryRows) {
+    if (auto form = detail::to_dot_form(dims, n.q, n.k, n.params);
+        form && kernels::flash_backward_supported(dtype, form->params)) {
+      AttentionGrads dot_grads = kernels::flash_attention_backward(form->dims, form->q, form->k,
+                                                                   n.v, form->params, saved, g);
+      return detail::from_dot_form_grads(n.q, n.k, n.params, std::move(dot_grads));
+    }
+  }
   if (dtype == DType::f32)
     return kernels::composed_attention_backward<float>(dims, n.q, n.k, n.v, n.params, saved, g);
   return kernels::composed_attention_backward<double>(dims, n.q, n.k, n.v, n.params, saved, g);

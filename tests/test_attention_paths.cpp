@@ -280,6 +280,34 @@ TEST(AttentionPaths, ScoresUnderCausalWindow) {
     }
 }
 
+TEST(AttentionPaths, ScoresThatReduceToADotProductAtFusedSizes) {
+  // With Tq >= 16, float32 general and cosine scores transform q and k once and run the fused
+  // dot-product kernels (src/attention_dot_form.cpp); the backward chains through the transform.
+  // Zero rows in q and k take cosine's eps branch.
+  Sizes s;
+  s.B = 2;
+  s.Hq = 4;
+  s.Hkv = 2;
+  s.Tq = 40;
+  s.Tk = 57;
+  s.Dv = 6;
+  for (DType dtype : kDtypes)
+    for (Kind kind : {Kind::general, Kind::low_rank, Kind::cosine}) {
+      s.Dq = kind == Kind::cosine ? 8 : 5;
+      s.Dk = kind == Kind::cosine ? 8 : 9;
+      SCOPED_TRACE(std::string(kind_name(kind)) + " " + label(dtype, s));
+      AttentionParams p;
+      p.score = make_score(kind, s, dtype, 400);
+      p.mask.key_lengths = {57, 31};
+      p.mask.causal = true;
+      p.mask.alignment = Alignment::bottom_right;
+      Inputs in = make_inputs(s, dtype, 17);
+      for (int64_t d = 0; d < s.Dq; ++d) in.q.set({1, 2, 5, d}, 0.0);
+      for (int64_t d = 0; d < s.Dk; ++d) in.k.set({0, 1, 3, d}, 0.0);
+      expect_matches_reference(s, in, p);
+    }
+}
+
 TEST(AttentionPaths, PerHeadScores) {
   Sizes s;
   s.B = 2;
