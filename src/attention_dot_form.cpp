@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "attn/matmul.h"
+#include "blas_threads.h"
 
 namespace attn::detail {
 
@@ -61,6 +62,9 @@ AttentionDims with_width(AttentionDims dims, int64_t width) {
 std::optional<DotForm> to_dot_form(const AttentionDims& dims, const Tensor& q, const Tensor& k,
                                    const AttentionParams& params) {
   if (q.dtype() != DType::f32 || !params.head_scores.empty()) return std::nullopt;
+  // Small GEMMs next to the attention: OpenBLAS's spinning workers would otherwise take the cores
+  // from the fused kernel that follows (measured: general score, T=128, 1.7 ms -> see BENCHMARKS.md).
+  const SingleThreadedBlas one_blas_thread;
   DotForm form;
   form.params = params;
   form.params.score = DotScore{};
@@ -90,6 +94,7 @@ std::optional<DotForm> to_dot_form(const AttentionDims& dims, const Tensor& q, c
 
 AttentionGrads from_dot_form_grads(const Tensor& q, const Tensor& k, const AttentionParams& params,
                                    AttentionGrads grads) {
+  const SingleThreadedBlas one_blas_thread;
   if (const auto* g = std::get_if<GeneralScore>(&params.score)) {
     GeneralScore dscore;
     if (g->weight.defined()) {

@@ -1,6 +1,7 @@
 // matmul: front-end (validation, 1-D promotion, broadcasting) and the BLAS driver that runs a
 // batch of products as GEMM / GEMV calls, threaded over the batch or inside OpenBLAS.
 #include "attn/matmul.h"
+#include "blas_threads.h"
 
 #include <cblas.h>
 #include <omp.h>
@@ -300,18 +301,7 @@ void gemm_one(const GemmGeometry& g, const T* a, const T* b, T* c, T beta) {
   }
 }
 
-// Sets OpenBLAS to one thread for a scope: a multithreaded BLAS inside an OpenMP loop
-// oversubscribes the cores (and can deadlock). Restores the previous count on exit.
-class SingleThreadedBlas {
- public:
-  SingleThreadedBlas() : saved_(openblas_get_num_threads()) { openblas_set_num_threads(1); }
-  ~SingleThreadedBlas() { openblas_set_num_threads(saved_); }
-  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
-  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
-
- private:
-  int saved_;
-};
+using detail::SingleThreadedBlas;
 
 // Below about 128^3 multiply-adds one GEMM is too short for OpenBLAS's own threads to pay off,
 // so a batch of such products is better split across threads even if there are fewer

@@ -21,6 +21,7 @@
 #include <variant>
 #include <vector>
 
+#include "blas_threads.h"
 #include "hwy/aligned_allocator.h"
 #include "kernels/simd_target.h"
 
@@ -156,6 +157,9 @@ Projections project(const detail::AttentionDims& d, const Tensor& q, const Tenso
 AttentionOutput additive_attention_forward(const detail::AttentionDims& dims, const Tensor& q,
                                            const Tensor& k, const Tensor& v,
                                            const AttentionParams& params) {
+  // The projection GEMMs are small next to the kernel; multithreaded OpenBLAS would leave its
+  // workers spinning on the cores the kernel's OpenMP threads need.
+  const detail::SingleThreadedBlas one_blas_thread;
   const AdditiveWeights w = weights_of(params.score, dims);
   const Projections p = project(dims, q, k, v, params, w);
   AttentionOutput result;
@@ -169,6 +173,7 @@ AttentionGrads additive_attention_backward(const detail::AttentionDims& dims, co
                                            const Tensor& k, const Tensor& v,
                                            const AttentionParams& params,
                                            const AttentionOutput& forward, const Tensor& dout) {
+  const detail::SingleThreadedBlas one_blas_thread;
   const AdditiveWeights w = weights_of(params.score, dims);
   const Projections p = project(dims, q, k, v, params, w);
   const int64_t A = w.hidden, S = p.args.proj_stride;

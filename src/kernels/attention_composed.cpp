@@ -43,6 +43,7 @@
 #endif
 
 #include "attn/random.h"
+#include "blas_threads.h"
 
 namespace attn::kernels {
 
@@ -53,24 +54,7 @@ using detail::AttentionDims;
 // ---------------------------------------------------------------------------------------------
 // Threading and floating-point environment.
 
-// OpenBLAS (the pthread build on Debian) would start its own threads inside every GEMM called
-// from our OpenMP workers and oversubscribe the cores: keep it single-threaded for the duration
-// of a parallel region, then restore the caller's setting.
-class SingleThreadedBlas {
- public:
-  explicit SingleThreadedBlas(bool active)
-      : saved_(active ? openblas_get_num_threads() : 1) {
-    if (saved_ != 1) openblas_set_num_threads(1);
-  }
-  ~SingleThreadedBlas() {
-    if (saved_ != 1) openblas_set_num_threads(saved_);
-  }
-  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
-  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
-
- private:
-  int saved_;
-};
+using detail::SingleThreadedBlas;
 
 // exp of very negative scores underflows into float denormals, and P V on denormal operands runs
 // about 10x slower; flush-to-zero and denormals-are-zero avoid it (the lost values are below
