@@ -12,6 +12,7 @@
 #include <cmath>
 #include <variant>
 
+#include "kernels/fused_args.h"
 #include "kernels/simd_target.h"
 
 namespace attn::kernels {
@@ -63,22 +64,9 @@ AttentionOutput decode_attention(const detail::AttentionDims& dims, const Tensor
   args.kv_type = KvType::f32;
   args.out = result.out.data<float>();
   args.lse = result.lse.data<float>();
-  args.batch = dims.B, args.q_heads = dims.Hq, args.kv_heads = dims.Hkv;
-  args.q_len = dims.Tq, args.k_len = dims.Tk, args.head_dim = dims.Dq, args.value_dim = dims.Dv;
-  double scale = 1.0;
-  if (const auto* scaled = std::get_if<ScaledDotScore>(&params.score))
-    scale = scaled->scale.value_or(1.0 / std::sqrt(static_cast<double>(dims.Dk)));
-  args.scale = static_cast<float>(scale);
-
+  args.scale = dot_scale(params.score, dims);
   const Mask& mask = params.mask;
-  if (!mask.key_lengths.empty()) args.key_lengths = mask.key_lengths.data();
-  if (!mask.query_lengths.empty()) args.query_lengths = mask.query_lengths.data();
-  args.causal = mask.causal;
-  args.bottom_right = mask.alignment == Alignment::bottom_right;
-  if (mask.window) {
-    args.window_left = mask.window->left;
-    args.window_right = mask.window->right;
-  }
+  fill_interval_masks(args, dims, mask);
   decode_attention_forward(args);
   return result;
 }

@@ -12,6 +12,7 @@
 #include <variant>
 #include <vector>
 
+#include "kernels/fused_args.h"
 #include "kernels/simd_target.h"
 
 namespace attn::kernels {
@@ -54,36 +55,14 @@ AttentionGrads flash_attention_backward(const detail::AttentionDims& dims, const
   args.dq = grads.dq.data<float>();
   args.dk = grads.dk.data<float>();
   args.dv = grads.dv.data<float>();
-  args.batch = dims.B, args.q_heads = dims.Hq, args.kv_heads = dims.Hkv;
-  args.q_len = dims.Tq, args.k_len = dims.Tk, args.head_dim = dims.Dq, args.value_dim = dims.Dv;
-  double scale = 1.0;
-  if (const auto* scaled = std::get_if<ScaledDotScore>(&params.score))
-    scale = scaled->scale.value_or(1.0 / std::sqrt(static_cast<double>(dims.Dk)));
-  args.scale = static_cast<float>(scale);
-
+  args.scale = dot_scale(params.score, dims);
   const Mask& mask = params.mask;
-  if (!mask.key_lengths.empty()) args.key_lengths = mask.key_lengths.data();
-  if (!mask.query_lengths.empty()) args.query_lengths = mask.query_lengths.data();
-  args.causal = mask.causal;
-  args.bottom_right = mask.alignment == Alignment::bottom_right;
-  if (mask.window) {
-    args.window_left = mask.window->left;
-    args.window_right = mask.window->right;
-  }
+  fill_interval_masks(args, dims, mask);
   if (mask.bias.defined()) {
-    // Right-align the (contiguous) bias against [B, Hq, Tq, Tk]; a size-1 dimension gets
-    // stride 0, so the kernel reads it in place and sums dbias over it.
-    const Tensor& bias = mask.bias;
-    int64_t strides[4] = {0, 0, 0, 0};
-    const int64_t full[4] = {dims.B, dims.Hq, dims.Tq, dims.Tk};
-    for (int64_t d = 0; d < bias.dim(); ++d) {
-      const int64_t target = 4 - bias.dim() + d;
-      if (bias.size(d) != 1 || full[target] == 1) strides[target] = bias.stride(d);
-    }
-    args.bias = {bias.data<float>(), strides[0], strides[1], strides[2], strides[3]};
-    grads.dbias = Tensor::empty(bias.shape(), DType::f32);
+    args.bias = broadcast_bias(mask.bias, dims);
+    grads.dbias = Tensor::empty(mask.bias.shape(), DType::f32);
     args.dbias = grads.dbias.data<float>();
-    args.bias_elements = bias.numel();
+    args.bias_elements = mask.bias.numel();
   }
   std::vector<float> slopes(mask.alibi_slopes.begin(), mask.alibi_slopes.end());
   if (!slopes.empty()) args.alibi_slopes = slopes.data();

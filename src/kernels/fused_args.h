@@ -1,0 +1,50 @@
+// Front-end glue shared by the fused kernels (internal header): fills the sizes, the dot-product
+// scale and the interval masks (lengths, causal, alignment, window) of a kernel's argument struct
+// from a validated problem, and right-aligns a broadcast bias into explicit strides.
+#pragma once
+
+#include <cmath>
+#include <variant>
+
+#include "attention_validate.h"
+#include "kernels/flash_attention.h"
+
+namespace attn::kernels {
+
+// Args has the fields batch, q_heads, kv_heads, q_len, k_len, head_dim, value_dim, key_lengths,
+// query_lengths, causal, bottom_right, window_left and window_right.
+template <class Args>
+void fill_interval_masks(Args& args, const detail::AttentionDims& dims, const Mask& mask) {
+  args.batch = dims.B, args.q_heads = dims.Hq, args.kv_heads = dims.Hkv;
+  args.q_len = dims.Tq, args.k_len = dims.Tk, args.head_dim = dims.Dq, args.value_dim = dims.Dv;
+  if (!mask.key_lengths.empty()) args.key_lengths = mask.key_lengths.data();
+  if (!mask.query_lengths.empty()) args.query_lengths = mask.query_lengths.data();
+  args.causal = mask.causal;
+  args.bottom_right = mask.alignment == Alignment::bottom_right;
+  if (mask.window) {
+    args.window_left = mask.window->left;
+    args.window_right = mask.window->right;
+  }
+}
+
+// The factor of q.k for a dot-family score: 1 for DotScore, the scaled score's scale (default
+// 1/sqrt(Dk)) otherwise.
+inline float dot_scale(const Score& score, const detail::AttentionDims& dims) {
+  if (const auto* scaled = std::get_if<ScaledDotScore>(&score))
+    return static_cast<float>(scaled->scale.value_or(1.0 / std::sqrt(static_cast<double>(dims.Dk))));
+  return 1.0f;
+}
+
+// A contiguous float32 bias right-aligned against [B, Hq, Tq, Tk]: missing and size-1 dimensions
+// get stride 0, so kernels read it in place (never copied per head) and sum dbias over them.
+inline FlashBias broadcast_bias(const Tensor& bias, const detail::AttentionDims& dims) {
+  int64_t strides[4] = {0, 0, 0, 0};
+  const int64_t full[4] = {dims.B, dims.Hq, dims.Tq, dims.Tk};
+  for (int64_t d = 0; d < bias.dim(); ++d) {
+    const int64_t target = 4 - bias.dim() + d;
+    if (bias.size(d) != 1 || full[target] == 1) strides[target] = bias.stride(d);
+  }
+  return {bias.data<float>(), strides[0], strides[1], strides[2], strides[3]};
+}
+
+}  // namespace attn::kernels
