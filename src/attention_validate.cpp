@@ -212,31 +212,9 @@ Tensor convert(const Tensor& t, DType dtype) {
 }  // namespace
 
 Score convert_score(const Score& score, DType dtype) {
-  return std::visit(
-      [&](const auto& sc) -> Score {
-        using S = std::decay_t<decltype(sc)>;
-        S c = sc;
-        if constexpr (std::is_same_v<S, GeneralScore>) {
-          c.weight = convert(sc.weight, dtype);
-          c.u = convert(sc.u, dtype);
-          c.v = convert(sc.v, dtype);
-        } else if constexpr (std::is_same_v<S, AdditiveScore>) {
-          c.w_query = convert(sc.w_query, dtype);
-          c.w_key = convert(sc.w_key, dtype);
-          c.bias = convert(sc.bias, dtype);
-          c.v = convert(sc.v, dtype);
-        } else if constexpr (std::is_same_v<S, ConcatScore>) {
-          c.weight = convert(sc.weight, dtype);
-          c.v = convert(sc.v, dtype);
-        } else if constexpr (std::is_same_v<S, CosineScore>) {
-          c.tau = convert(sc.tau, dtype);
-        } else if constexpr (std::is_same_v<S, LocationScore> ||
-                             std::is_same_v<S, TrilinearScore>) {
-          c.weight = convert(sc.weight, dtype);
-        }
-        return c;
-      },
-      score);
+  Score c = score;
+  for_each_score_tensor(c, [&](Tensor& t) { t = convert(t, dtype); });
+  return c;
 }
 
 AttentionParams convert_params(const AttentionParams& params, DType dtype) {

@@ -1,6 +1,9 @@
 // Input validation shared by the attention front-end and the reference (internal header).
 #pragma once
 
+#include <type_traits>
+#include <variant>
+
 #include "attn/attention.h"
 
 namespace attn::detail {
@@ -24,6 +27,30 @@ void validate_attention_backward(const char* op, const AttentionDims& dims,
 inline const Score& head_score(const AttentionParams& params, int64_t h) {
   return params.head_scores.empty() ? params.score
                                     : params.head_scores[static_cast<std::size_t>(h)];
+}
+
+// Calls fn(tensor) for every Tensor field of the score (defined or not), in a fixed order:
+// general weight, u, v; additive w_query, w_key, bias, v; concat weight, v; cosine tau;
+// location / trilinear weight. ScoreT is Score or const Score.
+template <class ScoreT, class Fn>
+void for_each_score_tensor(ScoreT& score, Fn&& fn) {
+  std::visit(
+      [&](auto& s) {
+        using S = std::decay_t<decltype(s)>;
+        if constexpr (std::is_same_v<S, GeneralScore>) {
+          fn(s.weight), fn(s.u), fn(s.v);
+        } else if constexpr (std::is_same_v<S, AdditiveScore>) {
+          fn(s.w_query), fn(s.w_key), fn(s.bias), fn(s.v);
+        } else if constexpr (std::is_same_v<S, ConcatScore>) {
+          fn(s.weight), fn(s.v);
+        } else if constexpr (std::is_same_v<S, CosineScore>) {
+          fn(s.tau);
+        } else if constexpr (std::is_same_v<S, LocationScore> ||
+                             std::is_same_v<S, TrilinearScore>) {
+          fn(s.weight);
+        }
+      },
+      score);
 }
 
 // Every tensor in `score` converted to `dtype` and made contiguous.

@@ -278,62 +278,27 @@ Tensor zeros_like(const Tensor& t, DType dtype) {
 }
 
 Score zero_score_grad(const Score& score, DType dtype) {
-  return std::visit(
-      [&](const auto& s) -> Score {
+  // The same alternative with default hyper-parameters (eps kept), then zeros for every field.
+  Score grad = std::visit(
+      [](const auto& s) -> Score {
         using S = std::decay_t<decltype(s)>;
-        S grad{};
-        if constexpr (std::is_same_v<S, GeneralScore>) {
-          grad.weight = zeros_like(s.weight, dtype);
-          grad.u = zeros_like(s.u, dtype);
-          grad.v = zeros_like(s.v, dtype);
-        } else if constexpr (std::is_same_v<S, AdditiveScore>) {
-          grad.w_query = zeros_like(s.w_query, dtype);
-          grad.w_key = zeros_like(s.w_key, dtype);
-          grad.bias = zeros_like(s.bias, dtype);
-          grad.v = zeros_like(s.v, dtype);
-        } else if constexpr (std::is_same_v<S, ConcatScore>) {
-          grad.weight = zeros_like(s.weight, dtype);
-          grad.v = zeros_like(s.v, dtype);
-        } else if constexpr (std::is_same_v<S, CosineScore>) {
-          grad.tau = zeros_like(s.tau, dtype);
-          grad.eps = s.eps;
-        } else if constexpr (std::is_same_v<S, LocationScore> ||
-                             std::is_same_v<S, TrilinearScore>) {
-          grad.weight = zeros_like(s.weight, dtype);
-        }
-        return grad;
+        S g{};
+        if constexpr (std::is_same_v<S, CosineScore>) g.eps = s.eps;
+        return g;
       },
       score);
+  std::vector<const Tensor*> params;
+  detail::for_each_score_tensor(score, [&](const Tensor& t) { params.push_back(&t); });
+  std::size_t f = 0;
+  detail::for_each_score_tensor(grad, [&](Tensor& g) { g = zeros_like(*params[f++], dtype); });
+  return grad;
 }
 
 std::vector<Tensor*> grad_fields(Score& grad) {
   std::vector<Tensor*> fields;
-  auto add = [&](Tensor& t) {
+  detail::for_each_score_tensor(grad, [&](Tensor& t) {
     if (t.defined()) fields.push_back(&t);
-  };
-  std::visit(
-      [&](auto& s) {
-        using S = std::decay_t<decltype(s)>;
-        if constexpr (std::is_same_v<S, GeneralScore>) {
-          add(s.weight);
-          add(s.u);
-          add(s.v);
-        } else if constexpr (std::is_same_v<S, AdditiveScore>) {
-          add(s.w_query);
-          add(s.w_key);
-          add(s.bias);
-          add(s.v);
-        } else if constexpr (std::is_same_v<S, ConcatScore>) {
-          add(s.weight);
-          add(s.v);
-        } else if constexpr (std::is_same_v<S, CosineScore>) {
-          add(s.tau);
-        } else if constexpr (std::is_same_v<S, LocationScore> ||
-                             std::is_same_v<S, TrilinearScore>) {
-          add(s.weight);
-        }
-      },
-      grad);
+  });
   return fields;
 }
 
