@@ -25,13 +25,13 @@ double normalised(double log_prob, int64_t length, double alpha) {
   return alpha == 0.0 ? log_prob : log_prob / std::pow(static_cast<double>(length), alpha);
 }
 
-// The first `k` rows of an encoded source (all rows hold the same sentence in beam search).
-EncodedSource first_rows(const EncodedSource& src, int64_t k) {
+// Rows `rows` of an encoded source (beam search keeps, reorders and repeats hypotheses).
+EncodedSource gather_source(const EncodedSource& src, const std::vector<int64_t>& rows) {
   EncodedSource out;
-  out.memory = src.memory.slice(0, 0, k);
-  out.values = src.values.slice(0, 0, k);
-  out.lengths.assign(src.lengths.begin(), src.lengths.begin() + k);
-  if (src.fixed_context.defined()) out.fixed_context = src.fixed_context.slice(0, 0, k);
+  out.memory = gather_rows(src.memory, rows);
+  out.values = gather_rows(src.values, rows);
+  for (int64_t r : rows) out.lengths.push_back(src.lengths[static_cast<std::size_t>(r)]);
+  if (src.fixed_context.defined()) out.fixed_context = gather_rows(src.fixed_context, rows);
   return out;
 }
 
@@ -43,34 +43,84 @@ DecoderState gather_state(const DecoderState& s, const std::vector<int64_t>& row
   return out;
 }
 
-}  // namespace
+// What greedy and beam search need from a model: the next-token log-probabilities of its B
+// rows given each row's previous token, and a way to keep, reorder and repeat rows.
+class DecodingSession {
+ public:
+  virtual ~DecodingSession() = default;
+  // log p [B][V] of the next token (V + X for a copying model: its extended ids, batching.h,
+  // which the search handles like any token); fills `weights` [B, S] when the alignment is wanted.
+  virtual std::vector<std::vector<double>> step(const std::vector<int32_t>& ids, Tensor* weights) = 0;
+  virtual void select_rows(const std::vector<int64_t>& rows) = 0;
+  virtual bool has_alignment() const = 0;
+};
 
-std::vector<Translation> greedy_decode(const Seq2Seq& model,
-                                       const std::vector<std::vector<int32_t>>& sources,
+// The recurrent decoder: the state (and the encoded source, row for row) moves step to step.
+class RecurrentSession final : public DecodingSession {
+ public:
+  RecurrentSession(const Seq2Seq& model, const Batch& batch)
+      : model_(model), source_(model.encode(batch)), state_(source_.initial) {}
+  std::vector<std::vector<double>> step(const std::vector<int32_t>& ids, Tensor* weights) override {
+    StepResult r = model_.step(source_, state_, ids, t_++, false, weights != nullptr);
+    if (weights) *weights = r.weights;
+    state_ = r.state;
+    return model_.log_probs(r);
+  }
+  void select_rows(const std::vector<int64_t>& rows) override {
+    state_ = gather_state(state_, rows);
+    source_ = gather_source(source_, rows);
+  }
+  bool has_alignment() const override { return model_.config.decoder != DecoderKind::none; }
+
+ private:
+  const Seq2Seq& model_;
+  EncodedSource source_;
+  DecoderState state_;
+  int64_t t_ = 0;  // step index (local-m centres its window on it)
+};
+
+// The Transformer decoder: every layer's KV cache grows by one position per step.
+class TransformerSession final : public DecodingSession {
+ public:
+  TransformerSession(const TransformerSeq2Seq& model, const Batch& batch, int64_t capacity)
+      : model_(model), state_(model.start_decoding(model.encode(batch), capacity)) {}
+  std::vector<std::vector<double>> step(const std::vector<int32_t>& ids, Tensor* weights) override {
+    TransformerStep s = model_.step(state_, ids, weights != nullptr);
+    if (weights) *weights = s.weights;
+    return model_.log_probs(s);
+  }
+  void select_rows(const std::vector<int64_t>& rows) override { state_.select_rows(rows); }
+  bool has_alignment() const override { return true; }
+
+ private:
+  const TransformerSeq2Seq& model_;
+  TransformerDecoding state_;
+};
+
+int64_t longest(const std::vector<int64_t>& lengths) {
+  return lengths.empty() ? 0 : *std::max_element(lengths.begin(), lengths.end());
+}
+
+std::vector<Translation> greedy_search(DecodingSession& session,
+                                       const std::vector<int64_t>& source_lengths,
                                        const DecodeConfig& config) {
-  if (sources.empty()) return {};
-  const Batch batch = make_source_batch(sources);
-  const int64_t B = batch.batch;
-  const EncodedSource src = model.encode(batch);
-  const bool weights_wanted = config.alignment && model.config.decoder != DecoderKind::none;
+  const int64_t B = static_cast<int64_t>(source_lengths.size());
+  const bool weights_wanted = config.alignment && session.has_alignment();
   std::vector<Translation> out(B);
   std::vector<int32_t> ids(B, static_cast<int32_t>(Vocab::bos_id));
-  DecoderState state = src.initial;
-  int64_t longest = 0;
-  for (int64_t len : batch.source_lengths) longest = std::max(longest, len);
-  const int64_t max_steps = max_steps_for(config, longest);
+  const int64_t max_steps = max_steps_for(config, longest(source_lengths));
+  Tensor weights;
   for (int64_t t = 0; t < max_steps; ++t) {
-    StepResult r = model.step(src, state, ids, t, false, weights_wanted);
-    const auto logp = model.log_probs(r);
+    const auto logp = session.step(ids, weights_wanted ? &weights : nullptr);
     bool all_done = true;
     for (int64_t b = 0; b < B; ++b) {
       Translation& tr = out[b];
       if (tr.finished) continue;
-      if (static_cast<int64_t>(tr.tokens.size()) >= max_steps_for(config, batch.source_lengths[b])) continue;
+      if (static_cast<int64_t>(tr.tokens.size()) >= max_steps_for(config, source_lengths[b])) continue;
       const auto& row = logp[b];
       const int32_t best = static_cast<int32_t>(std::max_element(row.begin(), row.end()) - row.begin());
       tr.log_prob += row[best];
-      if (weights_wanted) tr.alignment.push_back(weight_row(r.weights, b, batch.source_lengths[b]));
+      if (weights_wanted) tr.alignment.push_back(weight_row(weights, b, source_lengths[b]));
       if (best == Vocab::eos_id)
         tr.finished = true;
       else
@@ -78,7 +128,6 @@ std::vector<Translation> greedy_decode(const Seq2Seq& model,
       ids[b] = best;
       all_done = all_done && tr.finished;
     }
-    state = r.state;
     if (all_done) break;
   }
   for (Translation& tr : out)
@@ -87,32 +136,21 @@ std::vector<Translation> greedy_decode(const Seq2Seq& model,
   return out;
 }
 
-Translation beam_decode(const Seq2Seq& model, const std::vector<int32_t>& source,
-                        const DecodeConfig& config) {
+// `session` holds one row: the sentence, encoded once.
+Translation beam_search(DecodingSession& session, int64_t source_length, const DecodeConfig& config) {
   const int64_t K = config.beam;
-  ATTN_CHECK(K >= 1, "beam_search", "beam size must be >= 1, got ", K);
-  const Batch one = make_source_batch({source});
-  const EncodedSource src1 = model.encode(one);
-  // Replicate the sentence K times once; each step uses the first k rows.
-  const std::vector<int64_t> zeros(K, 0);
-  EncodedSource srcK;
-  srcK.memory = gather_rows(src1.memory, zeros);
-  srcK.values = gather_rows(src1.values, zeros);
-  srcK.lengths.assign(K, one.source_lengths[0]);
-  if (src1.fixed_context.defined()) srcK.fixed_context = gather_rows(src1.fixed_context, zeros);
-  const bool weights_wanted = config.alignment && model.config.decoder != DecoderKind::none;
-  const int64_t S = one.source_lengths[0];
+  const bool weights_wanted = config.alignment && session.has_alignment();
+  const int64_t S = source_length;
   const int64_t max_steps = max_steps_for(config, S);
 
   std::vector<Translation> live(1), finished;
-  DecoderState state = src1.initial;
+  Tensor weights;
   for (int64_t t = 0; t < max_steps && !live.empty(); ++t) {
     const int64_t k = static_cast<int64_t>(live.size());
     std::vector<int32_t> ids(k);
     for (int64_t i = 0; i < k; ++i)
       ids[i] = live[i].tokens.empty() ? static_cast<int32_t>(Vocab::bos_id) : live[i].tokens.back();
-    StepResult r = model.step(first_rows(srcK, k), state, ids, t, false, weights_wanted);
-    const auto logp = model.log_probs(r);
+    const auto logp = session.step(ids, weights_wanted ? &weights : nullptr);
     const int64_t V = static_cast<int64_t>(logp[0].size());
     struct Candidate {
       double log_prob;
@@ -137,7 +175,7 @@ Translation beam_decode(const Seq2Seq& model, const std::vector<int32_t>& source
       const Candidate& cand = cands[c];
       Translation h = live[cand.beam];
       h.log_prob = cand.log_prob;
-      if (weights_wanted) h.alignment.push_back(weight_row(r.weights, cand.beam, S));
+      if (weights_wanted) h.alignment.push_back(weight_row(weights, cand.beam, S));
       if (cand.token == Vocab::eos_id) {
         h.finished = true;
         h.score = normalised(h.log_prob, static_cast<int64_t>(h.tokens.size()) + 1, config.length_penalty);
@@ -151,7 +189,9 @@ Translation beam_decode(const Seq2Seq& model, const std::vector<int32_t>& source
     }
     if (static_cast<int64_t>(finished.size()) >= K) break;
     live = std::move(next);
-    if (!live.empty()) state = gather_state(r.state, parents);
+    // The surviving hypotheses' states: rows of their parents, repeated when one parent
+    // spawned several (the Transformer copies its KV caches row by row).
+    if (!live.empty()) session.select_rows(parents);
   }
   if (finished.empty()) {
     for (Translation& h : live) {
@@ -167,14 +207,67 @@ Translation beam_decode(const Seq2Seq& model, const std::vector<int32_t>& source
   return finished[best];
 }
 
-std::vector<Translation> translate_ids(const Seq2Seq& model,
-                                       const std::vector<std::vector<int32_t>>& sources,
-                                       const DecodeConfig& config) {
+void check_beam(const DecodeConfig& config) {
+  ATTN_CHECK(config.beam >= 1, "beam_search", "beam size must be >= 1, got ", config.beam);
+}
+
+template <class Model>
+std::vector<Translation> translate_each(const Model& model,
+                                        const std::vector<std::vector<int32_t>>& sources,
+                                        const DecodeConfig& config) {
   if (config.beam <= 1) return greedy_decode(model, sources, config);
   std::vector<Translation> out;
   out.reserve(sources.size());
   for (const auto& s : sources) out.push_back(beam_decode(model, s, config));
   return out;
+}
+
+}  // namespace
+
+std::vector<Translation> greedy_decode(const Seq2Seq& model,
+                                       const std::vector<std::vector<int32_t>>& sources,
+                                       const DecodeConfig& config) {
+  if (sources.empty()) return {};
+  const Batch batch = make_source_batch(sources);
+  RecurrentSession session(model, batch);
+  return greedy_search(session, batch.source_lengths, config);
+}
+
+Translation beam_decode(const Seq2Seq& model, const std::vector<int32_t>& source,
+                        const DecodeConfig& config) {
+  check_beam(config);
+  const Batch one = make_source_batch({source});
+  RecurrentSession session(model, one);
+  return beam_search(session, one.source_lengths[0], config);
+}
+
+std::vector<Translation> translate_ids(const Seq2Seq& model,
+                                       const std::vector<std::vector<int32_t>>& sources,
+                                       const DecodeConfig& config) {
+  return translate_each(model, sources, config);
+}
+
+std::vector<Translation> greedy_decode(const TransformerSeq2Seq& model,
+                                       const std::vector<std::vector<int32_t>>& sources,
+                                       const DecodeConfig& config) {
+  if (sources.empty()) return {};
+  const Batch batch = make_source_batch(sources);
+  TransformerSession session(model, batch, max_steps_for(config, longest(batch.source_lengths)));
+  return greedy_search(session, batch.source_lengths, config);
+}
+
+Translation beam_decode(const TransformerSeq2Seq& model, const std::vector<int32_t>& source,
+                        const DecodeConfig& config) {
+  check_beam(config);
+  const Batch one = make_source_batch({source});
+  TransformerSession session(model, one, max_steps_for(config, one.source_lengths[0]));
+  return beam_search(session, one.source_lengths[0], config);
+}
+
+std::vector<Translation> translate_ids(const TransformerSeq2Seq& model,
+                                       const std::vector<std::vector<int32_t>>& sources,
+                                       const DecodeConfig& config) {
+  return translate_each(model, sources, config);
 }
 
 }  // namespace attn::seq2seq

@@ -6,6 +6,10 @@
 // ranked by score / length^alpha (length counts <eos>; alpha = 0 ranks by raw log-probability).
 // The search stops when K hypotheses are finished or max_length steps have been taken. Ties are
 // broken by the lower beam index, then the lower token id, so beam 1 is exactly greedy search.
+//
+// Both architectures decode through the same search: the recurrent Seq2Seq carries its state
+// from step to step, the Transformer keeps each decoder layer's KV cache and feeds one token
+// per step; beam search reorders (and duplicates) either state's rows as hypotheses are chosen.
 #pragma once
 
 #include <cstdint>
@@ -13,6 +17,7 @@
 
 #include "seq2seq/batching.h"
 #include "seq2seq/model.h"
+#include "seq2seq/transformer_model.h"
 
 namespace attn::seq2seq {
 
@@ -31,6 +36,9 @@ struct Translation {
   // alignment[i][j]: weight of output step i (tokens then <eos>) on source position j (source
   // tokens then <eos>). Empty for the no-attention baseline.
   std::vector<std::vector<double>> alignment;
+  // A copying model's tokens may be extended ids V + k (batching.h): copied_words[k] is the
+  // source word behind V + k (filled by Translator::translate).
+  Tokens copied_words;
 };
 
 // Sources are id sequences without <eos> (make_source_batch appends it).
@@ -41,6 +49,17 @@ Translation beam_decode(const Seq2Seq& model, const std::vector<int32_t>& source
                         const DecodeConfig& config);
 // Greedy (batched) for beam 1, else beam search sentence by sentence.
 std::vector<Translation> translate_ids(const Seq2Seq& model,
+                                       const std::vector<std::vector<int32_t>>& sources,
+                                       const DecodeConfig& config = {});
+
+// The same searches for the Transformer; the alignment is the last decoder layer's
+// cross-attention averaged over heads.
+std::vector<Translation> greedy_decode(const TransformerSeq2Seq& model,
+                                       const std::vector<std::vector<int32_t>>& sources,
+                                       const DecodeConfig& config = {});
+Translation beam_decode(const TransformerSeq2Seq& model, const std::vector<int32_t>& source,
+                        const DecodeConfig& config);
+std::vector<Translation> translate_ids(const TransformerSeq2Seq& model,
                                        const std::vector<std::vector<int32_t>>& sources,
                                        const DecodeConfig& config = {});
 

@@ -2,10 +2,12 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <filesystem>
 #include <span>
 #include <sstream>
 
 #include "attn/error.h"
+#include "seq2seq/png.h"
 #include "seq2seq/safetensors.h"
 
 namespace attn::seq2seq {
@@ -38,6 +40,13 @@ const char* shade(double w) {
   if (w < 0.5) return "▒▒";
   if (w < 0.7) return "▓▓";
   return "██";
+}
+
+// White to dark blue (8, 48, 107), linear in the weight (clamped to [0, 1]); SVG and PNG agree.
+png::Rgb heat_colour(double weight) {
+  const double w = std::clamp(weight, 0.0, 1.0);
+  auto channel = [w](int dark) { return static_cast<uint8_t>(255 - w * (255 - dark)); };
+  return {channel(8), channel(48), channel(107)};
 }
 
 std::string xml_escape(const std::string& s) {
@@ -109,11 +118,9 @@ std::string svg_heatmap(const Tokens& source, const Tokens& target, const Alignm
         << "\" text-anchor=\"end\">" << xml_escape(target[i]) << "</text>\n";
     for (std::size_t j = 0; j < source.size(); ++j) {
       const double w = std::clamp(weights[i][j], 0.0, 1.0);
-      // White to dark blue (8, 48, 107), linear in the weight.
-      const int r = static_cast<int>(255 - w * (255 - 8)), g = static_cast<int>(255 - w * (255 - 48)),
-                b = static_cast<int>(255 - w * (255 - 107));
+      const png::Rgb c = heat_colour(w);
       char fill[8];
-      std::snprintf(fill, sizeof fill, "#%02x%02x%02x", r, g, b);
+      std::snprintf(fill, sizeof fill, "#%02x%02x%02x", c.r, c.g, c.b);
       out << "<rect x=\"" << left + cell * static_cast<int>(j) << "\" y=\"" << y << "\" width=\""
           << cell << "\" height=\"" << cell << "\" fill=\"" << fill
           << "\" stroke=\"#ddd\"><title>" << xml_escape(target[i]) << " / "
@@ -128,6 +135,62 @@ void write_svg_heatmap(const std::string& path, const Tokens& source, const Toke
                        const Alignment& weights) {
   const std::string svg = svg_heatmap(source, target, weights);
   write_file_atomically(path, std::as_bytes(std::span(svg.data(), svg.size())), "heatmap");
+}
+
+namespace {
+// Labels at twice the font's size: 10 x 18 pixel glyphs, 12 pixels apart, beside 28 pixel
+// cells (the SVG's), so a cap-height glyph (14 pixels) sits centred in a row or column.
+constexpr int kPngScale = 2;
+constexpr int64_t kPngCell = 28;
+constexpr int64_t kPngGap = 6;      // between a label and the grid
+constexpr int64_t kPngMargin = 10;  // around the whole picture
+constexpr int64_t kCapHeight = 7 * kPngScale;
+constexpr png::Rgb kGrid{221, 221, 221};
+constexpr png::Rgb kInk{0, 0, 0};
+}  // namespace
+
+PngHeatmapLayout png_heatmap_layout(const Tokens& source, const Tokens& target) {
+  int64_t longest_target = 1, longest_source = 1;
+  for (const auto& w : target) longest_target = std::max(longest_target, png::text_length(w, kPngScale));
+  for (const auto& w : source) longest_source = std::max(longest_source, png::text_length(w, kPngScale));
+  PngHeatmapLayout l;
+  l.cell = kPngCell;
+  l.left = kPngMargin + longest_target + kPngGap;
+  l.top = kPngMargin + longest_source + kPngGap;
+  l.width = l.left + l.cell * static_cast<int64_t>(source.size()) + kPngMargin;
+  l.height = l.top + l.cell * static_cast<int64_t>(target.size()) + kPngMargin;
+  return l;
+}
+
+std::vector<uint8_t> png_heatmap(const Tokens& source, const Tokens& target, const Alignment& weights) {
+  check_shape(source, target, weights);
+  const PngHeatmapLayout l = png_heatmap_layout(source, target);
+  png::RgbImage image(l.width, l.height, {255, 255, 255});
+  const int64_t S = static_cast<int64_t>(source.size()), T = static_cast<int64_t>(target.size());
+  for (int64_t i = 0; i < T; ++i)
+    for (int64_t j = 0; j < S; ++j)
+      image.fill_rect(l.left + j * l.cell, l.top + i * l.cell, l.cell, l.cell, heat_colour(weights[i][j]));
+  // One-pixel grid lines on the cell borders, like the SVG's strokes.
+  for (int64_t i = 0; i <= T; ++i) image.fill_rect(l.left, l.top + i * l.cell, S * l.cell + 1, 1, kGrid);
+  for (int64_t j = 0; j <= S; ++j) image.fill_rect(l.left + j * l.cell, l.top, 1, T * l.cell + 1, kGrid);
+  const int64_t inset = (l.cell - kCapHeight) / 2;  // centres the cap height in a cell
+  for (int64_t j = 0; j < S; ++j)
+    png::draw_text(image, l.left + j * l.cell + inset, l.top - kPngGap, source[j],
+                   {kPngScale, kInk, png::TextDirection::bottom_to_top});
+  for (int64_t i = 0; i < T; ++i)
+    png::draw_text(image, l.left - kPngGap - png::text_length(target[i], kPngScale),
+                   l.top + i * l.cell + inset, target[i], {kPngScale, kInk, png::TextDirection::left_to_right});
+  return png::encode_png(image);
+}
+
+void write_heatmap(const std::string& path, const Tokens& source, const Tokens& target,
+                   const Alignment& weights) {
+  const std::string ext = lowercase(std::filesystem::path(path).extension().string());
+  if (ext == ".svg") return write_svg_heatmap(path, source, target, weights);
+  ATTN_CHECK(ext == ".png", "heatmap", "cannot tell the image format of ", path,
+             ": the file name must end in .svg or .png");
+  const std::vector<uint8_t> bytes = png_heatmap(source, target, weights);
+  write_file_atomically(path, std::as_bytes(std::span(bytes.data(), bytes.size())), "heatmap");
 }
 
 }  // namespace attn::seq2seq

@@ -72,11 +72,16 @@ CopyMixtureResult copy_mixture_loss(const Tensor& logits, const Tensor& copy, co
                                     const CrossEntropyConfig& config) {
   constexpr const char* op = "copy_mixture_loss";
   ATTN_CHECK(logits.defined() && copy.defined() && gate.defined() && logits.dim() >= 2 &&
-                 copy.shape() == logits.shape() && logits.dtype() == copy.dtype() &&
+                 copy.dim() == logits.dim() && logits.dtype() == copy.dtype() &&
                  gate.dtype() == logits.dtype(),
-             op, "logits ", logits.shape_str(), " and copy ", copy.shape_str(),
-             " must match, with a gate of the same dtype");
-  const int64_t V = logits.size(-1);
+             op, "logits ", logits.defined() ? logits.shape_str() : "undefined", " and copy ",
+             copy.defined() ? copy.shape_str() : "undefined",
+             " must have the same rank, with a gate of the same dtype");
+  const int64_t V = logits.size(-1), Vx = copy.size(-1);
+  bool leading_match = Vx >= V;
+  for (int64_t d = 0; d + 1 < logits.dim(); ++d) leading_match = leading_match && logits.size(d) == copy.size(d);
+  ATTN_CHECK(leading_match, op, "copy ", copy.shape_str(), " must match logits ",
+             logits.shape_str(), " but for a last dimension of V + X >= V");
   const int64_t N = logits.numel() / std::max<int64_t>(V, 1);
   ATTN_CHECK(gate.numel() == N && static_cast<int64_t>(targets.size()) == N, op, "logits hold ", N,
              " rows, gate ", gate.shape_str(), ", ", targets.size(), " targets");
@@ -86,39 +91,42 @@ CopyMixtureResult copy_mixture_loss(const Tensor& logits, const Tensor& copy, co
   CopyMixtureResult r;
   for (int32_t t : targets) {
     if (t == config.ignore_id) continue;
-    ATTN_CHECK(0 <= t && t < V, op, "target ", t, " out of range for ", V, " classes");
+    ATTN_CHECK(0 <= t && t < Vx, op, "target ", t, " out of range for ", V, " words and ", Vx - V,
+               " extended ids");
     ++r.count;
   }
-  std::vector<double> dx(config.compute_grad ? N * V : 0), dc(dx.size()), dg(config.compute_grad ? N : 0);
+  std::vector<double> dx(config.compute_grad ? N * V : 0), dc(config.compute_grad ? N * Vx : 0),
+      dg(config.compute_grad ? N : 0);
   if (r.count > 0) {
     const double eps = config.label_smoothing, inv_m = 1.0 / static_cast<double>(r.count);
-    std::vector<double> s(V), rv(V);
+    std::vector<double> s(V), rv(Vx);
     for (int64_t n = 0; n < N; ++n) {
       if (targets[n] == config.ignore_id) continue;
       const double* row = x.data() + n * V;
-      const double* crow = c.data() + n * V;
+      const double* crow = c.data() + n * Vx;
       double mx = row[0];
       for (int64_t v = 1; v < V; ++v) mx = std::max(mx, row[v]);
       double sum = 0.0;
       for (int64_t v = 0; v < V; ++v) sum += (s[v] = std::exp(row[v] - mx));
       for (int64_t v = 0; v < V; ++v) s[v] /= sum;
       double loss = 0.0, gate_sum = 0.0, sr = 0.0;
-      for (int64_t v = 0; v < V; ++v) {
-        const double q = (v == targets[n] ? 1.0 - eps : 0.0) + eps / static_cast<double>(V);
-        const double p = g[n] * s[v] + (1.0 - g[n]) * crow[v];
+      for (int64_t v = 0; v < Vx; ++v) {
+        const double q = (v == targets[n] ? 1.0 - eps : 0.0) + (v < V ? eps / static_cast<double>(V) : 0.0);
+        const double sv = v < V ? s[v] : 0.0;
+        rv[v] = 0.0;
+        if (q == 0.0) continue;  // 0 log 0 = 0, and no gradient through p
+        const double p = g[n] * sv + (1.0 - g[n]) * crow[v];
         loss -= q * std::log(p);
         if (v == targets[n]) r.nll -= std::log(p);
         rv[v] = -q / p * inv_m;
-        gate_sum += rv[v] * (s[v] - crow[v]);
-        sr += s[v] * g[n] * rv[v];
+        gate_sum += rv[v] * (sv - crow[v]);
+        sr += sv * g[n] * rv[v];
       }
       r.loss += loss;
       if (!config.compute_grad) continue;
       dg[n] = gate_sum;
-      for (int64_t v = 0; v < V; ++v) {
-        dc[n * V + v] = (1.0 - g[n]) * rv[v];
-        dx[n * V + v] = s[v] * (g[n] * rv[v] - sr);
-      }
+      for (int64_t v = 0; v < Vx; ++v) dc[n * Vx + v] = (1.0 - g[n]) * rv[v];
+      for (int64_t v = 0; v < V; ++v) dx[n * V + v] = s[v] * (g[n] * rv[v] - sr);
     }
     r.loss *= inv_m;
     r.nll *= inv_m;

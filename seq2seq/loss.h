@@ -33,17 +33,22 @@ struct CrossEntropyResult {
 CrossEntropyResult cross_entropy(const Tensor& logits, const std::vector<int32_t>& targets,
                                  const CrossEntropyConfig& config = {});
 
-// The same loss for a copy mixture (pointer-generator, model.h):
-//   p_n = g_n softmax(logits_n) + (1 - g_n) copy_n,   l_n = -sum_v q_n(v) log p_n(v)
-// logits and copy [N, V] (or [T, B, V]), gate [N] (or [T, B, 1]) in (0, 1), copy rows sum to 1.
-// With r_v = -q_v / (M p_v):  dgate = sum_v r_v (s_v - copy_v),  dcopy_v = (1 - g) r_v,
-// dlogits_v = s_v (g r_v - sum_u s_u g r_u),  s = softmax(logits). Computed in float64.
+// The same loss for a copy mixture (pointer-generator, model.h) over the extended vocabulary
+// (batching.h) of V + X ids, the V words of the vocabulary and X extended ids of source words:
+//   p_n(v) = g_n s_n(v) [v < V] + (1 - g_n) copy_n(v),  s_n = softmax(logits_n),
+//   l_n = -sum_v q_n(v) log p_n(v)
+// logits [N, V] (or [T, B, V]), copy [N, V + X] (or [T, B, V + X]) with rows summing to 1, gate
+// [N] (or [T, B, 1]) in (0, 1); targets < V + X. Label smoothing spreads eps over the V words
+// only: q_n = (1 - eps) onehot(target_n) + eps / V on v < V. An extended id can have p = 0 (a
+// sentence with fewer than X of them), so the sum skips the v with q_n(v) = 0.
+// With r_v = -q_v / (M p_v) (0 where q_v = 0):  dgate = sum_v r_v (s_v [v < V] - copy_v),
+// dcopy_v = (1 - g) r_v,  dlogits_v = s_v (g r_v - sum_{u < V} s_u g r_u). Computed in float64.
 struct CopyMixtureResult {
   double loss = 0.0;
   double nll = 0.0;
   int64_t count = 0;
   Tensor dlogits;  // like logits
-  Tensor dcopy;    // like copy
+  Tensor dcopy;    // like copy (0 where q = 0 and p = 0)
   Tensor dgate;    // like gate
 };
 CopyMixtureResult copy_mixture_loss(const Tensor& logits, const Tensor& copy, const Tensor& gate,

@@ -1,7 +1,9 @@
 #include "seq2seq/model.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <span>
 #include <utility>
 
 #include "attn/error.h"
@@ -104,6 +106,26 @@ const char* decoder_kind_name(DecoderKind kind) {
   return "?";
 }
 
+const char* architecture_name(Architecture arch) {
+  return arch == Architecture::transformer ? "transformer" : "rnn";
+}
+
+std::optional<Architecture> parse_architecture(std::string_view name) {
+  for (Architecture a : {Architecture::rnn, Architecture::transformer})
+    if (name == architecture_name(a)) return a;
+  return std::nullopt;
+}
+
+const char* position_kind_name(PositionKind kind) {
+  return kind == PositionKind::rope ? "rope" : "sinusoidal";
+}
+
+std::optional<PositionKind> parse_position_kind(std::string_view name) {
+  for (PositionKind k : {PositionKind::sinusoidal, PositionKind::rope})
+    if (name == position_kind_name(k)) return k;
+  return std::nullopt;
+}
+
 const char* score_kind_name(ScoreKind kind) {
   switch (kind) {
     case ScoreKind::dot: return "dot";
@@ -142,6 +164,29 @@ void validate(const ModelConfig& c) {
   ATTN_CHECK(c.source_vocab > Vocab::num_special && c.target_vocab > Vocab::num_special, kOp,
              "vocabularies must hold more than the ", Vocab::num_special,
              " special tokens, got source ", c.source_vocab, ", target ", c.target_vocab);
+  if (c.arch == Architecture::transformer) {
+    // The recurrent fields (bidirectional, scoring, copy) do not apply; the Transformer's do.
+    ATTN_CHECK(c.hidden >= 1 && c.heads >= 1 && c.hidden % c.heads == 0, kOp,
+               "transformer heads (", c.heads, ") must be >= 1 and divide hidden = d_model (",
+               c.hidden, ")");
+    ATTN_CHECK(c.embedding == c.hidden, kOp, "transformer embeddings are d_model wide: embedding (",
+               c.embedding, ") must equal hidden (", c.hidden, ")");
+    ATTN_CHECK(c.encoder_layers >= 1 && c.decoder_layers >= 1, kOp,
+               "transformer layers must be >= 1, got encoder ", c.encoder_layers, ", decoder ",
+               c.decoder_layers);
+    ATTN_CHECK(c.ffn >= 0, kOp, "transformer ffn width must be >= 0 (0 = 4 x hidden), got ", c.ffn);
+    ATTN_CHECK(c.dropout >= 0.0 && c.dropout < 1.0, kOp, "dropout must be in [0, 1), got ",
+               c.dropout);
+    ATTN_CHECK(c.positions != PositionKind::rope || (c.hidden / c.heads) % 2 == 0, kOp,
+               "rope rotates feature pairs: hidden / heads = ", c.hidden / c.heads,
+               " must be even");
+    ATTN_CHECK(!c.copy, kOp, "the transformer has no copy mechanism");
+    ATTN_CHECK(c.max_source_steps >= 2, kOp, "max source steps must be >= 2, got ",
+               c.max_source_steps);
+    ATTN_CHECK(c.dtype == DType::f32 || c.dtype == DType::f64, kOp,
+               "dtype must be float32 or float64");
+    return;
+  }
   ATTN_CHECK(c.embedding >= 1 && c.hidden >= 1, kOp, "embedding (", c.embedding, ") and hidden (",
              c.hidden, ") sizes must be >= 1");
   ATTN_CHECK(!c.bidirectional || c.hidden % 2 == 0, kOp,
@@ -214,8 +259,10 @@ Seq2Seq Seq2Seq::create(const ModelConfig& config, uint64_t seed) {
   m.readout = nn::Linear::create({readout_in, H, true, dt}, mix64(seed + 6));
   m.generator = nn::Linear::create({H, config.target_vocab, true, dt}, mix64(seed + 7));
   if (config.copy) m.gate = nn::Linear::create({2 * H + E, 1, true, dt}, mix64(seed + 8));
-  // Until set_copy_map: every source token maps to <unk>.
+  // Until set_copy_map: the special tokens map to themselves, every word to <unk> (which makes
+  // it an extended id).
   m.copy_map.assign(config.source_vocab, static_cast<int32_t>(Vocab::unk_id));
+  for (int32_t id = 0; id < Vocab::num_special; ++id) m.copy_map[id] = id;
   return m;
 }
 
@@ -261,7 +308,12 @@ EncodedSource Seq2Seq::encode(const Batch& batch) const {
              "source of ", S, " steps is longer than the model's maximum of ",
              config.max_source_steps);
   EncodedSource src;
-  nn::EmbeddingForward emb = source_embedding.forward({batch.source, {B, S}});
+  // Unknown source words may come as ids >= the source vocabulary (batching.h's
+  // encode_source_words, for copying): their embedding is <unk>'s.
+  std::vector<int32_t> embedded_ids = batch.source;
+  for (int32_t& id : embedded_ids)
+    if (id >= config.source_vocab) id = static_cast<int32_t>(Vocab::unk_id);
+  nn::EmbeddingForward emb = source_embedding.forward({std::move(embedded_ids), {B, S}});
   nn::RnnForward rnn = encoder.forward(emb.out, batch.source_lengths);
   src.memory = rnn.out.contiguous();
   src.lengths = batch.source_lengths;
@@ -273,18 +325,33 @@ EncodedSource Seq2Seq::encode(const Batch& batch) const {
   if (config.decoder == DecoderKind::none) src.fixed_context = src.initial.h;
   const int64_t H = config.hidden;
   if (config.copy) {
-    // values = [memory | one-hot target id of each source token]; padding rows stay zero.
+    // values = [memory | one-hot copy id of each source token] over the extended vocabulary of
+    // V + X ids (batching.h); padding rows stay zero.
     const int64_t V = config.target_vocab;
-    Tensor onehot = Tensor::zeros({B, S, V}, config.dtype);
+    std::vector<int32_t> copy_ids = batch.source_copy;
+    if (copy_ids.empty()) {
+      // A batch built from ids: the copy ids follow from copy_map, sentence by sentence.
+      copy_ids.assign(B * S, static_cast<int32_t>(Vocab::pad_id));
+      for (int64_t b = 0; b < B; ++b) {
+        const std::span<const int32_t> row(batch.source.data() + b * S, batch.source_lengths[b]);
+        const ExtendedSource e = extend_source(row, copy_map, V);
+        std::copy(e.copy_ids.begin(), e.copy_ids.end(), copy_ids.begin() + b * S);
+      }
+    }
+    ATTN_CHECK(static_cast<int64_t>(copy_ids.size()) == B * S, kOp, "batch has ",
+               copy_ids.size(), " source copy ids for ", B, " x ", S, " source tokens");
+    int64_t Vx = V;
     for (int64_t b = 0; b < B; ++b)
       for (int64_t j = 0; j < batch.source_lengths[b]; ++j) {
-        const int32_t id = batch.source[b * S + j];
-        ATTN_CHECK(id >= 0 && id < static_cast<int64_t>(copy_map.size()), kOp, "source id ", id,
-                   " has no copy mapping");
-        onehot.set({b, j, copy_map[id]}, 1.0);
+        const int32_t id = copy_ids[b * S + j];
+        ATTN_CHECK(id >= 0, kOp, "negative copy id ", id, " at source row ", b, ", position ", j);
+        Vx = std::max<int64_t>(Vx, int64_t{id} + 1);
       }
-    src.values = concat_columns({src.memory.reshape({B * S, H}), onehot.reshape({B * S, V})})
-                     .reshape({B, 1, S, H + V});
+    Tensor onehot = Tensor::zeros({B, S, Vx}, config.dtype);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t j = 0; j < batch.source_lengths[b]; ++j) onehot.set({b, j, copy_ids[b * S + j]}, 1.0);
+    src.values = concat_columns({src.memory.reshape({B * S, H}), onehot.reshape({B * S, Vx})})
+                     .reshape({B, 1, S, H + Vx});
   } else {
     src.values = src.memory.reshape({B, 1, S, H});
   }
@@ -422,7 +489,11 @@ StepResult Seq2Seq::step(const EncodedSource& source, const DecoderState& state,
                          bool return_weights) const {
   ATTN_CHECK(static_cast<int64_t>(ids.size()) == source.memory.size(0), kOp, "step got ",
              ids.size(), " token ids for a batch of ", source.memory.size(0));
-  nn::EmbeddingForward e = target_embedding.forward({ids, {static_cast<int64_t>(ids.size())}});
+  // An extended id (a copied unknown word) goes back into the decoder as <unk>.
+  std::vector<int32_t> embedded_ids = ids;
+  for (int32_t& id : embedded_ids)
+    if (id >= config.target_vocab) id = static_cast<int32_t>(Vocab::unk_id);
+  nn::EmbeddingForward e = target_embedding.forward({std::move(embedded_ids), {static_cast<int64_t>(ids.size())}});
   return step_embedded(*this, source, state, e.out, t, keep_cache, return_weights);
 }
 
@@ -434,7 +505,8 @@ std::vector<std::vector<double>> Seq2Seq::log_probs(const StepResult& step) cons
   const std::vector<double> x = lg.to_vector();
   const std::vector<double> copy = config.copy ? step.copy.to_vector() : std::vector<double>();
   const std::vector<double> gate = config.copy ? step.gate.to_vector() : std::vector<double>();
-  std::vector<std::vector<double>> out(N, std::vector<double>(V));
+  const int64_t Vx = config.copy ? step.copy.size(1) : V;  // V + X extended ids
+  std::vector<std::vector<double>> out(N, std::vector<double>(Vx));
   for (int64_t n = 0; n < N; ++n) {
     const double* row = x.data() + n * V;
     double mx = row[0];
@@ -444,9 +516,11 @@ std::vector<std::vector<double>> Seq2Seq::log_probs(const StepResult& step) cons
     const double log_z = mx + std::log(sum);
     for (int64_t v = 0; v < V; ++v) {
       const double logp = row[v] - log_z;
-      out[n][v] = config.copy ? std::log(gate[n] * std::exp(logp) + (1.0 - gate[n]) * copy[n * V + v])
+      out[n][v] = config.copy ? std::log(gate[n] * std::exp(logp) + (1.0 - gate[n]) * copy[n * Vx + v])
                               : logp;
     }
+    // Extended ids: copying is the only way to them (log 0 = -inf for ids the sentence lacks).
+    for (int64_t v = V; v < Vx; ++v) out[n][v] = std::log((1.0 - gate[n]) * copy[n * Vx + v]);
   }
   return out;
 }
@@ -462,7 +536,7 @@ ForwardResult Seq2Seq::forward(const Batch& batch) const {
   f.target_embedding_cache = std::move(emb.cache);
   Tensor outputs = Tensor::empty({T, B, H}, config.dtype);
   if (config.copy) {
-    f.copy = Tensor::empty({T, B, config.target_vocab}, config.dtype);
+    f.copy = Tensor::empty({T, B, f.source.values.size(-1) - H}, config.dtype);  // V + X
     f.gate = Tensor::empty({T, B, 1}, config.dtype);
   }
   DecoderState state = f.source.initial;

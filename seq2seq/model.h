@@ -22,10 +22,16 @@
 // Copy (pointer-generator, See et al. 2017; optional, attention decoders only):
 //   g_t = sigmoid(w_g [c_t; s_t; e_t] + b_g)
 //   p(w) = g_t softmax(W_s o_t + b_s)(w) + (1 - g_t) sum_{j: source_j maps to w} a_tj
-// where a_t are the attention weights and a source token maps to the target token spelt the
-// same (names, numbers), else to <unk>. The copy distribution comes out of the same attention
-// call: the values are [memory | one-hot target id of each source token], so its gradient flows
-// through attention_backward like the context's.
+// over the extended vocabulary of batching.h: w ranges over the V target words and X extended
+// ids, and a source token maps to the target token spelt the same (names, numbers) when the
+// target vocabulary has it, else to its sentence's extended id, so a word never seen in the
+// target training data (a new name, a number) can still be copied. The copy ids come from the
+// batch (Batch::source_copy) or, for batches built from ids alone, from copy_map and the ids
+// (batching.h's extend_source; source ids >= the source vocabulary size are unknown words,
+// embedded as <unk>). An extended id fed back as the previous target token is embedded as <unk>.
+// The copy distribution comes out of the same attention call: the values are [memory | one-hot
+// copy id of each source token] ([B, 1, S, H + V + X]), so its gradient flows through
+// attention_backward like the context's.
 // Any scoring function of attn can drive either attention decoder; local-m (p_t = t, window
 // |j - t| <= D, through Mask::allowed since each call sees one query) and local-p
 // (LocalAttention::predictive) restrict the window as in Luong section 3.2.
@@ -45,6 +51,7 @@
 #include "nn/linear.h"
 #include "nn/parameters.h"
 #include "nn/recurrent.h"
+#include "nn/transformer.h"
 #include "seq2seq/batching.h"
 
 namespace attn::seq2seq {
@@ -64,7 +71,19 @@ const char* score_kind_name(ScoreKind kind);
 std::optional<DecoderKind> parse_decoder_kind(std::string_view name);
 std::optional<ScoreKind> parse_score_kind(std::string_view name);
 
+// Which translator a ModelConfig describes: the recurrent encoder-decoder of this file (Seq2Seq)
+// or the Transformer (TransformerSeq2Seq, seq2seq/transformer_model.h).
+enum class Architecture { rnn, transformer };
+const char* architecture_name(Architecture arch);  // "rnn", "transformer"
+std::optional<Architecture> parse_architecture(std::string_view name);
+// How the Transformer sees positions: a sinusoidal table added to the embeddings, or rotary
+// self-attention (RoPE; cross-attention is never rotated).
+enum class PositionKind { sinusoidal, rope };
+const char* position_kind_name(PositionKind kind);  // "sinusoidal", "rope"
+std::optional<PositionKind> parse_position_kind(std::string_view name);
+
 struct ModelConfig {
+  Architecture arch = Architecture::rnn;
   nn::RnnKind rnn = nn::RnnKind::gru;
   DecoderKind decoder = DecoderKind::luong;
   ScoreKind score = ScoreKind::general;
@@ -79,6 +98,15 @@ struct ModelConfig {
   int64_t attention_hidden = 0;   // A; 0 means H
   int64_t max_source_steps = 64;  // longest source (with <eos>); sizes the location score
   bool copy = false;              // pointer-generator output (attention decoders only)
+  // Transformer only (arch == transformer). d_model is `hidden`, and `embedding` must equal it;
+  // the encoder has encoder_layers layers. rnn, decoder, score, local, bidirectional,
+  // attention_hidden and copy do not apply.
+  int64_t decoder_layers = 2;
+  int64_t heads = 4;              // must divide hidden
+  int64_t ffn = 0;                // feed-forward hidden width; 0 means 4 x hidden
+  double dropout = 0.1;           // residual, FFN, embedding and attention-weight dropout (training)
+  nn::NormPlacement norm = nn::NormPlacement::pre;
+  PositionKind positions = PositionKind::sinusoidal;
   DType dtype = DType::f32;
 };
 
@@ -100,8 +128,8 @@ struct EncodedSource {
   std::vector<int64_t> lengths;  // size B
   DecoderState initial;
   Tensor fixed_context;          // [B, H], the baseline's context (the encoder's final state)
-  Tensor values;                 // [B, 1, S, H (+ V)]: attention values (memory, and the
-                                 // one-hot copy targets when copying)
+  Tensor values;                 // [B, 1, S, H (+ V + X)]: attention values (memory, and the
+                                 // one-hot copy ids when copying)
   // For the backward.
   nn::EmbeddingCache embedding_cache;
   nn::RnnCache rnn_cache;
@@ -124,14 +152,14 @@ struct StepResult {
   DecoderState state;
   Tensor output;   // o_t [B, H]
   Tensor weights;  // [B, S] attention weights (undefined for the baseline)
-  Tensor copy;     // [B, V] copy distribution, when copying
+  Tensor copy;     // [B, V + X] copy distribution over the extended vocabulary, when copying
   Tensor gate;     // [B, 1] g_t, when copying
   StepCache cache;
 };
 
 struct ForwardResult {
   Tensor logits;  // [T, B, V]
-  Tensor copy;    // [T, B, V], when copying
+  Tensor copy;    // [T, B, V + X], when copying
   Tensor gate;    // [T, B, 1], when copying
   EncodedSource source;
   std::vector<StepCache> steps;
@@ -154,8 +182,9 @@ struct Seq2Seq {
   nn::Linear readout;           // W_o / W_c: [H, readout inputs]
   nn::Linear generator;         // W_s: [V, H]
   nn::Linear gate;              // w_g: [1, 2H + E], when copying
-  // Source id -> target id of the same token (<unk> when the target vocabulary lacks it); set
-  // with set_copy_map before a copying model runs.
+  // Source id -> target id of the same token (<unk> when the target vocabulary lacks it, which
+  // makes the token an extended id); set with set_copy_map before a copying model runs. Used
+  // for batches without Batch::source_copy (decoding from ids).
   std::vector<int32_t> copy_map;
 
   void set_copy_map(const std::vector<std::string>& source_tokens,
@@ -179,13 +208,14 @@ struct Seq2Seq {
   // Output layer: o [N, H] -> logits [N, V].
   Tensor logits(const Tensor& output) const;
   // log p(w) of a step's output [B][V] in float64: log-softmax of the logits, or the log of the
-  // copy mixture.
+  // copy mixture over [B][V + X] (-inf for the extended ids a sentence does not have).
   std::vector<std::vector<double>> log_probs(const StepResult& step) const;
 
   // Teacher-forced forward over a whole batch (target_input as decoder inputs).
   ForwardResult forward(const Batch& batch) const;
   // dlogits [T, B, V]: accumulates every parameter's gradient. Copying models also take
-  // dcopy [T, B, V] and dgate [T, B, 1] (loss.h's copy_mixture_loss).
+  // dcopy [T, B, V + X] and dgate [T, B, 1] (loss.h's copy_mixture_loss, with
+  // Batch::target_copy as the targets).
   void backward(const Batch& batch, const ForwardResult& forward, const Tensor& dlogits,
                 const Tensor& dcopy = {}, const Tensor& dgate = {});
 };

@@ -6,6 +6,10 @@
 #include <filesystem>
 #include <map>
 #include <numeric>
+#include <type_traits>
+
+#include <cblas.h>
+#include <omp.h>
 
 #include "attn/error.h"
 #include "attn/random.h"
@@ -31,6 +35,7 @@ void put_config(Metadata& md, const TrainConfig& c) {
   const ModelConfig& m = c.model;
   md["format"] = kFormat;
   md["version"] = "1";
+  md["config.arch"] = architecture_name(m.arch);
   md["config.rnn"] = nn::rnn_kind_name(m.rnn);
   md["config.decoder"] = decoder_kind_name(m.decoder);
   md["config.score"] = score_kind_name(m.score);
@@ -46,6 +51,14 @@ void put_config(Metadata& md, const TrainConfig& c) {
   md["config.attention_hidden"] = std::to_string(m.attention_hidden);
   md["config.max_source_steps"] = std::to_string(m.max_source_steps);
   md["config.copy"] = m.copy ? "true" : "false";
+  if (m.arch == Architecture::transformer) {
+    md["config.decoder_layers"] = std::to_string(m.decoder_layers);
+    md["config.heads"] = std::to_string(m.heads);
+    md["config.ffn"] = std::to_string(m.ffn);
+    md["config.dropout"] = exact(m.dropout);
+    md["config.norm"] = nn::norm_placement_name(m.norm);
+    md["config.positions"] = position_kind_name(m.positions);
+  }
   md["train.vocab_max_size"] = std::to_string(c.vocab.max_size);
   md["train.vocab_min_frequency"] = std::to_string(c.vocab.min_frequency);
   md["train.epochs"] = std::to_string(c.epochs);
@@ -112,6 +125,25 @@ TrainConfig read_config(const Metadata& md, const std::string& source) {
   ATTN_CHECK(r.str("version") == "1", "checkpoint", source, ": unsupported version ", r.str("version"));
   TrainConfig c;
   ModelConfig& m = c.model;
+  // Checkpoints written before the Transformer existed have no config.arch: recurrent.
+  if (md.count("config.arch")) {
+    auto arch = parse_architecture(r.str("config.arch"));
+    ATTN_CHECK(arch.has_value(), "checkpoint", source, ": unknown architecture ", r.str("config.arch"));
+    m.arch = *arch;
+  }
+  if (m.arch == Architecture::transformer) {
+    m.decoder_layers = r.i64("config.decoder_layers");
+    m.heads = r.i64("config.heads");
+    m.ffn = r.i64("config.ffn");
+    m.dropout = r.f64("config.dropout");
+    const std::string norm = r.str("config.norm");
+    ATTN_CHECK(norm == "pre" || norm == "post", "checkpoint", source, ": unknown norm placement ", norm);
+    m.norm = norm == "pre" ? nn::NormPlacement::pre : nn::NormPlacement::post;
+    auto positions = parse_position_kind(r.str("config.positions"));
+    ATTN_CHECK(positions.has_value(), "checkpoint", source, ": unknown positions ",
+               r.str("config.positions"));
+    m.positions = *positions;
+  }
   const std::string rnn = r.str("config.rnn");
   ATTN_CHECK(rnn == "gru" || rnn == "lstm", "checkpoint", source, ": unknown rnn ", rnn);
   m.rnn = rnn == "gru" ? nn::RnnKind::gru : nn::RnnKind::lstm;
@@ -204,13 +236,42 @@ BatchLoss batch_loss(Seq2Seq& model, const Batch& batch, const ForwardResult& f,
   CrossEntropyConfig c = ce;
   c.compute_grad = backward;
   if (model.config.copy) {
-    const CopyMixtureResult r = copy_mixture_loss(f.logits, f.copy, f.gate, batch.target_output, c);
+    // Targets over the extended vocabulary: copyable unknown words as their extended ids.
+    const CopyMixtureResult r = copy_mixture_loss(f.logits, f.copy, f.gate, batch.target_copy, c);
     if (backward) model.backward(batch, f, r.dlogits, r.dcopy, r.dgate);
     return {r.loss, r.nll, r.count};
   }
   const CrossEntropyResult r = cross_entropy(f.logits, batch.target_output, c);
   if (backward) model.backward(batch, f, r.dlogits);
   return {r.loss, r.nll, r.count};
+}
+
+// The dropout seed of global step `step` (Transformer): a pure function of (seed, step), so a
+// resumed run draws the masks the uninterrupted run drew.
+uint64_t step_seed(uint64_t seed, int64_t step) {
+  return mix64(seed ^ mix64(static_cast<uint64_t>(step) + 0x7f4a7c15ULL));
+}
+
+// Forward and loss of one batch under either architecture; with `backward`, the gradients too
+// (and dropout, for the Transformer, seeded by `seed`).
+BatchLoss model_batch_loss(TranslationModel& model, const Batch& batch, const CrossEntropyConfig& ce,
+                           bool backward, uint64_t seed) {
+  return std::visit(
+      [&](auto& m) -> BatchLoss {
+        using M = std::decay_t<decltype(m)>;
+        if constexpr (std::is_same_v<M, Seq2Seq>) {
+          const ForwardResult f = m.forward(batch);
+          return batch_loss(m, batch, f, ce, backward);
+        } else {
+          const TransformerForward f = m.forward(batch, {backward, seed});
+          CrossEntropyConfig c = ce;
+          c.compute_grad = backward;
+          const CrossEntropyResult r = cross_entropy(f.logits, batch.target_output, c);
+          if (backward) m.backward(batch, f, r.dlogits);
+          return {r.loss, r.nll, r.count};
+        }
+      },
+      model);
 }
 
 std::string resolve_checkpoint(const std::string& path) {
@@ -227,8 +288,27 @@ Tokens tokenize_training_text(std::string_view text) {
   return tokenize(text, options);
 }
 
+TranslationModel create_model(const ModelConfig& config, uint64_t seed) {
+  if (config.arch == Architecture::transformer) return TransformerSeq2Seq::create(config, seed);
+  return Seq2Seq::create(config, seed);
+}
+
+void set_thread_count(int threads) {
+  ATTN_CHECK(threads >= 1, "threads", "thread count must be >= 1, got ", threads);
+  omp_set_num_threads(threads);
+  openblas_set_num_threads(threads);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Translator
+
+const ModelConfig& Translator::config() const {
+  return std::visit([](const auto& m) -> const ModelConfig& { return m.config; }, model);
+}
+
+nn::ParameterList Translator::parameters() const {
+  return std::visit([](const auto& m) { return m.parameters(); }, model);
+}
 
 std::vector<Translation> Translator::translate(const std::vector<std::string>& sentences,
                                                const DecodeConfig& config,
@@ -236,25 +316,53 @@ std::vector<Translation> Translator::translate(const std::vector<std::string>& s
   TokenizeOptions options;
   options.is_name = [this](std::string_view w) { return source_vocab.contains(w) || is_corpus_name(w); };
   std::vector<std::vector<int32_t>> ids;
-  if (source_tokens) source_tokens->clear();
+  std::vector<Tokens> tokenised;
   for (const std::string& s : sentences) {
     Tokens tokens = tokenize(s, options);
     ATTN_CHECK(!tokens.empty(), "translate", "empty sentence");
-    ATTN_CHECK(static_cast<int64_t>(tokens.size()) + 1 <= model.config.max_source_steps ||
-                   model.config.score != ScoreKind::location,
+    const ModelConfig& mc = this->config();
+    ATTN_CHECK(static_cast<int64_t>(tokens.size()) + 1 <= mc.max_source_steps ||
+                   mc.arch == Architecture::transformer || mc.score != ScoreKind::location,
                "translate", "sentence of ", tokens.size(), " tokens is longer than the model's ",
-               model.config.max_source_steps - 1);
+               mc.max_source_steps - 1);
     std::vector<int32_t> row;
-    for (const std::string& t : tokens) row.push_back(static_cast<int32_t>(source_vocab.id(t)));
+    if (mc.copy)  // each unknown word its own id, so that it gets its own extended id to copy
+      row = encode_source_words(source_vocab, tokens);
+    else
+      for (const std::string& t : tokens) row.push_back(static_cast<int32_t>(source_vocab.id(t)));
     ids.push_back(std::move(row));
-    if (source_tokens) source_tokens->push_back(std::move(tokens));
+    tokenised.push_back(std::move(tokens));
   }
-  return translate_ids(model, ids, config);
+  std::vector<Translation> out =
+      std::visit([&](const auto& m) { return translate_ids(m, ids, config); }, model);
+  // The source words behind a copying model's extended ids (batching.h's extend_source, as the
+  // model derived them from the ids).
+  if (const auto* rnn = std::get_if<Seq2Seq>(&model); rnn && rnn->config.copy)
+    for (std::size_t i = 0; i < out.size(); ++i)
+      out[i].copied_words =
+          copy_words(tokenised[i], extend_source(ids[i], rnn->copy_map, rnn->config.target_vocab));
+  if (source_tokens) *source_tokens = std::move(tokenised);
+  return out;
 }
 
 Tokens Translator::target_tokens(const Translation& t) const {
-  std::vector<int64_t> ids(t.tokens.begin(), t.tokens.end());
-  return target_vocab.decode(ids);
+  // Vocab::decode's defaults (stop at <eos>, drop <pad> and <bos>), plus the extended ids of a
+  // copying model, which stand for t.copied_words.
+  Tokens out;
+  for (int32_t id : t.tokens) {
+    if (id == Vocab::eos_id) break;
+    if (id == Vocab::pad_id || id == Vocab::bos_id) continue;
+    if (id < target_vocab.size()) {
+      out.push_back(target_vocab.token(id));
+      continue;
+    }
+    const int64_t k = id - target_vocab.size();
+    ATTN_CHECK(k < static_cast<int64_t>(t.copied_words.size()), "translate", "token id ", id,
+               " is extended id ", k, " but the translation has ", t.copied_words.size(),
+               " copied words");
+    out.push_back(t.copied_words[k]);
+  }
+  return out;
 }
 
 Translator Translator::load(const std::string& path) {
@@ -268,9 +376,10 @@ Translator Translator::load(const std::string& path) {
   ATTN_CHECK(t.source_vocab.size() == config.model.source_vocab &&
                  t.target_vocab.size() == config.model.target_vocab,
              "checkpoint", file_path, ": vocabulary sizes disagree with the configuration");
-  t.model = Seq2Seq::create(config.model, config.seed);
-  t.model.set_copy_map(t.source_vocab.tokens(), t.target_vocab.tokens());
-  load_weights(file, t.model.parameters(), file_path);
+  t.model = create_model(config.model, config.seed);
+  if (auto* rnn = std::get_if<Seq2Seq>(&t.model))
+    rnn->set_copy_map(t.source_vocab.tokens(), t.target_vocab.tokens());
+  load_weights(file, t.parameters(), file_path);
   return t;
 }
 
@@ -322,10 +431,11 @@ Trainer::Trainer(const TrainConfig& config, std::vector<SentencePair> train,
   translator_.target_vocab = Vocab::build(tgt, config_.vocab);
   config_.model.source_vocab = translator_.source_vocab.size();
   config_.model.target_vocab = translator_.target_vocab.size();
-  translator_.model = Seq2Seq::create(config_.model, config_.seed);
-  translator_.model.set_copy_map(translator_.source_vocab.tokens(), translator_.target_vocab.tokens());
+  translator_.model = create_model(config_.model, config_.seed);
+  if (auto* rnn = std::get_if<Seq2Seq>(&translator_.model))
+    rnn->set_copy_map(translator_.source_vocab.tokens(), translator_.target_vocab.tokens());
   prepare_data();
-  optimizer_ = std::make_unique<Adam>(translator_.model.parameters(), config_.adam);
+  optimizer_ = std::make_unique<Adam>(translator_.parameters(), config_.adam);
 }
 
 void Trainer::prepare_data() {
@@ -356,7 +466,7 @@ void Trainer::save_checkpoint(const std::string& path) const {
   file.metadata["source_vocab"] = translator_.source_vocab.to_json();
   file.metadata["target_vocab"] = translator_.target_vocab.to_json();
   file.metadata["data_fingerprint"] = hex(fingerprint_);
-  const nn::ParameterList params = translator_.model.parameters();
+  const nn::ParameterList params = translator_.parameters();
   for (const nn::Parameter& p : params) file.add("model." + p.name, p.value);
   optimizer_->save(file, params);
   file.add_i64("train.position", {epoch_, batch_in_epoch_, step_});
@@ -377,7 +487,7 @@ Trainer Trainer::resume(const std::string& checkpoint_path, std::vector<Sentence
   MetadataReader r(file.metadata, path);
   ATTN_CHECK(r.str("data_fingerprint") == hex(t.fingerprint_), "checkpoint", path,
              ": the training data differs from the data this run started with");
-  const nn::ParameterList params = t.translator_.model.parameters();
+  const nn::ParameterList params = t.translator_.parameters();
   t.optimizer_ = std::make_unique<Adam>(params, t.config_.adam);
   t.optimizer_->load(file, params);
   const std::vector<int64_t> pos = file.i64("train.position");
@@ -407,8 +517,7 @@ EvalReport Trainer::evaluate_now(int64_t sentences) {
   int64_t tokens = 0;
   for (const auto& idx : bucket_batches(enc, config_.batch_size, config_.seed)) {
     const Batch batch = make_batch(enc, idx);
-    const ForwardResult f = translator_.model.forward(batch);
-    const BatchLoss r = batch_loss(translator_.model, batch, f, {}, false);
+    const BatchLoss r = model_batch_loss(translator_.model, batch, {}, false, 0);
     nll_sum += r.nll * static_cast<double>(r.count);
     tokens += r.count;
   }
@@ -423,8 +532,7 @@ bool Trainer::run(const RunControl& control, const TrainCallbacks& callbacks) {
   using Clock = std::chrono::steady_clock;
   const auto start = Clock::now();
   auto elapsed = [&] { return std::chrono::duration<double>(Clock::now() - start).count(); };
-  Seq2Seq& model = translator_.model;
-  const nn::ParameterList params = model.parameters();
+  const nn::ParameterList params = translator_.parameters();
   const int64_t num_batches = static_cast<int64_t>(batches_.size());
   const int64_t first_step = step_;
   double loss_sum = 0.0;
@@ -453,9 +561,9 @@ bool Trainer::run(const RunControl& control, const TrainCallbacks& callbacks) {
         return false;
       }
       const Batch batch = make_batch(encoded_, batches_[order[batch_in_epoch_]]);
-      model.zero_grad();
-      const ForwardResult f = model.forward(batch);
-      const BatchLoss r = batch_loss(model, batch, f, ce, true);
+      nn::zero_grads(params);
+      const BatchLoss r =
+          model_batch_loss(translator_.model, batch, ce, true, step_seed(config_.seed, step_));
       clip_grad_norm(params, config_.clip_norm);
       const double lr = learning_rate(config_.schedule, config_.lr, step_);
       optimizer_->step(params, lr);

@@ -9,8 +9,12 @@
 // state, and a resumed run computes the same losses as an uninterrupted one at the same thread
 // count (OpenBLAS and the attention kernels are deterministic for a fixed thread count).
 //
+// Both architectures train here (ModelConfig::arch): the recurrent Seq2Seq (model.h) and the
+// Transformer (transformer_model.h). The Transformer's dropout masks are counter-based and seeded
+// per step from (seed, global step), so they too are part of the reproducible state for free.
+//
 // Checkpoint: one safetensors file <out>/checkpoint.safetensors (written atomically):
-//   model.<parameter>       float tensors (names from Seq2Seq::parameters)
+//   model.<parameter>       float tensors (names from the model's parameters())
 //   optim.m.<parameter>, optim.v.<parameter>, optim.step
 //   train.position          I64 [epoch, batch in epoch, step]
 //   train.seed              I64 [seed]
@@ -22,6 +26,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <variant>
 #include <vector>
 
 #include "seq2seq/batching.h"
@@ -30,6 +35,7 @@
 #include "seq2seq/model.h"
 #include "seq2seq/optim.h"
 #include "seq2seq/pairs_file.h"
+#include "seq2seq/transformer_model.h"
 #include "seq2seq/vocab.h"
 
 namespace attn::seq2seq {
@@ -85,11 +91,26 @@ struct TrainCallbacks {
   std::function<void(const std::string& path)> on_checkpoint;
 };
 
+// Either architecture; config().arch says which. A closed variant rather than a virtual base:
+// the two models share no state, both stay plain structs, and every caller that dispatches
+// (training loss, decoding) is a std::visit the compiler checks for both alternatives.
+using TranslationModel = std::variant<Seq2Seq, TransformerSeq2Seq>;
+
+// Builds the model config.arch names, deterministic from (config, seed).
+TranslationModel create_model(const ModelConfig& config, uint64_t seed);
+
+// Sets the number of threads of OpenMP (the attention kernels) and of OpenBLAS (the GEMMs),
+// process-wide. Results are reproducible for a fixed thread count.
+void set_thread_count(int threads);
+
 // A trained model with its vocabularies: what `attn translate` and `attn eval` load.
 struct Translator {
-  Seq2Seq model;
+  TranslationModel model;
   Vocab source_vocab;
   Vocab target_vocab;
+
+  const ModelConfig& config() const;
+  nn::ParameterList parameters() const;
 
   // Tokenises (seq2seq::tokenize, a capitalised first word counts as a name when the source
   // vocabulary knows it) and translates. The tokens of each source are in `source_tokens`.

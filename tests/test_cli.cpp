@@ -1,5 +1,6 @@
 // The `attn` command-line tool, run as a separate process: help for every command, one-line
-// errors with a non-zero exit status, and a tiny train -> translate -> eval round trip.
+// errors with a non-zero exit status, and tiny train -> translate -> eval round trips (recurrent
+// and Transformer).
 //
 // The binary is found next to the tests: <build>/tests/test_cli -> <build>/bin/attn.
 #include <gtest/gtest.h>
@@ -74,6 +75,10 @@ TEST_F(Cli, HelpForEveryCommand) {
     EXPECT_NE(r.output.find("--help"), std::string::npos) << cmd;
   }
   EXPECT_NE(run_attn("train --help").output.find("--attention"), std::string::npos);
+  for (const char* option : {"--heads", "--ffn", "--dropout", "--decoder-layers", "--threads"})
+    EXPECT_NE(run_attn("train --help").output.find(option), std::string::npos) << option;
+  EXPECT_NE(run_attn("translate --help").output.find("--threads"), std::string::npos);
+  EXPECT_NE(run_attn("eval --help").output.find("--threads"), std::string::npos);
   EXPECT_NE(run_attn("translate --help").output.find("--heatmap"), std::string::npos);
   EXPECT_NE(run_attn("eval --help").output.find("--corpus-split"), std::string::npos);
 }
@@ -85,6 +90,11 @@ TEST_F(Cli, BadArgumentsGiveOneLineAndFail) {
       {"frobnicate", "frobnicate"},
       {"train --corpus " + out + " --attention sideways", "--attention must be"},
       {"train --corpus " + out + " --arch transformerish", "--arch must be"},
+      {"train --corpus " + out + " --arch transformer --hidden 16 --heads 3", "heads (3)"},
+      {"train --corpus " + out + " --arch transformer --norm sideways", "--norm must be pre or post"},
+      {"train --corpus " + out + " --arch transformer --positions alibi", "--positions must be"},
+      {"train --corpus " + out + " --threads 0", "--threads"},
+      {"eval --model " + (dir_ / "missing").string() + " --corpus-split test --threads -1", "--threads"},
       {"train --corpus " + out + " --hidden -3", "hidden"},
       {"train " + out, "--corpus or --train"},
       {"train --corpus", "--out"},
@@ -146,6 +156,63 @@ TEST_F(Cli, TrainTranslateEvalRoundTrip) {
   const Process resumed = run_attn("train --train " + train.string() + " --out " + model.string() + " --resume");
   EXPECT_EQ(resumed.status, 0) << resumed.output;
   EXPECT_NE(resumed.output.find("resuming"), std::string::npos);
+}
+
+// The same round trip for --arch transformer (pre-norm, 1 + 1 layers, d_model 16), every command
+// with --threads, and beam search over the reordered KV caches.
+TEST_F(Cli, TransformerTrainTranslateEvalRoundTrip) {
+  s2s::CorpusConfig config;
+  config.train_pairs = 200;
+  config.valid_pairs = 20;
+  config.test_pairs = 20;
+  config.long_test_pairs = 5;
+  config.max_train_tokens = 8;
+  const s2s::Corpus corpus = s2s::generate_corpus(config);
+  const fs::path train = dir_ / "train.tsv", test = dir_ / "test.tsv", model = dir_ / "xfmr";
+  s2s::write_pairs_file(train.string(), corpus.train);
+  s2s::write_pairs_file(test.string(), corpus.test);
+
+  const Process t = run_attn("train --train " + train.string() + " --out " + model.string() +
+                             " --arch transformer --hidden 16 --layers 1 --heads 2 --ffn 32"
+                             " --dropout 0.1 --epochs 2 --batch 32 --progress-every 1"
+                             " --eval-sentences 5 --threads 2");
+  ASSERT_EQ(t.status, 0) << t.output;
+  EXPECT_NE(t.output.find("model: transformer, 1 + 1 layers, d_model 16, 2 heads, ffn 32"),
+            std::string::npos) << t.output;
+  EXPECT_NE(t.output.find("step 14/14"), std::string::npos) << t.output;
+  EXPECT_TRUE(fs::exists(model / "checkpoint.safetensors"));
+
+  const fs::path png = dir_ / "xfmr.png";
+  const Process tr = run_attn("translate --model " + model.string() + " --threads 1 --heatmap " +
+                              png.string() + " \"" + corpus.test[0].source + "\"");
+  ASSERT_EQ(tr.status, 0) << tr.output;
+  EXPECT_GE(count_lines(tr.output), 3) << tr.output;  // translation, heatmap rows, "wrote"
+  ASSERT_TRUE(fs::exists(png));
+  std::ifstream image(png, std::ios::binary);
+  std::string signature(8, '\0');
+  image.read(signature.data(), 8);
+  EXPECT_EQ(signature, std::string("\x89PNG\r\n\x1a\n", 8));
+  const Process bad_ext = run_attn("translate --model " + model.string() + " --heatmap " +
+                                   (dir_ / "x.jpg").string() + " \"" + corpus.test[0].source + "\"");
+  EXPECT_NE(bad_ext.status, 0);
+  EXPECT_NE(bad_ext.output.find(".svg or .png"), std::string::npos) << bad_ext.output;
+
+  const Process beam = run_attn("translate --model " + model.string() +
+                                " --beam 4 --no-alignment < " + test.string());
+  ASSERT_EQ(beam.status, 0) << beam.output;
+  EXPECT_EQ(count_lines(beam.output), static_cast<int>(corpus.test.size()));
+
+  const Process e = run_attn("eval --model " + model.string() + " --test " + test.string() +
+                             " --threads 2");
+  ASSERT_EQ(e.status, 0) << e.output;
+  EXPECT_NE(e.output.find("BLEU"), std::string::npos) << e.output;
+  EXPECT_NE(e.output.find("exact match"), std::string::npos) << e.output;
+
+  // The configuration comes back from the checkpoint: resuming needs no --arch.
+  const Process resumed = run_attn("train --train " + train.string() + " --out " + model.string() +
+                                   " --resume --threads 1");
+  EXPECT_EQ(resumed.status, 0) << resumed.output;
+  EXPECT_NE(resumed.output.find("resuming"), std::string::npos) << resumed.output;
 }
 
 // A training process killed by SIGKILL while it checkpoints after every step (so a kill very

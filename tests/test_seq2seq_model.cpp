@@ -264,7 +264,8 @@ TEST(Heatmap, SvgHasACellPerWeightAndEscapesWords) {
 }
 
 // A copying model's step-by-step log-probabilities equal the teacher-forced mixture's, and each
-// row is a distribution (the copy part sums to 1 over the target vocabulary).
+// row is a distribution (the copy part sums to 1 over the extended vocabulary: the target
+// words and the extended ids of the source words the target vocabulary lacks).
 TEST(Seq2SeqCopy, StepLogProbsMatchTheForwardMixture) {
   s2s::ModelConfig config = small_f32_config(s2s::DecoderKind::luong, s2s::ScoreKind::general);
   config.copy = true;
@@ -282,13 +283,17 @@ TEST(Seq2SeqCopy, StepLogProbsMatchTheForwardMixture) {
   const s2s::EncodedSource src = model.encode(batch);
   s2s::DecoderState state = src.initial;
   const int64_t B = batch.batch, V = config.target_vocab;
+  // "cat", "the", "sees" and "." have no target token: each sentence gives them extended ids.
+  const int64_t Vx = f.copy.size(2);
+  EXPECT_GT(Vx, V);
   for (int64_t t = 0; t < batch.target_steps; ++t) {
     std::vector<int32_t> ids(batch.target_input.begin() + t * B, batch.target_input.begin() + (t + 1) * B);
     const s2s::StepResult r = model.step(src, state, ids, t, false);
     const auto logp = model.log_probs(r);
     for (int64_t b = 0; b < B; ++b) {
       double total = 0.0, copy_total = 0.0;
-      for (int64_t v = 0; v < V; ++v) {
+      ASSERT_EQ(static_cast<int64_t>(logp[b].size()), Vx);
+      for (int64_t v = 0; v < Vx; ++v) {
         total += std::exp(logp[b][v]);
         copy_total += f.copy.get({t, b, v});
       }

@@ -8,29 +8,28 @@
 #include <set>
 #include <string>
 #include <unistd.h>
+#include <variant>
 #include <vector>
 
 #include "seq2seq/batching.h"
 #include "seq2seq/corpus.h"
 #include "seq2seq/loss.h"
 #include "seq2seq/optim.h"
+#include "seq2seq/safetensors.h"
 #include "seq2seq/train.h"
 #include "support/test_support.h"
+#include "support/training_checks.h"
 
 namespace {
 
 using attn::DType;
 using attn::Tensor;
 using attn::testing::check_gradient;
+using attn::testing::small_corpus;
 namespace s2s = attn::seq2seq;
 namespace fs = std::filesystem;
 
-fs::path temp_dir(const std::string& name) {
-  const fs::path dir = fs::temp_directory_path() / ("attn_test_train_" + name + "_" + std::to_string(getpid()));
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir;
-}
+fs::path temp_dir(const std::string& name) { return attn::testing::scratch_dir("train_" + name); }
 
 // ---------------------------------------------------------------------------------------------
 // Loss
@@ -236,16 +235,6 @@ TEST(Batching, BucketsAreLengthSortedAndEpochOrdersReproducible) {
 // ---------------------------------------------------------------------------------------------
 // Whole runs
 
-s2s::Corpus small_corpus(int64_t train_pairs) {
-  s2s::CorpusConfig c;
-  c.train_pairs = train_pairs;
-  c.valid_pairs = 50;
-  c.test_pairs = 50;
-  c.long_test_pairs = 10;
-  c.max_train_tokens = 10;
-  return s2s::generate_corpus(c);
-}
-
 s2s::TrainConfig small_config(int64_t emb, int64_t hidden, int64_t batch, int64_t epochs) {
   s2s::TrainConfig c;
   c.model.embedding = emb;
@@ -274,32 +263,7 @@ TEST(Training, TinyRunLearns) {
 }
 
 TEST(Training, ResumeContinuesBitForBit) {
-  const s2s::Corpus corpus = small_corpus(300);
-  const s2s::TrainConfig config = small_config(16, 32, 16, 2);
-  s2s::Trainer full(config, corpus.train, corpus.valid);
-  ASSERT_TRUE(full.run({}));
-  const std::vector<double> expected = full.losses();
-  ASSERT_GT(expected.size(), 20u);
-
-  const fs::path dir = temp_dir("resume");
-  s2s::Trainer first(config, corpus.train, corpus.valid);
-  s2s::RunControl stop;
-  stop.max_steps = 13;  // mid-epoch: the data position matters
-  stop.out_dir = dir.string();
-  EXPECT_FALSE(first.run(stop));
-  s2s::Trainer resumed = s2s::Trainer::resume(dir.string(), corpus.train, corpus.valid);
-  EXPECT_EQ(resumed.step(), 13);
-  ASSERT_TRUE(resumed.run({}));
-  std::vector<double> losses = first.losses();
-  losses.insert(losses.end(), resumed.losses().begin(), resumed.losses().end());
-  ASSERT_EQ(losses.size(), expected.size());
-  for (std::size_t i = 0; i < losses.size(); ++i) EXPECT_EQ(losses[i], expected[i]) << "step " << i;
-  // And the final weights are identical, bit for bit.
-  const auto a = full.translator().model.parameters();
-  const auto b = resumed.translator().model.parameters();
-  ASSERT_EQ(a.size(), b.size());
-  for (std::size_t i = 0; i < a.size(); ++i) EXPECT_EQ(a[i].value.to_vector(), b[i].value.to_vector()) << a[i].name;
-  fs::remove_all(dir);
+  attn::testing::expect_resume_bit_for_bit(small_config(16, 32, 16, 2), small_corpus(300), 13);
 }
 
 TEST(Training, ResumeRefusesDifferentData) {
@@ -318,6 +282,27 @@ TEST(Training, ResumeRefusesDifferentData) {
   } catch (const attn::Error& e) {
     EXPECT_NE(std::string(e.what()).find("training data differs"), std::string::npos) << e.what();
   }
+  fs::remove_all(dir);
+}
+
+// Checkpoints written before the Transformer existed carry no config.arch: they load as the
+// recurrent model they are.
+TEST(Training, CheckpointWithoutArchitectureLoadsAsRecurrent) {
+  const s2s::Corpus corpus = small_corpus(300);
+  const fs::path dir = temp_dir("no_arch");
+  s2s::Trainer t(small_config(8, 16, 32, 1), corpus.train, corpus.valid);
+  s2s::RunControl stop;
+  stop.max_steps = 1;
+  stop.out_dir = dir.string();
+  t.run(stop);
+  const std::string path = (dir / "checkpoint.safetensors").string();
+  s2s::SafetensorsFile file = s2s::SafetensorsFile::load(path);
+  ASSERT_EQ(file.metadata.at("config.arch"), "rnn");
+  file.metadata.erase("config.arch");
+  file.save(path);
+  const s2s::Translator loaded = s2s::Translator::load(path);
+  EXPECT_EQ(loaded.config().arch, s2s::Architecture::rnn);
+  EXPECT_TRUE(std::holds_alternative<s2s::Seq2Seq>(loaded.model));
   fs::remove_all(dir);
 }
 

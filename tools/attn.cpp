@@ -1,6 +1,7 @@
 // attn: train, evaluate and run attention translators from the command line.
 //
 //   attn train --corpus --out runs/luong          (the embedded English -> French corpus)
+//   attn train --corpus --out runs/xfmr --arch transformer --hidden 128 --layers 2 --heads 4
 //   attn translate --model runs/luong "the black cat sees the dog ."
 //   attn eval --model runs/luong --corpus-split test
 //
@@ -8,6 +9,7 @@
 // command-line arguments, 1 for everything else (unreadable files, bad checkpoints, ...).
 #include <CLI/CLI.hpp>
 
+#include <cctype>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -65,10 +67,22 @@ const std::vector<s2s::SentencePair>& corpus_split(const s2s::Corpus& corpus, co
 
 // ---------------------------------------------------------------------------------------------
 
+// --threads N: OpenMP and OpenBLAS threads; 0 leaves their defaults (all cores, or
+// OMP_NUM_THREADS / OPENBLAS_NUM_THREADS when the environment sets them).
+void apply_threads(int64_t threads) {
+  if (threads > 0) s2s::set_thread_count(static_cast<int>(threads));
+}
+
 struct TrainArgs {
   std::string arch = "gru";
   std::string attention = "luong-general";
   int64_t emb = 64, hidden = 128, layers = 1, attention_hidden = 0, local_width = 4;
+  bool emb_given = false;  // the Transformer's embedding width follows --hidden unless given
+  // Transformer sizes (--arch transformer).
+  int64_t decoder_layers = 0, heads = 4, ffn = 0;
+  double dropout = 0.1;
+  std::string norm = "pre", positions = "sinusoidal";
+  int64_t threads = 0;
   bool unidirectional = false;
   int64_t epochs = 10, batch = 64, max_steps = 0, warmup = 100, eval_every = 0, eval_sentences = 200;
   int64_t progress_every = 50, checkpoint_every = 0, max_source = 64;
@@ -82,6 +96,7 @@ struct TrainArgs {
 };
 
 int run_train(const TrainArgs& a) {
+  apply_threads(a.threads);
   std::vector<s2s::SentencePair> train, valid;
   if (a.corpus == !a.train_file.empty())
     throw UsageError("give exactly one of --corpus or --train FILE");
@@ -105,14 +120,29 @@ int run_train(const TrainArgs& a) {
               << trainer->total_steps() << "\n";
   } else {
     s2s::TrainConfig c;
-    if (a.arch != "gru" && a.arch != "lstm") throw UsageError("--arch must be gru or lstm, got " + a.arch);
-    c.model.rnn = a.arch == "gru" ? attn::nn::RnnKind::gru : attn::nn::RnnKind::lstm;
+    if (a.arch != "gru" && a.arch != "lstm" && a.arch != "transformer")
+      throw UsageError("--arch must be gru, lstm or transformer, got " + a.arch);
+    const bool transformer = a.arch == "transformer";
+    if (transformer) {
+      c.model.arch = s2s::Architecture::transformer;
+      c.model.decoder_layers = a.decoder_layers > 0 ? a.decoder_layers : a.layers;
+      c.model.heads = a.heads;
+      c.model.ffn = a.ffn;
+      c.model.dropout = a.dropout;
+      if (a.norm != "pre" && a.norm != "post") throw UsageError("--norm must be pre or post, got " + a.norm);
+      c.model.norm = a.norm == "pre" ? attn::nn::NormPlacement::pre : attn::nn::NormPlacement::post;
+      const auto positions = s2s::parse_position_kind(a.positions);
+      if (!positions) throw UsageError("--positions must be sinusoidal or rope, got " + a.positions);
+      c.model.positions = *positions;
+    } else {
+      c.model.rnn = a.arch == "gru" ? attn::nn::RnnKind::gru : attn::nn::RnnKind::lstm;
+    }
     const auto preset = s2s::parse_attention_preset(a.attention);
     if (!preset)
       throw UsageError("--attention must be bahdanau, luong-dot, luong-general, luong-concat, "
                        "location, local-m, local-p, scaled-dot, cosine or none, got " + a.attention);
     s2s::apply_attention_preset(c.model, *preset);
-    c.model.embedding = a.emb;
+    c.model.embedding = transformer && !a.emb_given ? a.hidden : a.emb;
     c.model.hidden = a.hidden;
     c.model.encoder_layers = a.layers;
     c.model.bidirectional = !a.unidirectional;
@@ -137,10 +167,18 @@ int run_train(const TrainArgs& a) {
     c.seed = a.seed;
     trainer.emplace(c, std::move(train), std::move(valid));
     const auto& m = trainer->config().model;
-    std::cerr << "model: " << a.arch << " " << s2s::decoder_kind_name(m.decoder) << " decoder, "
-              << s2s::score_kind_name(m.score) << " score" << (m.copy ? ", copy" : "") << ", emb " << m.embedding << ", hidden "
-              << m.hidden << ", vocab " << m.source_vocab << " -> " << m.target_vocab << ", "
-              << attn::nn::parameter_count(trainer->translator().model.parameters())
+    if (transformer)
+      std::cerr << "model: transformer, " << m.encoder_layers << " + " << m.decoder_layers
+                << " layers, d_model " << m.hidden << ", " << m.heads << " heads, ffn "
+                << (m.ffn > 0 ? m.ffn : 4 * m.hidden) << ", " << attn::nn::norm_placement_name(m.norm)
+                << "-norm, " << s2s::position_kind_name(m.positions) << " positions, dropout "
+                << m.dropout;
+    else
+      std::cerr << "model: " << a.arch << " " << s2s::decoder_kind_name(m.decoder) << " decoder, "
+                << s2s::score_kind_name(m.score) << " score" << (m.copy ? ", copy" : "") << ", emb "
+                << m.embedding << ", hidden " << m.hidden;
+    std::cerr << ", vocab " << m.source_vocab << " -> " << m.target_vocab << ", "
+              << attn::nn::parameter_count(trainer->translator().parameters())
               << " parameters, " << trainer->total_steps() << " steps\n";
   }
   s2s::RunControl control;
@@ -186,6 +224,7 @@ struct TranslateArgs {
   double length_penalty = 1.0;
   std::string heatmap;
   bool no_alignment = false;
+  int64_t threads = 0;
 };
 
 std::string numbered_path(const std::string& path, std::size_t index, std::size_t count) {
@@ -195,9 +234,15 @@ std::string numbered_path(const std::string& path, std::size_t index, std::size_
 }
 
 int run_translate(TranslateArgs a) {
-  if (!a.heatmap.empty() && std::filesystem::path(a.heatmap).extension() != ".svg")
-    throw UsageError("--heatmap writes SVG: give a file name ending in .svg, got " + a.heatmap);
+  if (!a.heatmap.empty()) {
+    std::string ext = std::filesystem::path(a.heatmap).extension().string();
+    for (char& c : ext) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    if (ext != ".svg" && ext != ".png")
+      throw UsageError("--heatmap writes SVG or PNG: give a file name ending in .svg or .png, got " +
+                       a.heatmap);
+  }
   if (a.beam < 1) throw UsageError("--beam must be >= 1");
+  apply_threads(a.threads);
   const s2s::Translator translator = s2s::Translator::load(a.model);
   if (a.sentences.empty()) {
     std::string line;
@@ -220,7 +265,7 @@ int run_translate(TranslateArgs a) {
     if (!a.no_alignment) std::cout << s2s::terminal_heatmap(src, tgt, out[i].alignment) << "\n";
     if (!a.heatmap.empty()) {
       const std::string path = numbered_path(a.heatmap, i, out.size());
-      s2s::write_svg_heatmap(path, src, tgt, out[i].alignment);
+      s2s::write_heatmap(path, src, tgt, out[i].alignment);
       std::cerr << "wrote " << path << "\n";
     }
   }
@@ -234,12 +279,14 @@ struct EvalArgs {
   int64_t beam = 1, limit = 0;
   double length_penalty = 1.0;
   CorpusOptions corpus_options;
+  int64_t threads = 0;
 };
 
 int run_eval(const EvalArgs& a) {
   if (a.test_file.empty() == a.split.empty())
     throw UsageError("give exactly one of --test FILE or --corpus-split NAME");
   if (a.beam < 1) throw UsageError("--beam must be >= 1");
+  apply_threads(a.threads);
   std::vector<s2s::SentencePair> pairs;
   std::string name;
   if (!a.split.empty()) {
@@ -288,14 +335,29 @@ int main(int argc, char** argv) {
 
   TrainArgs ta;
   CLI::App* train = app.add_subcommand("train", "Train a translator; checkpoints go to --out DIR");
-  train->add_option("--arch", ta.arch, "Recurrent cell: gru or lstm")->capture_default_str();
+  train->add_option("--arch", ta.arch, "gru or lstm (recurrent encoder-decoder) or transformer")
+      ->capture_default_str();
   train->add_option("--attention", ta.attention,
                     "bahdanau, luong-dot, luong-general, luong-concat, location, local-m, local-p, "
                     "scaled-dot, cosine or none (no-attention baseline)")->capture_default_str();
-  train->add_option("--emb", ta.emb, "Embedding width")->capture_default_str()->check(kPositive);
-  train->add_option("--hidden", ta.hidden, "Hidden width (encoder output and decoder state)")
+  CLI::Option* emb_option = train->add_option("--emb", ta.emb, "Embedding width (transformer: --hidden)")
       ->capture_default_str()->check(kPositive);
-  train->add_option("--layers", ta.layers, "Encoder layers")->capture_default_str()->check(kPositive);
+  train->add_option("--hidden", ta.hidden, "Hidden width (encoder output and decoder state; the transformer's d_model)")
+      ->capture_default_str()->check(kPositive);
+  train->add_option("--layers", ta.layers, "Encoder layers (transformer: encoder and decoder layers)")
+      ->capture_default_str()->check(kPositive);
+  train->add_option("--decoder-layers", ta.decoder_layers, "Transformer decoder layers (0: --layers)")
+      ->capture_default_str()->check(kNonNegative);
+  train->add_option("--heads", ta.heads, "Transformer attention heads (must divide --hidden)")
+      ->capture_default_str()->check(kPositive);
+  train->add_option("--ffn", ta.ffn, "Transformer feed-forward width (0: 4 x --hidden)")
+      ->capture_default_str()->check(kNonNegative);
+  train->add_option("--dropout", ta.dropout, "Transformer dropout (residual, feed-forward, embeddings, attention weights)")
+      ->capture_default_str()->check(CLI::Range(0.0, 0.99));
+  train->add_option("--norm", ta.norm, "Transformer LayerNorm placement: pre or post")->capture_default_str();
+  train->add_option("--positions", ta.positions, "Transformer positions: sinusoidal or rope")->capture_default_str();
+  train->add_option("--threads", ta.threads, "OpenMP and OpenBLAS threads (default: all cores, or the environment's setting)")
+      ->check(kPositive);
   train->add_flag("--copy", ta.copy, "Pointer-generator output: mix the vocabulary softmax with copying source words");
   train->add_flag("--unidirectional", ta.unidirectional, "Forward-only encoder (default: bidirectional)");
   train->add_option("--attention-hidden", ta.attention_hidden, "Hidden width of additive/concat scoring (0: --hidden)")
@@ -336,8 +398,10 @@ int main(int argc, char** argv) {
   translate->add_option("sentences", tr.sentences, "Sentences to translate; none: read stdin");
   translate->add_option("--beam", tr.beam, "Beam size (1: greedy)")->capture_default_str();
   translate->add_option("--length-penalty", tr.length_penalty, "Beam ranking: log p / length^alpha")->capture_default_str();
-  translate->add_option("--heatmap", tr.heatmap, "Write the alignment as an SVG image (numbered when several sentences)");
+  translate->add_option("--heatmap", tr.heatmap, "Write the alignment as an SVG or PNG image, chosen by the extension (numbered when several sentences)");
   translate->add_flag("--no-alignment", tr.no_alignment, "Do not print the terminal heatmap");
+  translate->add_option("--threads", tr.threads, "OpenMP and OpenBLAS threads (default: all cores, or the environment's setting)")
+      ->check(kPositive);
 
   EvalArgs ev;
   CLI::App* eval = app.add_subcommand("eval", "Print BLEU and exact match on a test set");
@@ -351,6 +415,8 @@ int main(int argc, char** argv) {
   eval->add_option("--beam", ev.beam, "Beam size (1: greedy)")->capture_default_str();
   eval->add_option("--length-penalty", ev.length_penalty, "Beam ranking: log p / length^alpha")->capture_default_str();
   eval->add_option("--limit", ev.limit, "Evaluate only the first N pairs")->check(kNonNegative);
+  eval->add_option("--threads", ev.threads, "OpenMP and OpenBLAS threads (default: all cores, or the environment's setting)")
+      ->check(kPositive);
 
   if (argc > 1 && argv[1][0] != '-' && std::string(argv[1]) != "train" &&
       std::string(argv[1]) != "translate" && std::string(argv[1]) != "eval") {
@@ -370,6 +436,7 @@ int main(int argc, char** argv) {
     std::cerr << "attn: error: " << message << " (see attn --help)\n";
     return 2;
   }
+  ta.emb_given = emb_option->count() > 0;
   try {
     if (*train) return run_train(ta);
     if (*translate) return run_translate(tr);
