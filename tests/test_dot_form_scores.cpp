@@ -1,0 +1,461 @@
+// Trilinear and location scores on the fused dot-product kernels (src/attention_dot_form.cpp).
+// With float32 inputs and Tq >= 16, attn::attention rewrites
+//   trilinear  w1.q + w2.k + w3.(q*k)  as  [w3*q, w1.q, 1] . [k, 1, w2.k]
+//   location   (W q)_j                 as  q . W_j   (keys = the rows of W)
+// and runs the flash kernels; attention_backward chains dq, dk of that form back to q, k and the
+// weight. Covered here:
+//   - forward (out, lse) and backward (dq, dk, dv, dbias, dweight) against the float64 reference
+//     over lengths 0, 1, 16, 127, 128, 129 (Tq != Tk too), head widths 1, 3, 59, 64, grouped
+//     heads, causal (both alignments), windows, ALiBi, key lengths including 0, fully masked rows
+//     and user biases of every broadcast shape (Tq < 16 cases check the dispatch boundary);
+//   - NaN in hidden keys reaches neither the outputs nor any gradient;
+//   - that the fused route is taken: the results equal, bit for bit, the flash kernel run on a
+//     hand-built dot form;
+//   - finite differences (float64, through the reference) of both weights' gradients against
+//     the fused float32 backward, including trilinear's w1 whose gradient is exactly 0.
+//
+// Tolerances come from tolerance_for(float32, terms), terms = the longest reduction feeding an
+// element (see Terms).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "attn/attention.h"
+#include "attn/reference.h"
+#include "support/test_support.h"
+
+namespace attn {
+namespace {
+
+using testing::all_close;
+using testing::random_tensor;
+using testing::tolerance_for;
+using testing::Tolerance;
+
+struct Sizes {
+  int64_t B = 1, Hq = 2, Hkv = 1, Tq = 16, Tk = 16, Dq = 8, Dk = 8, Dv = 6;
+};
+
+struct Inputs {
+  Tensor q, k, v, dout;
+};
+
+Inputs make_inputs(const Sizes& s, DType dtype, uint64_t seed) {
+  return {random_tensor({s.B, s.Hq, s.Tq, s.Dq}, dtype, seed),
+          random_tensor({s.B, s.Hkv, s.Tk, s.Dk}, dtype, seed + 1),
+          random_tensor({s.B, s.Hkv, s.Tk, s.Dv}, dtype, seed + 2),
+          random_tensor({s.B, s.Hq, s.Tq, s.Dv}, dtype, seed + 3)};
+}
+
+enum class Kind { trilinear, location };
+constexpr Kind kKinds[] = {Kind::trilinear, Kind::location};
+
+const char* kind_name(Kind kind) { return kind == Kind::trilinear ? "trilinear" : "location"; }
+
+// Weights scaled by 1/sqrt(fan-in) so that scores stay O(1) and the softmax is not saturated.
+// The location weight has 3 rows more than the keys, so rows past Tk must get a zero gradient.
+Score make_score(Kind kind, const Sizes& s, DType dtype, uint64_t seed) {
+  const double r = 1.0 / std::sqrt(static_cast<double>(std::max<int64_t>(s.Dq, 1)));
+  if (kind == Kind::trilinear) return TrilinearScore{random_tensor({3 * s.Dq}, dtype, seed, -r, r)};
+  return LocationScore{random_tensor({s.Tk + 3, s.Dq}, dtype, seed, -r, r)};
+}
+
+const Tensor& score_weight(const Score& score) {
+  if (const auto* t = std::get_if<TrilinearScore>(&score)) return t->weight;
+  return std::get<LocationScore>(score).weight;
+}
+
+// Reduction lengths: an output element sums Tk products of (D + 2)-wide scores; a gradient of q,
+// k or v chains the value product, the softmax row and the score backward over queries or keys;
+// a weight or bias gradient sums over every (b, h, i, j).
+struct Terms {
+  int64_t forward = 1, grad = 1, param = 1;
+};
+
+Terms terms_for(const Sizes& s) {
+  const int64_t width = std::max({s.Dq + 2, s.Dk, s.Dv});
+  return {std::max(width, s.Tk), width + s.Tq + s.Tk,
+          std::max<int64_t>(1, s.B * s.Hq * s.Tq * s.Tk) + width};
+}
+
+std::string label(const Sizes& s) {
+  return std::string("B") + std::to_string(s.B) + " Hq" + std::to_string(s.Hq) + " Hkv" +
+         std::to_string(s.Hkv) + " Tq" + std::to_string(s.Tq) + " Tk" + std::to_string(s.Tk) +
+         " D" + std::to_string(s.Dq) + "/" + std::to_string(s.Dk) + "/" + std::to_string(s.Dv);
+}
+
+// float32 attention / attention_backward against the float64 reference.
+void expect_matches_reference(const Sizes& s, const Inputs& in, const AttentionParams& p) {
+  const Terms terms = terms_for(s);
+  const Tolerance fwd = tolerance_for(DType::f32, terms.forward);
+  const Tolerance grad = tolerance_for(DType::f32, terms.grad);
+  const Tolerance par = tolerance_for(DType::f32, terms.param);
+
+  const AttentionOutput fast = attention(in.q, in.k, in.v, p);
+  const AttentionOutput ref = reference::attention(in.q, in.k, in.v, p);
+  EXPECT_TRUE(all_close(fast.out, ref.out, fwd, "out"));
+  EXPECT_TRUE(all_close(fast.lse, ref.lse, fwd, "lse"));
+
+  const AttentionGrads g = attention_backward(in.q, in.k, in.v, p, fast, in.dout);
+  const AttentionGrads r = reference::attention_backward(in.q, in.k, in.v, p, ref, in.dout);
+  EXPECT_TRUE(all_close(g.dq, r.dq, grad, "dq"));
+  EXPECT_TRUE(all_close(g.dk, r.dk, grad, "dk"));
+  EXPECT_TRUE(all_close(g.dv, r.dv, grad, "dv"));
+  ASSERT_EQ(g.dbias.defined(), r.dbias.defined());
+  if (r.dbias.defined()) {
+    EXPECT_TRUE(all_close(g.dbias, r.dbias, par, "dbias"));
+  }
+  ASSERT_EQ(g.dscore.index(), p.score.index());
+  EXPECT_TRUE(all_close(score_weight(g.dscore), score_weight(r.dscore), par, "dweight"));
+
+  // The backward rebuilds P from the lse it is given: the reference's (which holds trilinear's
+  // row term w1.q_i) must serve as well as the fused forward's own.
+  const AttentionGrads from_ref = attention_backward(in.q, in.k, in.v, p, ref, in.dout);
+  EXPECT_TRUE(all_close(from_ref.dq, r.dq, grad, "dq from the reference's forward"));
+  EXPECT_TRUE(all_close(score_weight(from_ref.dscore), score_weight(r.dscore), par,
+                        "dweight from the reference's forward"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Against the reference.
+
+TEST(DotFormScores, LengthSweep) {
+  // Every (Tq, Tk) from {1, 16, 127, 128, 129}: Tq < 16 runs the composed/decode paths, the rest
+  // the fused kernels with partial tiles (48 query rows) and key blocks on both sides of 128.
+  const int64_t lengths[] = {1, 16, 127, 128, 129};
+  for (Kind kind : kKinds)
+    for (int64_t tq : lengths)
+      for (int64_t tk : lengths) {
+        Sizes s;
+        s.Tq = tq;
+        s.Tk = tk;
+        s.Dq = s.Dk = 3;
+        s.Dv = 5;
+        SCOPED_TRACE(std::string(kind_name(kind)) + " " + label(s));
+        AttentionParams p;
+        p.score = make_score(kind, s, DType::f32, 10);
+        expect_matches_reference(s, make_inputs(s, DType::f32, 20), p);
+      }
+}
+
+TEST(DotFormScores, NoKeys) {
+  // Tk = 0: every row is fully masked; out 0, lse -inf, every gradient 0.
+  for (Kind kind : kKinds)
+    for (int64_t tq : {16, 129}) {
+      Sizes s;
+      s.Tq = tq;
+      s.Tk = 0;
+      SCOPED_TRACE(std::string(kind_name(kind)) + " " + label(s));
+      AttentionParams p;
+      p.score = make_score(kind, s, DType::f32, 30);
+      expect_matches_reference(s, make_inputs(s, DType::f32, 40), p);
+    }
+}
+
+TEST(DotFormScores, HeadWidthSweep) {
+  for (Kind kind : kKinds)
+    for (int64_t width : {1, 3, 59, 64}) {
+      Sizes s;
+      s.Tq = 40;
+      s.Tk = 57;
+      s.Dq = s.Dk = width;
+      s.Dv = width == 59 ? 3 : 7;
+      SCOPED_TRACE(std::string(kind_name(kind)) + " " + label(s));
+      AttentionParams p;
+      p.score = make_score(kind, s, DType::f32, 50);
+      expect_matches_reference(s, make_inputs(s, DType::f32, 60), p);
+    }
+}
+
+TEST(DotFormScores, LocationWithDifferentKeyWidth) {
+  // The location score never reads the keys, so Dk is free; dk must be all zero.
+  Sizes s;
+  s.B = 2;
+  s.Tq = 33;
+  s.Tk = 45;
+  s.Dq = 7;
+  s.Dk = 13;
+  s.Dv = 4;
+  SCOPED_TRACE(label(s));
+  AttentionParams p;
+  p.score = make_score(Kind::location, s, DType::f32, 70);
+  const Inputs in = make_inputs(s, DType::f32, 80);
+  expect_matches_reference(s, in, p);
+  const AttentionOutput out = attention(in.q, in.k, in.v, p);
+  const AttentionGrads g = attention_backward(in.q, in.k, in.v, p, out, in.dout);
+  EXPECT_TRUE(all_close(g.dk, Tensor::zeros(in.k.shape(), DType::f32), Tolerance{}, "dk"));
+}
+
+TEST(DotFormScores, GroupedHeadsCausalAndLengths) {
+  // Keys are per kv head; trilinear's w2.k_j term and location's keys must reach every query
+  // head of the group, and dk / dweight sum over them. Batch 1 has no keys (fully masked rows),
+  // batch 0 hides some queries.
+  for (Kind kind : kKinds)
+    for (int64_t hkv : {1, 2, 4})
+      for (Alignment alignment : {Alignment::top_left, Alignment::bottom_right}) {
+        Sizes s;
+        s.B = 2;
+        s.Hq = 4;
+        s.Hkv = hkv;
+        s.Tq = 37;
+        s.Tk = 50;
+        s.Dq = s.Dk = 5;
+        s.Dv = 6;
+        SCOPED_TRACE(std::string(kind_name(kind)) + " " + label(s) +
+                     (alignment == Alignment::top_left ? " top-left" : " bottom-right"));
+        AttentionParams p;
+        p.score = make_score(kind, s, DType::f32, 90);
+        p.mask.causal = true;
+        p.mask.alignment = alignment;
+        p.mask.key_lengths = {41, 0};
+        p.mask.query_lengths = {30, 37};
+        expect_matches_reference(s, make_inputs(s, DType::f32, 100), p);
+      }
+}
+
+TEST(DotFormScores, WindowAndAlibi) {
+  for (Kind kind : kKinds) {
+    Sizes s;
+    s.Hq = 4;
+    s.Hkv = 2;
+    s.Tq = 64;
+    s.Tk = 80;
+    SCOPED_TRACE(std::string(kind_name(kind)) + " " + label(s));
+    AttentionParams p;
+    p.score = make_score(kind, s, DType::f32, 110);
+    p.mask.window = Window{20, 5};
+    p.mask.alibi_slopes = alibi_slopes(s.Hq);
+    expect_matches_reference(s, make_inputs(s, DType::f32, 120), p);
+  }
+}
+
+TEST(DotFormScores, TrilinearWithUserBias) {
+  // The user's bias is added to the trilinear score as given, and its gradient is reduced to its
+  // own broadcast shape.
+  Sizes s;
+  s.B = 2;
+  s.Hq = 4;
+  s.Hkv = 2;
+  s.Tq = 24;
+  s.Tk = 29;
+  s.Dq = s.Dk = 6;
+  s.Dv = 5;
+  const Shape shapes[] = {{s.Tk}, {s.B, 1, 1, s.Tk}, {s.B, s.Hq, s.Tq, s.Tk}, {s.Hq, 1, 1},
+                          {s.Tq, 1}};
+  for (const Shape& shape : shapes) {
+    SCOPED_TRACE(label(s) + " bias " + shape_str(shape));
+    AttentionParams p;
+    p.score = make_score(Kind::trilinear, s, DType::f32, 130);
+    p.mask.bias = random_tensor(shape, DType::f32, 140, -2.0, 2.0);
+    p.mask.causal = true;
+    expect_matches_reference(s, make_inputs(s, DType::f32, 150), p);
+  }
+}
+
+TEST(DotFormScores, RowsMaskedByAnInfiniteBias) {
+  // A row whose every score is -inf through the bias counts as fully masked: out 0, lse -inf,
+  // zero gradients, also for trilinear's row and column terms.
+  for (Kind kind : kKinds) {
+    Sizes s;
+    s.B = 2;
+    s.Hq = 2;
+    s.Tq = 20;
+    s.Tk = 18;
+    SCOPED_TRACE(std::string(kind_name(kind)) + " " + label(s));
+    AttentionParams p;
+    p.score = make_score(kind, s, DType::f32, 160);
+    Tensor bias = random_tensor({s.B, s.Hq, s.Tq, s.Tk}, DType::f32, 170);
+    for (int64_t j = 0; j < s.Tk; ++j) {
+      bias.set({1, 0, 3, j}, -std::numeric_limits<double>::infinity());
+      bias.set({0, 1, 19, j}, -std::numeric_limits<double>::infinity());
+    }
+    p.mask.bias = bias;
+    expect_matches_reference(s, make_inputs(s, DType::f32, 180), p);
+  }
+}
+
+TEST(DotFormScores, NaNKeyPaddingDoesNotLeak) {
+  // Hidden keys (past key_lengths) hold NaN in k and v: attention.h promises they are never
+  // read, so nothing may reach the outputs or any gradient (0 * NaN in trilinear's w2 gradient
+  // sum would). The result must equal the reference run with zero padding.
+  // (NaN in hidden query rows is left out: the flash backward itself lets it into dq, dk, dv.)
+  for (Kind kind : kKinds) {
+    Sizes s;
+    s.B = 2;
+    s.Hq = 4;
+    s.Hkv = 2;
+    s.Tq = 30;
+    s.Tk = 40;
+    SCOPED_TRACE(std::string(kind_name(kind)) + " " + label(s));
+    AttentionParams p;
+    p.score = make_score(kind, s, DType::f32, 175);
+    p.mask.key_lengths = {40, 25};
+    p.mask.query_lengths = {22, 30};
+    Inputs zeroed = make_inputs(s, DType::f32, 185);
+    for (int64_t h = 0; h < s.Hkv; ++h)
+      for (int64_t j = 25; j < s.Tk; ++j) {
+        for (int64_t c = 0; c < s.Dk; ++c) zeroed.k.set({1, h, j, c}, 0.0);
+        for (int64_t c = 0; c < s.Dv; ++c) zeroed.v.set({1, h, j, c}, 0.0);
+      }
+    Inputs poisoned{zeroed.q, zeroed.k.clone(), zeroed.v.clone(), zeroed.dout};
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    for (int64_t h = 0; h < s.Hkv; ++h)
+      for (int64_t j = 25; j < s.Tk; ++j) {
+        for (int64_t c = 0; c < s.Dk; ++c) poisoned.k.set({1, h, j, c}, nan);
+        for (int64_t c = 0; c < s.Dv; ++c) poisoned.v.set({1, h, j, c}, nan);
+      }
+    const Terms terms = terms_for(s);
+    const AttentionOutput fast = attention(poisoned.q, poisoned.k, poisoned.v, p);
+    const AttentionOutput ref = reference::attention(zeroed.q, zeroed.k, zeroed.v, p);
+    EXPECT_TRUE(all_close(fast.out, ref.out, tolerance_for(DType::f32, terms.forward), "out"));
+    const AttentionGrads g =
+        attention_backward(poisoned.q, poisoned.k, poisoned.v, p, fast, poisoned.dout);
+    const AttentionGrads r =
+        reference::attention_backward(zeroed.q, zeroed.k, zeroed.v, p, ref, zeroed.dout);
+    const Tolerance grad = tolerance_for(DType::f32, terms.grad);
+    EXPECT_TRUE(all_close(g.dq, r.dq, grad, "dq"));
+    EXPECT_TRUE(all_close(g.dk, r.dk, grad, "dk"));
+    EXPECT_TRUE(all_close(g.dv, r.dv, grad, "dv"));
+    EXPECT_TRUE(all_close(score_weight(g.dscore), score_weight(r.dscore),
+                          tolerance_for(DType::f32, terms.param), "dweight"));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fused route is taken: the flash kernel on a hand-built dot form gives the same bits.
+
+// x rounded to multiples of 1/16: with such inputs every product and sum of the dot-form
+// transforms below is exact in float32, so the hand-built form equals the library's bit for bit
+// whatever order either sums in.
+Tensor dyadic(const Tensor& x) {
+  Tensor out = Tensor::empty(x.shape(), DType::f32);
+  for (int64_t i = 0; i < x.numel(); ++i)
+    out.data<float>()[i] = std::round(static_cast<float>(x.get_flat(i)) * 16.0f) / 16.0f;
+  return out;
+}
+
+// q' = [w3 * q, w1 . q, 1] and k' = [k, 1, w2 . k].
+Inputs trilinear_dot_form(const Inputs& in, const Tensor& weight) {
+  const int64_t D = in.q.size(3);
+  auto w = [&](int64_t part, int64_t c) { return weight.get({part * D + c}); };
+  auto build = [&](const Tensor& x, bool queries) {
+    Tensor out = Tensor::empty({x.size(0), x.size(1), x.size(2), D + 2}, DType::f32);
+    for (int64_t b = 0; b < x.size(0); ++b)
+      for (int64_t h = 0; h < x.size(1); ++h)
+        for (int64_t i = 0; i < x.size(2); ++i) {
+          double term = 0.0;  // w1 . q or w2 . k
+          for (int64_t c = 0; c < D; ++c) {
+            const double value = x.get({b, h, i, c});
+            term += w(queries ? 0 : 1, c) * value;
+            out.set({b, h, i, c}, queries ? w(2, c) * value : value);
+          }
+          out.set({b, h, i, D}, queries ? term : 1.0);
+          out.set({b, h, i, D + 1}, queries ? 1.0 : term);
+        }
+    return out;
+  };
+  return {build(in.q, true), build(in.k, false), in.v, in.dout};
+}
+
+// k'[b, h] = W[0:Tk] for every batch and kv head.
+Inputs location_dot_form(const Inputs& in, const Tensor& weight) {
+  const int64_t B = in.k.size(0), H = in.k.size(1), Tk = in.k.size(2), D = in.q.size(3);
+  Tensor keys = Tensor::empty({B, H, Tk, D}, DType::f32);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t j = 0; j < Tk; ++j)
+        for (int64_t c = 0; c < D; ++c) keys.set({b, h, j, c}, weight.get({j, c}));
+  return {in.q, keys, in.v, in.dout};
+}
+
+TEST(DotFormScores, FusedRouteEqualsFlashOnTheDotForm) {
+  Sizes s;
+  s.B = 2;
+  s.Hq = 4;
+  s.Hkv = 2;
+  s.Tq = 50;
+  s.Tk = 70;
+  s.Dq = s.Dk = 9;
+  s.Dv = 5;
+  const Tolerance exact{};
+  for (Kind kind : kKinds) {
+    SCOPED_TRACE(std::string(kind_name(kind)) + " " + label(s));
+    Inputs in = make_inputs(s, DType::f32, 190);
+    in.q = dyadic(in.q);
+    in.k = dyadic(in.k);
+    AttentionParams p;
+    p.score = make_score(kind, s, DType::f32, 200);
+    if (kind == Kind::trilinear) p.score = TrilinearScore{dyadic(score_weight(p.score))};
+    p.mask.causal = true;
+    p.mask.alignment = Alignment::bottom_right;
+    p.mask.key_lengths = {70, 45};
+    const Tensor& weight = score_weight(p.score);
+    const Inputs form = kind == Kind::trilinear ? trilinear_dot_form(in, weight)
+                                                : location_dot_form(in, weight);
+    AttentionParams dot = p;
+    dot.score = DotScore{};
+
+    const AttentionOutput fused = attention(in.q, in.k, in.v, p);
+    const AttentionOutput flash = attention(form.q, form.k, form.v, dot);
+    EXPECT_TRUE(all_close(fused.out, flash.out, exact, "out"));
+    EXPECT_TRUE(all_close(fused.lse, flash.lse, exact, "lse"));
+
+    // dv passes through the transform untouched; location's dq too.
+    const AttentionGrads g = attention_backward(in.q, in.k, in.v, p, fused, in.dout);
+    const AttentionGrads f = attention_backward(form.q, form.k, form.v, dot, flash, form.dout);
+    EXPECT_TRUE(all_close(g.dv, f.dv, exact, "dv"));
+    if (kind == Kind::location) {
+      EXPECT_TRUE(all_close(g.dq, f.dq, exact, "dq"));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Finite differences of the weight gradients.
+
+TEST(DotFormScores, WeightGradientsMatchFiniteDifferences) {
+  // The loss sum(out * dout) is evaluated by the float64 reference; the analytic gradient is the
+  // fused float32 backward's. Trilinear's first third (w1) must come out 0: its row term cancels
+  // in the softmax, so the loss does not depend on it.
+  Sizes s;
+  s.B = 2;
+  s.Hq = 4;
+  s.Hkv = 2;
+  s.Tq = 24;
+  s.Tk = 37;
+  s.Dq = s.Dk = 6;
+  s.Dv = 5;
+  const Tolerance tol = tolerance_for(DType::f32, terms_for(s).param);
+  for (Kind kind : kKinds) {
+    SCOPED_TRACE(std::string(kind_name(kind)) + " " + label(s));
+    const Inputs in = make_inputs(s, DType::f32, 210);
+    AttentionParams p;
+    p.score = make_score(kind, s, DType::f32, 220);
+    p.mask.causal = true;
+    p.mask.alignment = Alignment::bottom_right;
+    p.mask.key_lengths = {37, 20};
+    const AttentionOutput out = attention(in.q, in.k, in.v, p);
+    const AttentionGrads g = attention_backward(in.q, in.k, in.v, p, out, in.dout);
+
+    const Inputs in64{in.q.to(DType::f64), in.k.to(DType::f64), in.v.to(DType::f64),
+                      in.dout.to(DType::f64)};
+    AttentionParams p64 = p;
+    Tensor weight = score_weight(p.score).to(DType::f64).clone();
+    if (kind == Kind::trilinear)
+      p64.score = TrilinearScore{weight};
+    else
+      p64.score = LocationScore{weight};
+    auto loss = [&] {
+      return testing::weighted_sum(reference::attention(in64.q, in64.k, in64.v, p64).out,
+                                   in64.dout);
+    };
+    EXPECT_TRUE(testing::check_gradient(loss, weight, score_weight(g.dscore).to(DType::f64),
+                                        "dweight", weight.numel(), 1e-6, tol.rtol));
+  }
+}
+
+}  // namespace
+}  // namespace attn
