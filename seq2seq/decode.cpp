@@ -35,10 +35,11 @@ EncodedSource gather_source(const EncodedSource& src, const std::vector<int64_t>
   return out;
 }
 
+// Every decoder layer's state moves with its hypothesis.
 DecoderState gather_state(const DecoderState& s, const std::vector<int64_t>& rows) {
   DecoderState out;
-  out.h = gather_rows(s.h, rows);
-  if (s.c.defined()) out.c = gather_rows(s.c, rows);
+  for (const Tensor& h : s.h) out.h.push_back(gather_rows(h, rows));
+  for (const Tensor& c : s.c) out.c.push_back(gather_rows(c, rows));
   if (s.feed.defined()) out.feed = gather_rows(s.feed, rows);
   return out;
 }

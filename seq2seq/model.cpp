@@ -70,21 +70,40 @@ Tensor uniform_tensor(const Shape& shape, double bound, DType dtype, uint64_t se
   return t;
 }
 
-// The decoder's initial state from the encoder's final states of its top layer: the two
-// directions side by side when bidirectional.
-Tensor top_layer_state(const Tensor& final_states, int64_t layers, int64_t directions) {
-  if (directions == 1) return final_states.select(0, layers - 1).clone();
-  return concat_columns({final_states.select(0, (layers - 1) * 2),
-                         final_states.select(0, (layers - 1) * 2 + 1)});
+// Dropout sites of the recurrent model. Sites that draw once per run share the run's seed and
+// differ by stream; the encoder's inter-layer dropout uses streams kEncoderStream + l (nn::Rnn),
+// the decoder's kDecoderLayerStream + l with a seed per time step (step_dropout_seed).
+constexpr uint64_t kSourceEmbeddingStream = 1;
+constexpr uint64_t kTargetEmbeddingStream = 2;
+constexpr uint64_t kOutputStream = 3;
+constexpr uint64_t kEncoderStream = 16;
+constexpr uint64_t kDecoderLayerStream = 1024;
+
+// Between stacked decoder layers every time step draws its own mask: a pure function of the
+// run's seed and t (the step's [B, H] rows would otherwise reuse one mask at every t).
+uint64_t step_dropout_seed(uint64_t run_seed, int64_t t) {
+  return mix64(run_seed ^ mix64(static_cast<uint64_t>(t) + 0x2545f4914f6cdd1dULL));
 }
 
-// The gradient of top_layer_state into a [L D, B, Hd] tensor of zeros elsewhere.
-Tensor top_layer_state_backward(const Tensor& dstate, int64_t layers, int64_t directions,
-                                int64_t batch, int64_t hd) {
-  Tensor d = Tensor::zeros({layers * directions, batch, hd}, dstate.dtype());
-  for (int64_t dir = 0; dir < directions; ++dir)
-    d.select(0, (layers - 1) * directions + dir).copy_from(dstate.slice(1, dir * hd, (dir + 1) * hd));
-  return d;
+// Which encoder layer's final state decoder layer l starts from: layer l when the stacks are
+// equally deep, else the top encoder layer (model.h).
+int64_t source_layer(const ModelConfig& c, int64_t decoder_layer) {
+  return c.encoder_layers == c.decoder_layers ? decoder_layer : c.encoder_layers - 1;
+}
+
+// An encoder layer's final state [B, H]: the two directions side by side when bidirectional.
+Tensor layer_state(const Tensor& final_states, int64_t layer, int64_t directions) {
+  if (directions == 1) return final_states.select(0, layer).clone();
+  return concat_columns({final_states.select(0, layer * 2), final_states.select(0, layer * 2 + 1)});
+}
+
+// The gradient of layer_state, added into d [L D, B, Hd].
+void layer_state_backward(Tensor& d, const Tensor& dstate, int64_t layer, int64_t directions) {
+  const int64_t hd = d.size(2);
+  for (int64_t dir = 0; dir < directions; ++dir) {
+    Tensor rows = d.select(0, layer * directions + dir);
+    accumulate(rows, dstate.slice(1, dir * hd, (dir + 1) * hd));
+  }
 }
 
 }  // namespace
@@ -192,7 +211,9 @@ void validate(const ModelConfig& c) {
   ATTN_CHECK(!c.bidirectional || c.hidden % 2 == 0, kOp,
              "a bidirectional encoder splits hidden into two directions: hidden must be even, got ",
              c.hidden);
-  ATTN_CHECK(c.encoder_layers >= 1, kOp, "encoder layers must be >= 1, got ", c.encoder_layers);
+  ATTN_CHECK(c.encoder_layers >= 1 && c.decoder_layers >= 1, kOp,
+             "layers must be >= 1, got encoder ", c.encoder_layers, ", decoder ", c.decoder_layers);
+  ATTN_CHECK(c.dropout >= 0.0 && c.dropout < 1.0, kOp, "dropout must be in [0, 1), got ", c.dropout);
   ATTN_CHECK(c.attention_hidden >= 0, kOp, "attention hidden must be >= 0, got ", c.attention_hidden);
   ATTN_CHECK(c.max_source_steps >= 2, kOp, "max source steps must be >= 2, got ", c.max_source_steps);
   ATTN_CHECK(c.local == LocalKind::none || c.local_half_width >= 1, kOp,
@@ -216,9 +237,14 @@ Seq2Seq Seq2Seq::create(const ModelConfig& config, uint64_t seed) {
   m.encoder = nn::Rnn::create({config.rnn, E, H / D, config.encoder_layers, config.bidirectional,
                                true, dt},
                               mix64(seed + 3));
-  // Both decoders read [e; H-wide vector]: the context (Bahdanau, baseline) or o_{t-1} (Luong).
-  m.cell = nn::rnn_cell_init(config.rnn, E + H, H, true, dt, mix64(seed + 4));
-  m.cell_grad = nn::rnn_cell_zeros_like(m.cell);
+  // The bottom cell reads [e; H-wide vector]: the context (Bahdanau, baseline) or o_{t-1}
+  // (Luong); the cells above read the state below. Layer 0 keeps the seed of the single-cell
+  // model, so a one-layer model starts from the same weights as before stacking existed.
+  for (int64_t l = 0; l < config.decoder_layers; ++l) {
+    const uint64_t cell_seed = l == 0 ? mix64(seed + 4) : mix64(seed + 300 + static_cast<uint64_t>(l));
+    m.cells.push_back(nn::rnn_cell_init(config.rnn, l == 0 ? E + H : H, H, true, dt, cell_seed));
+    m.cells_grad.push_back(nn::rnn_cell_zeros_like(m.cells.back()));
+  }
 
   const uint64_t s5 = mix64(seed + 5);
   const double bH = 1.0 / std::sqrt(static_cast<double>(H));
@@ -283,10 +309,16 @@ nn::ParameterList Seq2Seq::parameters() const {
   source_embedding.parameters("source_embedding.", list);
   target_embedding.parameters("target_embedding.", list);
   encoder.parameters("encoder.", list);
-  nn::add_parameter(list, "decoder.cell.", "weight_ih", cell.weight_ih, cell_grad.weight_ih);
-  nn::add_parameter(list, "decoder.cell.", "weight_hh", cell.weight_hh, cell_grad.weight_hh);
-  nn::add_parameter(list, "decoder.cell.", "bias_ih", cell.bias_ih, cell_grad.bias_ih);
-  nn::add_parameter(list, "decoder.cell.", "bias_hh", cell.bias_hh, cell_grad.bias_hh);
+  for (std::size_t l = 0; l < cells.size(); ++l) {
+    // Layer 0 keeps the single-cell name, so checkpoints from before stacking still load.
+    const std::string prefix = l == 0 ? "decoder.cell." : "decoder.cell_l" + std::to_string(l) + ".";
+    const nn::RnnCellParams& v = cells[l];
+    const nn::RnnCellParams& g = cells_grad[l];
+    nn::add_parameter(list, prefix, "weight_ih", v.weight_ih, g.weight_ih);
+    nn::add_parameter(list, prefix, "weight_hh", v.weight_hh, g.weight_hh);
+    nn::add_parameter(list, prefix, "bias_ih", v.bias_ih, g.bias_ih);
+    nn::add_parameter(list, prefix, "bias_hh", v.bias_hh, g.bias_hh);
+  }
   Score value = score, grad = score_grad;  // copies alias the same storage
   auto values = score_fields(value);
   auto grads = score_fields(grad);
@@ -302,7 +334,7 @@ nn::ParameterList Seq2Seq::parameters() const {
 
 void Seq2Seq::zero_grad() const { nn::zero_grads(parameters()); }
 
-EncodedSource Seq2Seq::encode(const Batch& batch) const {
+EncodedSource Seq2Seq::encode(const Batch& batch, const Seq2SeqRunOptions& options) const {
   const int64_t B = batch.batch, S = batch.source_steps;
   ATTN_CHECK(S <= config.max_source_steps || config.score != ScoreKind::location, kOp,
              "source of ", S, " steps is longer than the model's maximum of ",
@@ -314,15 +346,24 @@ EncodedSource Seq2Seq::encode(const Batch& batch) const {
   for (int32_t& id : embedded_ids)
     if (id >= config.source_vocab) id = static_cast<int32_t>(Vocab::unk_id);
   nn::EmbeddingForward emb = source_embedding.forward({std::move(embedded_ids), {B, S}});
-  nn::RnnForward rnn = encoder.forward(emb.out, batch.source_lengths);
+  const double p = options.training ? config.dropout : 0.0;
+  const uint64_t run_seed = mix64(options.seed);
+  src.embedding_dropout = {p, run_seed, kSourceEmbeddingStream};
+  nn::RnnForward rnn = encoder.forward(nn::dropout_forward(emb.out, src.embedding_dropout),
+                                       batch.source_lengths, {}, {p, run_seed, kEncoderStream});
   src.memory = rnn.out.contiguous();
   src.lengths = batch.source_lengths;
-  const int64_t L = config.encoder_layers, D = encoder.num_directions();
-  src.initial.h = top_layer_state(rnn.final.h, L, D);
-  if (config.rnn == nn::RnnKind::lstm) src.initial.c = top_layer_state(rnn.final.c, L, D);
+  const int64_t D = encoder.num_directions();
+  for (int64_t l = 0; l < config.decoder_layers; ++l) {
+    const int64_t from = source_layer(config, l);
+    src.initial.h.push_back(layer_state(rnn.final.h, from, D));
+    if (config.rnn == nn::RnnKind::lstm) src.initial.c.push_back(layer_state(rnn.final.c, from, D));
+  }
   if (config.decoder == DecoderKind::luong)
     src.initial.feed = Tensor::zeros({B, config.hidden}, config.dtype);
-  if (config.decoder == DecoderKind::none) src.fixed_context = src.initial.h;
+  // The baseline's fixed context is the top encoder layer's state (the top decoder layer's
+  // initial state under either rule).
+  if (config.decoder == DecoderKind::none) src.fixed_context = src.initial.h.back();
   const int64_t H = config.hidden;
   if (config.copy) {
     // values = [memory | one-hot copy id of each source token] over the extended vocabulary of
@@ -427,40 +468,65 @@ Tensor attend_backward(Seq2Seq& m, const EncodedSource& src, const StepCache& ca
   return g.dq.reshape({B, H}).contiguous();
 }
 
+// Dropout between stacked decoder layers at one time step: rate and that step's seed.
+struct StepDropout {
+  double p = 0.0;
+  uint64_t seed = 0;
+};
+
+// The decoder cells, bottom to top, on the bottom layer's input x: layer l > 0 reads
+// drop(layer l - 1's new state). Fills r.state.h / .c and the per-layer caches.
+void run_stack(const Seq2Seq& m, const Tensor& x, const DecoderState& state,
+               const StepDropout& dropout, StepResult& r) {
+  const bool lstm = m.config.rnn == nn::RnnKind::lstm;
+  const int64_t L = static_cast<int64_t>(m.cells.size());
+  StepCache& cache = r.cache;
+  Tensor input = x;
+  for (int64_t l = 0; l < L; ++l) {
+    if (l > 0) {
+      cache.between.push_back({dropout.p, dropout.seed, kDecoderLayerStream + static_cast<uint64_t>(l - 1)});
+      input = nn::dropout_forward(r.state.h.back(), cache.between.back());
+    }
+    if (lstm) {
+      nn::LstmCellForward f = nn::lstm_cell_forward(m.cells[l], input, state.h[l], state.c[l]);
+      r.state.h.push_back(f.h);
+      r.state.c.push_back(f.c);
+      cache.lstm.push_back(std::move(f.cache));
+    } else {
+      nn::GruCellForward f = nn::gru_cell_forward(m.cells[l], input, state.h[l]);
+      r.state.h.push_back(f.h);
+      cache.gru.push_back(std::move(f.cache));
+    }
+  }
+}
+
 StepResult step_embedded(const Seq2Seq& m, const EncodedSource& src, const DecoderState& state,
-                         const Tensor& e, int64_t t, bool keep_cache, bool return_weights) {
+                         const Tensor& e, int64_t t, bool keep_cache, bool return_weights,
+                         const StepDropout& dropout) {
+  const int64_t L = static_cast<int64_t>(m.cells.size());
+  ATTN_CHECK(static_cast<int64_t>(state.h.size()) == L &&
+                 (m.config.rnn != nn::RnnKind::lstm || static_cast<int64_t>(state.c.size()) == L),
+             kOp, "decoder state has ", state.h.size(), " layers, the model has ", L);
   StepResult r;
   StepCache& cache = r.cache;
-  const bool lstm = m.config.rnn == nn::RnnKind::lstm;
-  auto run_cell = [&](const Tensor& x, const Tensor& h_prev, const Tensor& c_prev) {
-    if (lstm) {
-      nn::LstmCellForward f = nn::lstm_cell_forward(m.cell, x, h_prev, c_prev);
-      r.state.h = f.h;
-      r.state.c = f.c;
-      cache.lstm = std::move(f.cache);
-    } else {
-      nn::GruCellForward f = nn::gru_cell_forward(m.cell, x, h_prev);
-      r.state.h = f.h;
-      cache.gru = std::move(f.cache);
-    }
-  };
   Tensor readout_in;
   if (m.config.decoder == DecoderKind::luong) {
-    // 1. s_t = cell([e_t; o_{t-1}], s_{t-1})   2. c_t = attend(s_t)   3. o_t = tanh(W_c [c_t; s_t])
+    // 1. s_t = stack([e_t; o_{t-1}], s_{t-1})   2. c_t = attend(s_t)   3. o_t = tanh(W_c [c_t; s_t])
     cache.input = concat_columns({e, state.feed});
-    run_cell(cache.input, state.h, state.c);
-    cache.context = attend(m, src, r.state.h, t, return_weights, cache, &r.weights, &r.copy);
-    readout_in = concat_columns({cache.context, r.state.h});
+    run_stack(m, cache.input, state, dropout, r);
+    const Tensor& top = r.state.h.back();
+    cache.context = attend(m, src, top, t, return_weights, cache, &r.weights, &r.copy);
+    readout_in = concat_columns({cache.context, top});
   } else {
-    // 1. c_t = attend(s_{t-1}) (or the fixed context)   2. s_t = cell([e_t; c_t], s_{t-1})
+    // 1. c_t = attend(s_{t-1}) (or the fixed context)   2. s_t = stack([e_t; c_t], s_{t-1})
     // 3. o_t = tanh(W_o [s_t; c_t; e_t])
     if (m.config.decoder == DecoderKind::bahdanau)
-      cache.context = attend(m, src, state.h, t, return_weights, cache, &r.weights, &r.copy);
+      cache.context = attend(m, src, state.h.back(), t, return_weights, cache, &r.weights, &r.copy);
     else
       cache.context = src.fixed_context;
     cache.input = concat_columns({e, cache.context});
-    run_cell(cache.input, state.h, state.c);
-    readout_in = concat_columns({r.state.h, cache.context, e});
+    run_stack(m, cache.input, state, dropout, r);
+    readout_in = concat_columns({r.state.h.back(), cache.context, e});
   }
   nn::LinearForward lin = m.readout.forward(readout_in);
   r.output = tanh_forward(lin.out);
@@ -469,7 +535,7 @@ StepResult step_embedded(const Seq2Seq& m, const EncodedSource& src, const Decod
   if (m.config.decoder == DecoderKind::luong) r.state.feed = r.output;
   if (m.config.copy) {
     // 4. g_t = sigmoid(w_g [c_t; s_t; e_t] + b_g)
-    nn::LinearForward g = m.gate.forward(concat_columns({cache.context, r.state.h, e}));
+    nn::LinearForward g = m.gate.forward(concat_columns({cache.context, r.state.h.back(), e}));
     r.gate = g.out;
     nn::visit_float(r.gate.dtype(), kOp, "gate", [&](auto tag) {
       using T = decltype(tag);
@@ -494,7 +560,7 @@ StepResult Seq2Seq::step(const EncodedSource& source, const DecoderState& state,
   for (int32_t& id : embedded_ids)
     if (id >= config.target_vocab) id = static_cast<int32_t>(Vocab::unk_id);
   nn::EmbeddingForward e = target_embedding.forward({std::move(embedded_ids), {static_cast<int64_t>(ids.size())}});
-  return step_embedded(*this, source, state, e.out, t, keep_cache, return_weights);
+  return step_embedded(*this, source, state, e.out, t, keep_cache, return_weights, {});
 }
 
 Tensor Seq2Seq::logits(const Tensor& output) const { return generator.forward(output).out; }
@@ -525,14 +591,17 @@ std::vector<std::vector<double>> Seq2Seq::log_probs(const StepResult& step) cons
   return out;
 }
 
-ForwardResult Seq2Seq::forward(const Batch& batch) const {
+ForwardResult Seq2Seq::forward(const Batch& batch, const Seq2SeqRunOptions& options) const {
   const int64_t B = batch.batch, T = batch.target_steps, H = config.hidden;
   ATTN_CHECK(T >= 1 && static_cast<int64_t>(batch.target_input.size()) == T * B, kOp,
              "forward needs a batch with targets");
+  const double p = options.training ? config.dropout : 0.0;
+  const uint64_t run_seed = mix64(options.seed);
   ForwardResult f;
-  f.source = encode(batch);
+  f.source = encode(batch, options);
   nn::EmbeddingForward emb = target_embedding.forward({batch.target_input, {T, B}});
-  f.target_embedded = emb.out;
+  f.target_dropout = {p, run_seed, kTargetEmbeddingStream};
+  f.target_embedded = nn::dropout_forward(emb.out, f.target_dropout);
   f.target_embedding_cache = std::move(emb.cache);
   Tensor outputs = Tensor::empty({T, B, H}, config.dtype);
   if (config.copy) {
@@ -542,7 +611,8 @@ ForwardResult Seq2Seq::forward(const Batch& batch) const {
   DecoderState state = f.source.initial;
   f.steps.reserve(T);
   for (int64_t t = 0; t < T; ++t) {
-    StepResult r = step_embedded(*this, f.source, state, f.target_embedded.select(0, t), t, true, false);
+    StepResult r = step_embedded(*this, f.source, state, f.target_embedded.select(0, t), t, true,
+                                 false, {p, step_dropout_seed(run_seed, t)});
     outputs.select(0, t).copy_from(r.output);
     if (config.copy) {
       f.copy.select(0, t).copy_from(r.copy);
@@ -551,8 +621,9 @@ ForwardResult Seq2Seq::forward(const Batch& batch) const {
     state = r.state;
     f.steps.push_back(std::move(r.cache));
   }
-  // One [T B, H] x [H, V] GEMM for every step's output layer.
-  nn::LinearForward gen = generator.forward(outputs);
+  // One [T B, H] x [H, V] GEMM for every step's output layer, on drop(o_t).
+  f.output_dropout = {p, run_seed, kOutputStream};
+  nn::LinearForward gen = generator.forward(nn::dropout_forward(outputs, f.output_dropout));
   f.logits = gen.out;
   f.generator = std::move(gen.cache);
   return f;
@@ -562,6 +633,7 @@ void Seq2Seq::backward(const Batch& batch, const ForwardResult& f, const Tensor&
                        const Tensor& dcopy, const Tensor& dgate) {
   const int64_t B = batch.batch, T = batch.target_steps, S = batch.source_steps;
   const int64_t H = config.hidden, E = config.embedding;
+  const int64_t L = static_cast<int64_t>(cells.size());
   const bool luong = config.decoder == DecoderKind::luong;
   const bool lstm = config.rnn == nn::RnnKind::lstm;
   ATTN_CHECK(dlogits.shape() == f.logits.shape(), kOp, "dlogits is ", dlogits.shape_str(),
@@ -570,13 +642,15 @@ void Seq2Seq::backward(const Batch& batch, const ForwardResult& f, const Tensor&
                               dgate.defined() && dgate.shape() == f.gate.shape()),
              kOp, "a copying model's backward needs dcopy ", f.copy.shape_str(), " and dgate ",
              f.gate.shape_str());
-  // Output layer of every step at once.
-  const Tensor doutputs = generator.backward(f.generator, dlogits).contiguous();  // [T, B, H]
+  // Output layer of every step at once, then its dropout.
+  const Tensor doutputs =
+      nn::dropout_backward(generator.backward(f.generator, dlogits), f.output_dropout).contiguous();  // [T, B, H]
   Tensor dembedded = Tensor::zeros({T, B, E}, config.dtype);
   Tensor dmemory = Tensor::zeros({B, S, H}, config.dtype);
   Tensor dfixed;                                            // baseline's context
-  Tensor ds = Tensor::zeros({B, H}, config.dtype);          // dL/ds_t from step t + 1
-  Tensor dc;                                                // LSTM cell state, same
+  // dL/ds^l_t (and the LSTM cell states') of every layer, from step t + 1.
+  std::vector<Tensor> ds(L), dc(L);
+  for (Tensor& d : ds) d = Tensor::zeros({B, H}, config.dtype);
   Tensor dfeed = Tensor::zeros({B, H}, config.dtype);       // dL/do_t from step t + 1 (Luong)
   for (int64_t t = T - 1; t >= 0; --t) {
     const StepCache& c = f.steps[t];
@@ -584,14 +658,28 @@ void Seq2Seq::backward(const Batch& batch, const ForwardResult& f, const Tensor&
     Tensor dout = doutputs.select(0, t).clone();
     if (luong) accumulate(dout, dfeed);
     const Tensor dreadout_in = readout.backward(c.readout, tanh_backward(c.output, dout));
-    auto cell_backward = [&](const Tensor& dh) {
-      if (lstm) {
-        nn::LstmCellGrads g = nn::lstm_cell_backward(cell, cell_grad, c.lstm, dh, dc);
-        dc = g.dc_prev;
-        return std::make_pair(g.dx, g.dh_prev);
+    // The stack, top to bottom, from dL/ds_t of the top layer (which already holds step
+    // t + 1's share): each layer adds its state gradient from step t + 1, and the gradient of
+    // its input goes through the dropout into the layer below. Returns dx of the bottom cell.
+    auto stack_backward = [&](Tensor dh_top) {
+      Tensor dh = std::move(dh_top), dx;
+      for (int64_t l = L - 1; l >= 0; --l) {
+        if (l < L - 1) {
+          dh = ds[l];
+          accumulate(dh, nn::dropout_backward(dx, c.between[l]));
+        }
+        if (lstm) {
+          nn::LstmCellGrads g = nn::lstm_cell_backward(cells[l], cells_grad[l], c.lstm[l], dh, dc[l]);
+          dc[l] = g.dc_prev;
+          ds[l] = g.dh_prev;
+          dx = g.dx;
+        } else {
+          nn::GruCellGrads g = nn::gru_cell_backward(cells[l], cells_grad[l], c.gru[l], dh);
+          ds[l] = g.dh_prev;
+          dx = g.dx;
+        }
       }
-      nn::GruCellGrads g = nn::gru_cell_backward(cell, cell_grad, c.gru, dh);
-      return std::make_pair(g.dx, g.dh_prev);
+      return dx;
     };
     // 4. g_t = sigmoid(w_g [c_t; s_t; e_t] + b_g): its share of dc_t, ds_t, de_t.
     Tensor dgate_in, dcopy_t;
@@ -611,51 +699,55 @@ void Seq2Seq::backward(const Batch& batch, const ForwardResult& f, const Tensor&
     if (luong) {
       Tensor dcontext = columns(dreadout_in, 0, H);
       Tensor dh = columns(dreadout_in, H, 2 * H);
-      accumulate(dh, ds);
+      accumulate(dh, ds[L - 1]);
       if (config.copy) {
         accumulate(dcontext, dgate_in.slice(1, 0, H));
         accumulate(dh, dgate_in.slice(1, H, 2 * H));
       }
       // 2. c_t = attend(s_t)
       accumulate(dh, attend_backward(*this, f.source, c, dcontext, dcopy_t, dmemory));
-      // 1. s_t = cell([e_t; o_{t-1}], s_{t-1})
-      auto [dx, dh_prev] = cell_backward(dh);
+      // 1. s_t = stack([e_t; o_{t-1}], s_{t-1})
+      const Tensor dx = stack_backward(std::move(dh));
       de = columns(dx, 0, E);
       dfeed = columns(dx, E, E + H);
       if (config.copy) accumulate(de, dgate_in.slice(1, 2 * H, 2 * H + E));
-      ds = dh_prev;
     } else {
       Tensor dh = columns(dreadout_in, 0, H);
       Tensor dcontext = columns(dreadout_in, H, 2 * H);
       de = columns(dreadout_in, 2 * H, 2 * H + E);
-      accumulate(dh, ds);
+      accumulate(dh, ds[L - 1]);
       if (config.copy) {
         accumulate(dcontext, dgate_in.slice(1, 0, H));
         accumulate(dh, dgate_in.slice(1, H, 2 * H));
         accumulate(de, dgate_in.slice(1, 2 * H, 2 * H + E));
       }
-      // 2. s_t = cell([e_t; c_t], s_{t-1})
-      auto [dx, dh_prev] = cell_backward(dh);
+      // 2. s_t = stack([e_t; c_t], s_{t-1})
+      const Tensor dx = stack_backward(std::move(dh));
       accumulate(de, dx.slice(1, 0, E));
       accumulate(dcontext, dx.slice(1, E, E + H));
-      // 1. c_t = attend(s_{t-1}), or the fixed context
+      // 1. c_t = attend(s_{t-1}) (the top layer's), or the fixed context
       if (config.decoder == DecoderKind::bahdanau)
-        accumulate(dh_prev, attend_backward(*this, f.source, c, dcontext, dcopy_t, dmemory));
+        accumulate(ds[L - 1], attend_backward(*this, f.source, c, dcontext, dcopy_t, dmemory));
       else
         accumulate(dfixed, dcontext);
-      ds = dh_prev;
     }
     dembedded.select(0, t).copy_from(de);
   }
-  target_embedding.backward(f.target_embedding_cache, dembedded);
-  // Encoder: the decoder's initial state (and the baseline's context) are its final states.
-  if (dfixed.defined()) accumulate(ds, dfixed);
-  const int64_t L = config.encoder_layers, D = encoder.num_directions(), Hd = H / D;
+  target_embedding.backward(f.target_embedding_cache, nn::dropout_backward(dembedded, f.target_dropout));
+  // Encoder: the decoder's initial states (and the baseline's context, the top encoder
+  // layer's state) are its final states.
+  if (dfixed.defined()) accumulate(ds[L - 1], dfixed);
+  const int64_t Le = config.encoder_layers, D = encoder.num_directions(), Hd = H / D;
   nn::RnnState dfinal;
-  dfinal.h = top_layer_state_backward(ds, L, D, B, Hd);
-  if (lstm && dc.defined()) dfinal.c = top_layer_state_backward(dc, L, D, B, Hd);
+  dfinal.h = Tensor::zeros({Le * D, B, Hd}, config.dtype);
+  if (lstm) dfinal.c = Tensor::zeros({Le * D, B, Hd}, config.dtype);
+  for (int64_t l = 0; l < L; ++l) {
+    layer_state_backward(dfinal.h, ds[l], source_layer(config, l), D);
+    if (lstm && dc[l].defined()) layer_state_backward(dfinal.c, dc[l], source_layer(config, l), D);
+  }
   nn::RnnBackward enc = encoder.backward(f.source.rnn_cache, dmemory, dfinal);
-  source_embedding.backward(f.source.embedding_cache, enc.dx);
+  source_embedding.backward(f.source.embedding_cache,
+                            nn::dropout_backward(enc.dx, f.source.embedding_dropout));
 }
 
 }  // namespace attn::seq2seq

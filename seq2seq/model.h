@@ -8,17 +8,30 @@
 // has H/2 units so that the concatenated outputs (the "memory", [B, S, H]) and the concatenated
 // final states (the decoder's initial state) are H wide.
 //
-// Decoders (one GRU or LSTM cell, one step at a time; e_t is the embedding of the previous
-// target token, attention is attn::attention with the B decoder rows as queries, Tq = 1, over
-// the memory, keys = values = memory, mask.key_lengths = source lengths):
-//   Bahdanau et al. 2015:  c_t = attend(s_{t-1});  s_t = cell([e_t; c_t], s_{t-1});
+// Decoders (a stack of L = decoder_layers GRU or LSTM cells, one step at a time; e_t is the
+// embedding of the previous target token, attention is attn::attention with the B decoder rows
+// as queries, Tq = 1, over the memory, keys = values = memory, mask.key_lengths = source
+// lengths). stack(x, s_{t-1}) runs the cells bottom to top: layer 0 reads x, layer l > 0 reads
+// drop(s^{l-1}_t); s_t is the top layer's state:
+//   Bahdanau et al. 2015:  c_t = attend(s_{t-1});  s_t = stack([e_t; c_t], s_{t-1});
 //                          o_t = tanh(W_o [s_t; c_t; e_t])   (the readout of section A.2.2 with
 //                          tanh in place of maxout)
-//   Luong et al. 2015:     s_t = cell([e_t; o_{t-1}], s_{t-1})   (input feeding, o_0 = 0)
-//                          c_t = attend(s_t);  o_t = tanh(W_c [c_t; s_t])   (eq. 5)
+//   Luong et al. 2015:     s_t = stack([e_t; o_{t-1}], s_{t-1})   (input feeding into the bottom
+//                          layer, o_0 = 0);  c_t = attend(s_t);  o_t = tanh(W_c [c_t; s_t]) (eq. 5)
 //   none (baseline):       as Bahdanau with c_t = the encoder's final state for every t
 //                          (Cho et al. 2014's fixed context).
-//   p(y_t) = softmax(W_s o_t + b_s).
+//   p(y_t) = softmax(W_s drop(o_t) + b_s).
+// The decoder's initial state: decoder layer l starts from encoder layer l's final state (both
+// directions side by side) when the encoder has as many layers as the decoder, else every
+// decoder layer starts from the encoder's top layer (with one decoder layer: always the top).
+//
+// Dropout (training only, ModelConfig::dropout = p; Zaremba et al. 2014, Luong et al. 2015,
+// OpenNMT): on the source and target embeddings, between stacked encoder layers (nn::Rnn),
+// between stacked decoder layers, and on o_t before the output layer (input feeding gets o_t
+// undropped). The masks are counter-based (nn/dropout.h): a pure function of the run's seed
+// (Seq2SeqRunOptions::seed, which the trainer derives from the training seed and the global
+// step), the site and, between decoder layers, the time step; so the backward regenerates them
+// and a resumed run draws the same ones. Decoding (step) never drops.
 // Copy (pointer-generator, See et al. 2017; optional, attention decoders only):
 //   g_t = sigmoid(w_g [c_t; s_t; e_t] + b_g)
 //   p(w) = g_t softmax(W_s o_t + b_s)(w) + (1 - g_t) sum_{j: source_j maps to w} a_tj
@@ -47,6 +60,7 @@
 #include <vector>
 
 #include "attn/attention.h"
+#include "nn/dropout.h"
 #include "nn/embedding.h"
 #include "nn/linear.h"
 #include "nn/parameters.h"
@@ -98,13 +112,17 @@ struct ModelConfig {
   int64_t attention_hidden = 0;   // A; 0 means H
   int64_t max_source_steps = 64;  // longest source (with <eos>); sizes the location score
   bool copy = false;              // pointer-generator output (attention decoders only)
+  // Both architectures. The defaults are the original recurrent translator's (one decoder cell,
+  // no dropout); Transformer callers set both (the CLI's Transformer default is dropout 0.1).
+  int64_t decoder_layers = 1;     // recurrent: stacked decoder cells; transformer: decoder layers
+  double dropout = 0.0;           // training only, in [0, 1). Recurrent: embeddings, between
+                                  // stacked layers, o_t; transformer: residual, FFN, embedding
+                                  // and attention-weight dropout
   // Transformer only (arch == transformer). d_model is `hidden`, and `embedding` must equal it;
   // the encoder has encoder_layers layers. rnn, decoder, score, local, bidirectional,
   // attention_hidden and copy do not apply.
-  int64_t decoder_layers = 2;
   int64_t heads = 4;              // must divide hidden
   int64_t ffn = 0;                // feed-forward hidden width; 0 means 4 x hidden
-  double dropout = 0.1;           // residual, FFN, embedding and attention-weight dropout (training)
   nn::NormPlacement norm = nn::NormPlacement::pre;
   PositionKind positions = PositionKind::sinusoidal;
   DType dtype = DType::f32;
@@ -117,9 +135,15 @@ void apply_attention_preset(ModelConfig& config, AttentionPreset preset);
 void validate(const ModelConfig& config);
 
 struct DecoderState {
-  Tensor h;     // [B, H]
-  Tensor c;     // [B, H], LSTM only
-  Tensor feed;  // [B, H], Luong's o_{t-1} (input feeding)
+  std::vector<Tensor> h;  // per decoder layer, bottom first: [B, H] each
+  std::vector<Tensor> c;  // per decoder layer, LSTM only
+  Tensor feed;            // [B, H], Luong's o_{t-1} (input feeding)
+};
+
+// How a forward pass runs: dropout only when training, with masks drawn from `seed`.
+struct Seq2SeqRunOptions {
+  bool training = false;
+  uint64_t seed = 0;  // dropout seed of this run (the trainer derives one per step)
 };
 
 // What the encoder leaves for the decoder.
@@ -132,13 +156,15 @@ struct EncodedSource {
                                  // one-hot copy ids when copying)
   // For the backward.
   nn::EmbeddingCache embedding_cache;
+  nn::DropoutSpec embedding_dropout;
   nn::RnnCache rnn_cache;
 };
 
 struct StepCache {
-  Tensor input;                  // the cell's input [e; c] or [e; o_{t-1}]
-  nn::GruCellCache gru;
-  nn::LstmCellCache lstm;
+  Tensor input;                  // the bottom cell's input [e; c] or [e; o_{t-1}]
+  std::vector<nn::GruCellCache> gru;    // per decoder layer (GRU)
+  std::vector<nn::LstmCellCache> lstm;  // per decoder layer (LSTM)
+  std::vector<nn::DropoutSpec> between; // dropout of layer l's output into layer l + 1 (L - 1)
   Tensor query;                  // [B, 1, 1, H]
   AttentionParams attention_params;
   AttentionOutput attention;
@@ -164,7 +190,9 @@ struct ForwardResult {
   EncodedSource source;
   std::vector<StepCache> steps;
   nn::EmbeddingCache target_embedding_cache;
-  Tensor target_embedded;  // [T, B, E]
+  Tensor target_embedded;  // [T, B, E], after dropout
+  nn::DropoutSpec target_dropout;
+  nn::DropoutSpec output_dropout;  // on o_t before the output layer
   nn::LinearCache generator;
 };
 
@@ -173,8 +201,8 @@ struct Seq2Seq {
   nn::Embedding source_embedding;
   nn::Embedding target_embedding;
   nn::Rnn encoder;
-  nn::RnnCellParams cell;       // decoder cell
-  nn::RnnCellParams cell_grad;
+  std::vector<nn::RnnCellParams> cells;       // decoder cells, bottom first (decoder_layers)
+  std::vector<nn::RnnCellParams> cells_grad;
   Score score;                  // the scoring function's parameters
   Score score_grad;
   LocalAttention local;         // w_p, v_p for local-p
@@ -193,13 +221,14 @@ struct Seq2Seq {
   static Seq2Seq create(const ModelConfig& config, uint64_t seed);
 
   // Names: source_embedding.weight, target_embedding.weight, encoder.weight_ih_l0, ...,
-  // decoder.cell.weight_ih, ..., attention.<score field>, attention.local.w_p / v_p,
+  // decoder.cell.weight_ih, ... (layer 0; layer l > 0: decoder.cell_l<l>.weight_ih, ...),
+  // attention.<score field>, attention.local.w_p / v_p,
   // readout.weight / bias, generator.weight / bias, gate.weight / bias (copy).
   nn::ParameterList parameters() const;
   void zero_grad() const;
 
-  // Encoder on a batch's sources.
-  EncodedSource encode(const Batch& batch) const;
+  // Encoder on a batch's sources (dropout when options.training).
+  EncodedSource encode(const Batch& batch, const Seq2SeqRunOptions& options = {}) const;
   // One decoder step: `ids` are the previous target tokens (size B), `t` the step index (for
   // local-m). Keeps the cache for a backward when `keep_cache`.
   StepResult step(const EncodedSource& source, const DecoderState& state,
@@ -211,8 +240,9 @@ struct Seq2Seq {
   // copy mixture over [B][V + X] (-inf for the extended ids a sentence does not have).
   std::vector<std::vector<double>> log_probs(const StepResult& step) const;
 
-  // Teacher-forced forward over a whole batch (target_input as decoder inputs).
-  ForwardResult forward(const Batch& batch) const;
+  // Teacher-forced forward over a whole batch (target_input as decoder inputs); dropout when
+  // options.training.
+  ForwardResult forward(const Batch& batch, const Seq2SeqRunOptions& options = {}) const;
   // dlogits [T, B, V]: accumulates every parameter's gradient. Copying models also take
   // dcopy [T, B, V + X] and dgate [T, B, 1] (loss.h's copy_mixture_loss, with
   // Batch::target_copy as the targets).

@@ -51,11 +51,11 @@ void put_config(Metadata& md, const TrainConfig& c) {
   md["config.attention_hidden"] = std::to_string(m.attention_hidden);
   md["config.max_source_steps"] = std::to_string(m.max_source_steps);
   md["config.copy"] = m.copy ? "true" : "false";
+  md["config.decoder_layers"] = std::to_string(m.decoder_layers);
+  md["config.dropout"] = exact(m.dropout);
   if (m.arch == Architecture::transformer) {
-    md["config.decoder_layers"] = std::to_string(m.decoder_layers);
     md["config.heads"] = std::to_string(m.heads);
     md["config.ffn"] = std::to_string(m.ffn);
-    md["config.dropout"] = exact(m.dropout);
     md["config.norm"] = nn::norm_placement_name(m.norm);
     md["config.positions"] = position_kind_name(m.positions);
   }
@@ -131,11 +131,15 @@ TrainConfig read_config(const Metadata& md, const std::string& source) {
     ATTN_CHECK(arch.has_value(), "checkpoint", source, ": unknown architecture ", r.str("config.arch"));
     m.arch = *arch;
   }
-  if (m.arch == Architecture::transformer) {
+  if (m.arch == Architecture::transformer || md.count("config.decoder_layers")) {
+    // Recurrent checkpoints written before stacked decoders and dropout have neither key: one
+    // decoder cell, no dropout (ModelConfig's defaults).
     m.decoder_layers = r.i64("config.decoder_layers");
+    m.dropout = r.f64("config.dropout");
+  }
+  if (m.arch == Architecture::transformer) {
     m.heads = r.i64("config.heads");
     m.ffn = r.i64("config.ffn");
-    m.dropout = r.f64("config.dropout");
     const std::string norm = r.str("config.norm");
     ATTN_CHECK(norm == "pre" || norm == "post", "checkpoint", source, ": unknown norm placement ", norm);
     m.norm = norm == "pre" ? nn::NormPlacement::pre : nn::NormPlacement::post;
@@ -246,21 +250,21 @@ BatchLoss batch_loss(Seq2Seq& model, const Batch& batch, const ForwardResult& f,
   return {r.loss, r.nll, r.count};
 }
 
-// The dropout seed of global step `step` (Transformer): a pure function of (seed, step), so a
-// resumed run draws the masks the uninterrupted run drew.
+// The dropout seed of global step `step` (both architectures): a pure function of (seed, step),
+// so a resumed run draws the masks the uninterrupted run drew.
 uint64_t step_seed(uint64_t seed, int64_t step) {
   return mix64(seed ^ mix64(static_cast<uint64_t>(step) + 0x7f4a7c15ULL));
 }
 
 // Forward and loss of one batch under either architecture; with `backward`, the gradients too
-// (and dropout, for the Transformer, seeded by `seed`).
+// (and dropout, seeded by `seed`: training and backward go together).
 BatchLoss model_batch_loss(TranslationModel& model, const Batch& batch, const CrossEntropyConfig& ce,
                            bool backward, uint64_t seed) {
   return std::visit(
       [&](auto& m) -> BatchLoss {
         using M = std::decay_t<decltype(m)>;
         if constexpr (std::is_same_v<M, Seq2Seq>) {
-          const ForwardResult f = m.forward(batch);
+          const ForwardResult f = m.forward(batch, {backward, seed});
           return batch_loss(m, batch, f, ce, backward);
         } else {
           const TransformerForward f = m.forward(batch, {backward, seed});

@@ -10,8 +10,8 @@
 // count (OpenBLAS and the attention kernels are deterministic for a fixed thread count).
 //
 // Both architectures train here (ModelConfig::arch): the recurrent Seq2Seq (model.h) and the
-// Transformer (transformer_model.h). The Transformer's dropout masks are counter-based and seeded
-// per step from (seed, global step), so they too are part of the reproducible state for free.
+// Transformer (transformer_model.h). Both models' dropout masks are counter-based and seeded per
+// step from (seed, global step), so they too are part of the reproducible state for free.
 //
 // Checkpoint: one safetensors file <out>/checkpoint.safetensors (written atomically):
 //   model.<parameter>       float tensors (names from the model's parameters())

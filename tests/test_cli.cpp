@@ -75,7 +75,7 @@ TEST_F(Cli, HelpForEveryCommand) {
     EXPECT_NE(r.output.find("--help"), std::string::npos) << cmd;
   }
   EXPECT_NE(run_attn("train --help").output.find("--attention"), std::string::npos);
-  for (const char* option : {"--heads", "--ffn", "--dropout", "--decoder-layers", "--threads"})
+  for (const char* option : {"--heads", "--ffn", "--dropout", "--decoder-layers", "--threads", "--min-frequency"})
     EXPECT_NE(run_attn("train --help").output.find(option), std::string::npos) << option;
   EXPECT_NE(run_attn("translate --help").output.find("--threads"), std::string::npos);
   EXPECT_NE(run_attn("eval --help").output.find("--threads"), std::string::npos);
@@ -97,6 +97,10 @@ TEST_F(Cli, BadArgumentsGiveOneLineAndFail) {
       {"eval --model " + (dir_ / "missing").string() + " --corpus-split test --threads -1", "--threads"},
       {"train --corpus " + out + " --hidden -3", "hidden"},
       {"train " + out, "--corpus or --train"},
+      {"train --corpus " + out + " --dropout 1.5", "[0, 1)"},
+      {"train --corpus " + out + " --arch lstm --dropout -0.1", "[0, 1)"},
+      {"train --corpus " + out + " --min-frequency 0", "--min-frequency"},
+      {"train --corpus " + out + " --decoder-layers -1", "--decoder-layers"},
       {"train --corpus", "--out"},
       {"translate \"the cat\"", "--model"},
       {"translate --model " + (dir_ / "missing").string() + " \"the cat .\"", "missing"},
@@ -156,6 +160,41 @@ TEST_F(Cli, TrainTranslateEvalRoundTrip) {
   const Process resumed = run_attn("train --train " + train.string() + " --out " + model.string() + " --resume");
   EXPECT_EQ(resumed.status, 0) << resumed.output;
   EXPECT_NE(resumed.output.find("resuming"), std::string::npos);
+}
+
+// A stacked recurrent decoder with dropout and a vocabulary cut-off trains, reports its shape,
+// and its checkpoint translates (beam search over the per-layer states) and evaluates.
+TEST_F(Cli, StackedDecoderWithDropoutAndMinFrequencyTrains) {
+  s2s::CorpusConfig config;
+  config.train_pairs = 200;
+  config.valid_pairs = 20;
+  config.test_pairs = 20;
+  config.long_test_pairs = 5;
+  config.max_train_tokens = 8;
+  const s2s::Corpus corpus = s2s::generate_corpus(config);
+  const fs::path train = dir_ / "train.tsv", test = dir_ / "test.tsv", model = dir_ / "deep";
+  s2s::write_pairs_file(train.string(), corpus.train);
+  s2s::write_pairs_file(test.string(), corpus.test);
+  const std::string common = "train --train " + train.string() + " --emb 8 --hidden 16 --epochs 1"
+                             " --batch 32 --progress-every 1 --eval-sentences 5 --out ";
+  const Process t = run_attn(common + model.string() + " --decoder-layers 2 --dropout 0.1 --min-frequency 2");
+  ASSERT_EQ(t.status, 0) << t.output;
+  EXPECT_NE(t.output.find("1 + 2 layers, dropout 0.1"), std::string::npos) << t.output;
+  EXPECT_NE(t.output.find("step 7/7"), std::string::npos) << t.output;
+  // Words seen once became <unk>: smaller vocabularies than the default cut-off of 1 gives.
+  const Process plain = run_attn(common + (dir_ / "plain").string() + " --max-steps 1");
+  ASSERT_EQ(plain.status, 0) << plain.output;
+  auto vocab_of = [](const std::string& out) { return out.substr(out.find(", vocab "), 20); };
+  EXPECT_NE(vocab_of(t.output), vocab_of(plain.output)) << t.output << "\n" << plain.output;
+  // A recurrent run without --dropout keeps the old default of no dropout.
+  EXPECT_NE(plain.output.find("1 + 1 layers, dropout 0,"), std::string::npos) << plain.output;
+
+  const Process beam = run_attn("translate --model " + model.string() + " --beam 3 --no-alignment < " + test.string());
+  ASSERT_EQ(beam.status, 0) << beam.output;
+  EXPECT_EQ(count_lines(beam.output), static_cast<int>(corpus.test.size()));
+  const Process e = run_attn("eval --model " + model.string() + " --test " + test.string());
+  ASSERT_EQ(e.status, 0) << e.output;
+  EXPECT_NE(e.output.find("BLEU"), std::string::npos) << e.output;
 }
 
 // The same round trip for --arch transformer (pre-norm, 1 + 1 layers, d_model 16), every command

@@ -1,8 +1,9 @@
 // Encoder-decoder models: gradients against finite differences (float64) for every decoder and
-// scoring function, decode-step equivalence with the teacher-forced forward, beam 1 == greedy,
-// alignments.
+// scoring function, stacked decoders and dropout, decode-step equivalence with the teacher-forced
+// forward, beam 1 == greedy, alignments.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -47,6 +48,9 @@ struct Case {
   LocalKind local;
   bool bidirectional;
   bool copy = false;
+  int64_t decoder_layers = 1;
+  int64_t encoder_layers = 1;
+  double dropout = 0.0;  // > 0: the forward runs in training mode with a fixed seed
 };
 
 std::string case_name(const Case& c) {
@@ -56,6 +60,9 @@ std::string case_name(const Case& c) {
   if (c.local == LocalKind::predictive) name += "_local_p";
   if (!c.bidirectional) name += "_unidirectional";
   if (c.copy) name += "_copy";
+  if (c.encoder_layers != 1 || c.decoder_layers != 1)
+    name += "_" + std::to_string(c.encoder_layers) + "x" + std::to_string(c.decoder_layers) + "_layers";
+  if (c.dropout > 0) name += "_dropout";
   return name;
 }
 
@@ -74,6 +81,9 @@ s2s::ModelConfig tiny_config(const Case& c, DType dtype) {
   config.max_source_steps = 8;
   config.dtype = dtype;
   config.copy = c.copy;
+  config.decoder_layers = c.decoder_layers;
+  config.encoder_layers = c.encoder_layers;
+  config.dropout = c.dropout;
   return config;
 }
 
@@ -88,8 +98,11 @@ TEST_P(ModelGradients, MatchFiniteDifferences) {
   const s2s::Batch batch = s2s::make_batch(pairs, {0, 1, 2});
   s2s::CrossEntropyConfig ce;
   ce.label_smoothing = 0.1;
+  // With dropout the masks are a pure function of the seed, so the loss stays a differentiable
+  // function of the weights and finite differences see the same masks as the backward.
+  const s2s::Seq2SeqRunOptions run{c.dropout > 0, 42};
   model.zero_grad();
-  const s2s::ForwardResult f = model.forward(batch);
+  const s2s::ForwardResult f = model.forward(batch, run);
   if (c.copy) {
     const auto r = s2s::copy_mixture_loss(f.logits, f.copy, f.gate, batch.target_output, ce);
     model.backward(batch, f, r.dlogits, r.dcopy, r.dgate);
@@ -100,7 +113,7 @@ TEST_P(ModelGradients, MatchFiniteDifferences) {
   auto loss = [&] {
     s2s::CrossEntropyConfig no_grad = ce;
     no_grad.compute_grad = false;
-    const s2s::ForwardResult g = model.forward(batch);
+    const s2s::ForwardResult g = model.forward(batch, run);
     if (c.copy) return s2s::copy_mixture_loss(g.logits, g.copy, g.gate, batch.target_output, no_grad).loss;
     return s2s::cross_entropy(g.logits, batch.target_output, no_grad).loss;
   };
@@ -125,7 +138,19 @@ INSTANTIATE_TEST_SUITE_P(
         Case{RnnKind::gru, s2s::DecoderKind::luong, s2s::ScoreKind::general, LocalKind::none, true, true},
         Case{RnnKind::lstm, s2s::DecoderKind::bahdanau, s2s::ScoreKind::additive, LocalKind::none, true, true},
         Case{RnnKind::gru, s2s::DecoderKind::none, s2s::ScoreKind::dot, LocalKind::none, true},
-        Case{RnnKind::lstm, s2s::DecoderKind::none, s2s::ScoreKind::dot, LocalKind::none, false}),
+        Case{RnnKind::lstm, s2s::DecoderKind::none, s2s::ScoreKind::dot, LocalKind::none, false},
+        // Stacked decoders: as many encoder layers (layer-wise initial states) or fewer (the
+        // top encoder state for every layer); with and without dropout (0.3 at these sizes
+        // drops a few units of every site).
+        Case{RnnKind::gru, s2s::DecoderKind::luong, s2s::ScoreKind::general, LocalKind::none, true, false, 2, 2},
+        Case{RnnKind::lstm, s2s::DecoderKind::luong, s2s::ScoreKind::general, LocalKind::none, true, false, 2, 1},
+        Case{RnnKind::gru, s2s::DecoderKind::bahdanau, s2s::ScoreKind::additive, LocalKind::none, true, false, 2, 1},
+        Case{RnnKind::lstm, s2s::DecoderKind::bahdanau, s2s::ScoreKind::additive, LocalKind::none, false, false, 2, 2},
+        Case{RnnKind::gru, s2s::DecoderKind::luong, s2s::ScoreKind::general, LocalKind::none, true, false, 2, 2, 0.3},
+        Case{RnnKind::lstm, s2s::DecoderKind::luong, s2s::ScoreKind::general, LocalKind::none, true, true, 2, 1, 0.3},
+        Case{RnnKind::gru, s2s::DecoderKind::bahdanau, s2s::ScoreKind::additive, LocalKind::none, true, true, 3, 2, 0.3},
+        Case{RnnKind::lstm, s2s::DecoderKind::bahdanau, s2s::ScoreKind::additive, LocalKind::none, true, false, 2, 2, 0.3},
+        Case{RnnKind::lstm, s2s::DecoderKind::none, s2s::ScoreKind::dot, LocalKind::none, true, false, 2, 2, 0.3}),
     [](const ::testing::TestParamInfo<Case>& info) { return case_name(info.param); });
 
 s2s::ModelConfig small_f32_config(s2s::DecoderKind decoder, s2s::ScoreKind score) {
@@ -141,33 +166,80 @@ s2s::ModelConfig small_f32_config(s2s::DecoderKind decoder, s2s::ScoreKind score
 }
 
 // Running the decoder one step at a time (as decoding does) gives the teacher-forced forward's
-// logits: the two paths share the step, and differ only in how the output GEMM is batched.
+// logits: the two paths share the step, and differ only in how the output GEMM is batched. With
+// 2 decoder layers too (GRU and LSTM, with 1 and 2 encoder layers), and dropout set in the
+// configuration does not reach the forward unless it trains.
 TEST(Seq2SeqDecode, StepByStepEqualsTeacherForcedForward) {
+  struct Stack {
+    RnnKind rnn;
+    int64_t encoder_layers, decoder_layers;
+  };
+  for (const Stack stack : {Stack{RnnKind::gru, 1, 1}, Stack{RnnKind::gru, 2, 2}, Stack{RnnKind::lstm, 1, 2}})
   for (auto decoder : {s2s::DecoderKind::luong, s2s::DecoderKind::bahdanau, s2s::DecoderKind::none}) {
-    const s2s::Seq2Seq model = s2s::Seq2Seq::create(
-        small_f32_config(decoder, decoder == s2s::DecoderKind::bahdanau ? s2s::ScoreKind::additive
-                                                                        : s2s::ScoreKind::general),
-        5);
+    s2s::ModelConfig config = small_f32_config(
+        decoder, decoder == s2s::DecoderKind::bahdanau ? s2s::ScoreKind::additive : s2s::ScoreKind::general);
+    config.rnn = stack.rnn;
+    config.encoder_layers = stack.encoder_layers;
+    config.decoder_layers = stack.decoder_layers;
+    config.dropout = 0.5;
+    const s2s::Seq2Seq model = s2s::Seq2Seq::create(config, 5);
+    const std::string label = std::string(s2s::decoder_kind_name(decoder)) + " " +
+                              attn::nn::rnn_kind_name(stack.rnn) + " " +
+                              std::to_string(stack.encoder_layers) + "x" +
+                              std::to_string(stack.decoder_layers);
     const auto pairs = tiny_pairs(10, 11);
     const s2s::Batch batch = s2s::make_batch(pairs, {0, 1, 2});
     const s2s::ForwardResult f = model.forward(batch);
     const s2s::EncodedSource src = model.encode(batch);
     s2s::DecoderState state = src.initial;
+    ASSERT_EQ(static_cast<int64_t>(state.h.size()), stack.decoder_layers) << label;
     const int64_t B = batch.batch, T = batch.target_steps;
     for (int64_t t = 0; t < T; ++t) {
       std::vector<int32_t> ids(batch.target_input.begin() + t * B, batch.target_input.begin() + (t + 1) * B);
       s2s::StepResult r = model.step(src, state, ids, t, false);
       EXPECT_TRUE(all_close(model.logits(r.output), f.logits.select(0, t),
                             tolerance_for(DType::f32, model.config.hidden),
-                            std::string(s2s::decoder_kind_name(decoder)) + " step " + std::to_string(t)));
+                            label + " step " + std::to_string(t)));
       state = r.state;
     }
   }
 }
 
+// Training-mode dropout changes the forward (and only then); the masks are a pure function of
+// the seed, so the same seed gives the same logits and another seed different ones.
+TEST(Seq2SeqDropout, OnlyWhenTrainingAndReproducibleFromTheSeed) {
+  s2s::ModelConfig config = small_f32_config(s2s::DecoderKind::luong, s2s::ScoreKind::general);
+  config.decoder_layers = 2;
+  config.dropout = 0.3;
+  const s2s::Seq2Seq model = s2s::Seq2Seq::create(config, 8);
+  const s2s::Batch batch = s2s::make_batch(tiny_pairs(10, 11), {0, 1, 2});
+  const std::vector<double> eval = model.forward(batch).logits.to_vector();
+  EXPECT_EQ(model.forward(batch, {false, 7}).logits.to_vector(), eval);
+  const std::vector<double> a = model.forward(batch, {true, 7}).logits.to_vector();
+  EXPECT_NE(a, eval);
+  EXPECT_EQ(model.forward(batch, {true, 7}).logits.to_vector(), a);
+  EXPECT_NE(model.forward(batch, {true, 8}).logits.to_vector(), a);
+}
+
+// Beam 1 is greedy search, also with 2 decoder layers (whose per-layer states beam search
+// gathers row by row) for Luong and Bahdanau, GRU and LSTM.
 TEST(Seq2SeqDecode, BeamOfOneIsGreedy) {
-  for (auto score : {s2s::ScoreKind::general, s2s::ScoreKind::dot}) {
-    const s2s::Seq2Seq model = s2s::Seq2Seq::create(small_f32_config(s2s::DecoderKind::luong, score), 9);
+  struct Setup {
+    s2s::DecoderKind decoder;
+    s2s::ScoreKind score;
+    RnnKind rnn;
+    int64_t decoder_layers;
+  };
+  for (const Setup setup : {Setup{s2s::DecoderKind::luong, s2s::ScoreKind::general, RnnKind::gru, 1},
+                            Setup{s2s::DecoderKind::luong, s2s::ScoreKind::dot, RnnKind::gru, 1},
+                            Setup{s2s::DecoderKind::luong, s2s::ScoreKind::general, RnnKind::gru, 2},
+                            Setup{s2s::DecoderKind::luong, s2s::ScoreKind::general, RnnKind::lstm, 2},
+                            Setup{s2s::DecoderKind::bahdanau, s2s::ScoreKind::additive, RnnKind::gru, 2},
+                            Setup{s2s::DecoderKind::bahdanau, s2s::ScoreKind::additive, RnnKind::lstm, 2}}) {
+    s2s::ModelConfig model_config = small_f32_config(setup.decoder, setup.score);
+    model_config.rnn = setup.rnn;
+    model_config.decoder_layers = setup.decoder_layers;
+    const s2s::Seq2Seq model = s2s::Seq2Seq::create(model_config, 9);
     s2s::DecodeConfig config;
     config.max_length = 12;
     for (const auto& pair : tiny_pairs(10, 11)) {
@@ -180,6 +252,46 @@ TEST(Seq2SeqDecode, BeamOfOneIsGreedy) {
       EXPECT_EQ(greedy.alignment, beam.alignment);
     }
   }
+}
+
+// Beam search reorders and repeats the per-layer decoder states as hypotheses survive: the
+// best hypothesis's log-probability must equal the teacher-forced log-probability of its tokens
+// (one wrongly gathered layer would make the two differ).
+TEST(Seq2SeqDecode, BeamHypothesisMatchesTeacherForcedLogProbWithTwoLayers) {
+  for (RnnKind rnn : {RnnKind::gru, RnnKind::lstm})
+    for (auto decoder : {s2s::DecoderKind::luong, s2s::DecoderKind::bahdanau}) {
+      s2s::ModelConfig model_config = small_f32_config(
+          decoder, decoder == s2s::DecoderKind::luong ? s2s::ScoreKind::general : s2s::ScoreKind::additive);
+      model_config.rnn = rnn;
+      model_config.encoder_layers = 2;
+      model_config.decoder_layers = 2;
+      const s2s::Seq2Seq model = s2s::Seq2Seq::create(model_config, 12);
+      s2s::DecodeConfig config;
+      config.beam = 3;
+      config.max_length = 8;
+      for (const auto& pair : tiny_pairs(10, 11)) {
+        const s2s::Translation best = s2s::beam_decode(model, pair.source, config);
+        ASSERT_FALSE(best.tokens.empty() && !best.finished);
+        const s2s::Batch batch = s2s::make_batch({{pair.source, best.tokens}}, {0});
+        const s2s::ForwardResult f = model.forward(batch);
+        const int64_t steps = static_cast<int64_t>(best.tokens.size()) + (best.finished ? 1 : 0);
+        double log_prob = 0.0;
+        for (int64_t t = 0; t < steps; ++t) {
+          const Tensor row = f.logits.select(0, t).select(0, 0);
+          const int64_t V = row.size(0);
+          double mx = row.get({0});
+          for (int64_t v = 1; v < V; ++v) mx = std::max(mx, row.get({v}));
+          double sum = 0.0;
+          for (int64_t v = 0; v < V; ++v) sum += std::exp(row.get({v}) - mx);
+          log_prob += row.get({batch.target_output[t]}) - mx - std::log(sum);
+        }
+        // float32 logits through T steps: each step's log-probability carries the error of an
+        // H-term reduction, and the search and the forward batch their GEMMs differently.
+        const attn::testing::Tolerance tol = tolerance_for(DType::f32, model_config.hidden);
+        EXPECT_NEAR(best.log_prob, log_prob, static_cast<double>(steps) * (tol.atol + tol.rtol * std::abs(log_prob)))
+            << attn::nn::rnn_kind_name(rnn) << " " << s2s::decoder_kind_name(decoder);
+      }
+    }
 }
 
 // With alpha = 0 a hypothesis is ranked by its log-probability, and wider beams respect

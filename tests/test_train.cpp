@@ -266,6 +266,45 @@ TEST(Training, ResumeContinuesBitForBit) {
   attn::testing::expect_resume_bit_for_bit(small_config(16, 32, 16, 2), small_corpus(300), 13);
 }
 
+// The recurrent model with dropout (embeddings, between encoder and decoder layers, o_t) and a
+// 2-layer decoder: its masks come from (seed, global step, site), so a resumed run draws the
+// uninterrupted run's masks. The checkpoint carries the depth, the rate and the vocabulary's
+// minimum frequency.
+TEST(Training, ResumeWithDropoutAndStackedDecoderContinuesBitForBit) {
+  s2s::TrainConfig config = small_config(16, 32, 16, 2);
+  config.model.rnn = attn::nn::RnnKind::lstm;
+  config.model.encoder_layers = 2;
+  config.model.decoder_layers = 2;
+  config.model.dropout = 0.2;
+  config.vocab.min_frequency = 2;
+  attn::testing::expect_resume_bit_for_bit(config, small_corpus(300), 13, [](const s2s::Trainer& t) {
+    EXPECT_EQ(t.config().model.decoder_layers, 2);
+    EXPECT_EQ(t.config().model.dropout, 0.2);
+    EXPECT_EQ(t.config().vocab.min_frequency, 2);
+  });
+}
+
+// Dropout changes what a training step computes, and a rarer-word cut-off shrinks the
+// vocabularies (both are part of the run, not decoration).
+TEST(Training, DropoutAndMinimumFrequencyTakeEffect) {
+  const s2s::Corpus corpus = small_corpus(300);
+  s2s::TrainConfig plain = small_config(8, 16, 32, 1);
+  plain.model.decoder_layers = 2;
+  s2s::TrainConfig dropped = plain;
+  dropped.model.dropout = 0.3;
+  s2s::RunControl three;
+  three.max_steps = 3;
+  s2s::Trainer a(plain, corpus.train, corpus.valid), b(dropped, corpus.train, corpus.valid);
+  a.run(three);
+  b.run(three);
+  EXPECT_NE(a.losses(), b.losses());
+  s2s::TrainConfig rare = plain;
+  rare.vocab.min_frequency = 3;
+  const s2s::Trainer c(rare, corpus.train, corpus.valid);
+  EXPECT_LT(c.config().model.source_vocab, a.config().model.source_vocab);
+  EXPECT_LT(c.config().model.target_vocab, a.config().model.target_vocab);
+}
+
 TEST(Training, ResumeRefusesDifferentData) {
   const s2s::Corpus corpus = small_corpus(300);
   const fs::path dir = temp_dir("refuse");
@@ -303,6 +342,33 @@ TEST(Training, CheckpointWithoutArchitectureLoadsAsRecurrent) {
   const s2s::Translator loaded = s2s::Translator::load(path);
   EXPECT_EQ(loaded.config().arch, s2s::Architecture::rnn);
   EXPECT_TRUE(std::holds_alternative<s2s::Seq2Seq>(loaded.model));
+  fs::remove_all(dir);
+}
+
+// Recurrent checkpoints written before stacked decoders and recurrent dropout carry neither
+// config.decoder_layers nor config.dropout: they load as one decoder cell (decoder.cell.*)
+// without dropout.
+TEST(Training, CheckpointWithoutDecoderLayersLoadsWithOneCell) {
+  const s2s::Corpus corpus = small_corpus(300);
+  const fs::path dir = temp_dir("one_cell");
+  s2s::Trainer t(small_config(8, 16, 32, 1), corpus.train, corpus.valid);
+  s2s::RunControl stop;
+  stop.max_steps = 1;
+  stop.out_dir = dir.string();
+  t.run(stop);
+  const std::string path = (dir / "checkpoint.safetensors").string();
+  s2s::SafetensorsFile file = s2s::SafetensorsFile::load(path);
+  ASSERT_EQ(file.metadata.at("config.decoder_layers"), "1");
+  file.metadata.erase("config.decoder_layers");
+  file.metadata.erase("config.dropout");
+  file.save(path);
+  const s2s::Translator loaded = s2s::Translator::load(path);
+  EXPECT_EQ(loaded.config().decoder_layers, 1);
+  EXPECT_EQ(loaded.config().dropout, 0.0);
+  std::set<std::string> names;
+  for (const auto& p : loaded.parameters()) names.insert(p.name);
+  EXPECT_TRUE(names.count("decoder.cell.weight_ih"));
+  EXPECT_FALSE(names.count("decoder.cell_l1.weight_ih"));
   fs::remove_all(dir);
 }
 

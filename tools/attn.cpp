@@ -2,6 +2,7 @@
 //
 //   attn train --corpus --out runs/luong          (the embedded English -> French corpus)
 //   attn train --corpus --out runs/xfmr --arch transformer --hidden 128 --layers 2 --heads 4
+//   attn train --corpus --out runs/deep --arch lstm --decoder-layers 2 --dropout 0.2
 //   attn translate --model runs/luong "the black cat sees the dog ."
 //   attn eval --model runs/luong --corpus-split test
 //
@@ -78,9 +79,14 @@ struct TrainArgs {
   std::string attention = "luong-general";
   int64_t emb = 64, hidden = 128, layers = 1, attention_hidden = 0, local_width = 4;
   bool emb_given = false;  // the Transformer's embedding width follows --hidden unless given
-  // Transformer sizes (--arch transformer).
-  int64_t decoder_layers = 0, heads = 4, ffn = 0;
+  // Decoder depth (0: --layers for the transformer, 1 for gru/lstm) and dropout (when not
+  // given: 0.1 for the transformer, 0 for gru/lstm, so recurrent runs train as before).
+  int64_t decoder_layers = 0;
   double dropout = 0.1;
+  bool dropout_given = false;
+  int64_t min_frequency = 1;  // VocabConfig's default
+  // Transformer sizes (--arch transformer).
+  int64_t heads = 4, ffn = 0;
   std::string norm = "pre", positions = "sinusoidal";
   int64_t threads = 0;
   bool unidirectional = false;
@@ -136,7 +142,10 @@ int run_train(const TrainArgs& a) {
       c.model.positions = *positions;
     } else {
       c.model.rnn = a.arch == "gru" ? attn::nn::RnnKind::gru : attn::nn::RnnKind::lstm;
+      c.model.decoder_layers = a.decoder_layers > 0 ? a.decoder_layers : 1;
+      c.model.dropout = a.dropout_given ? a.dropout : 0.0;
     }
+    c.vocab.min_frequency = a.min_frequency;
     const auto preset = s2s::parse_attention_preset(a.attention);
     if (!preset)
       throw UsageError("--attention must be bahdanau, luong-dot, luong-general, luong-concat, "
@@ -176,7 +185,8 @@ int run_train(const TrainArgs& a) {
     else
       std::cerr << "model: " << a.arch << " " << s2s::decoder_kind_name(m.decoder) << " decoder, "
                 << s2s::score_kind_name(m.score) << " score" << (m.copy ? ", copy" : "") << ", emb "
-                << m.embedding << ", hidden " << m.hidden;
+                << m.embedding << ", hidden " << m.hidden << ", " << m.encoder_layers << " + "
+                << m.decoder_layers << " layers, dropout " << m.dropout;
     std::cerr << ", vocab " << m.source_vocab << " -> " << m.target_vocab << ", "
               << attn::nn::parameter_count(trainer->translator().parameters())
               << " parameters, " << trainer->total_steps() << " steps\n";
@@ -326,6 +336,18 @@ CLI::Validator sign_check(bool zero_allowed, const std::string& name) {
 }
 const CLI::Validator kPositive = sign_check(false, "POSITIVE");
 const CLI::Validator kNonNegative = sign_check(true, "NONNEGATIVE");
+// A probability that may be 0 but not 1 (dropout).
+const CLI::Validator kDropRate(
+    [](std::string& input) -> std::string {
+      try {
+        std::size_t used = 0;
+        const double value = std::stod(input, &used);
+        if (used == input.size() && value >= 0 && value < 1) return {};
+      } catch (const std::exception&) {
+      }
+      return "must be a number in [0, 1), got " + input;
+    },
+    "RATE");
 
 }  // namespace
 
@@ -346,14 +368,20 @@ int main(int argc, char** argv) {
       ->capture_default_str()->check(kPositive);
   train->add_option("--layers", ta.layers, "Encoder layers (transformer: encoder and decoder layers)")
       ->capture_default_str()->check(kPositive);
-  train->add_option("--decoder-layers", ta.decoder_layers, "Transformer decoder layers (0: --layers)")
+  train->add_option("--decoder-layers", ta.decoder_layers,
+                    "Decoder layers: stacked decoder cells for gru/lstm, decoder layers for the "
+                    "transformer (0: 1 for gru/lstm, --layers for the transformer)")
       ->capture_default_str()->check(kNonNegative);
   train->add_option("--heads", ta.heads, "Transformer attention heads (must divide --hidden)")
       ->capture_default_str()->check(kPositive);
   train->add_option("--ffn", ta.ffn, "Transformer feed-forward width (0: 4 x --hidden)")
       ->capture_default_str()->check(kNonNegative);
-  train->add_option("--dropout", ta.dropout, "Transformer dropout (residual, feed-forward, embeddings, attention weights)")
-      ->capture_default_str()->check(CLI::Range(0.0, 0.99));
+  CLI::Option* dropout_option = train->add_option(
+      "--dropout", ta.dropout,
+      "Dropout rate in [0, 1) when training. gru/lstm (default 0): embeddings, between stacked "
+      "layers, the attentional output before the output layer; transformer (default 0.1): "
+      "residual, feed-forward, embeddings, attention weights")
+      ->check(kDropRate);
   train->add_option("--norm", ta.norm, "Transformer LayerNorm placement: pre or post")->capture_default_str();
   train->add_option("--positions", ta.positions, "Transformer positions: sinusoidal or rope")->capture_default_str();
   train->add_option("--threads", ta.threads, "OpenMP and OpenBLAS threads (default: all cores, or the environment's setting)")
@@ -375,6 +403,9 @@ int main(int argc, char** argv) {
   train->add_option("--label-smoothing", ta.label_smoothing, "Label smoothing epsilon")->capture_default_str()->check(CLI::Range(0.0, 0.99));
   train->add_option("--weight-decay", ta.weight_decay, "Weight decay")->capture_default_str()->check(kNonNegative);
   train->add_flag("--adamw", ta.adamw, "Decoupled weight decay (AdamW) instead of L2");
+  train->add_option("--min-frequency", ta.min_frequency,
+                    "Vocabulary: words seen fewer times in the training data become <unk>")
+      ->capture_default_str()->check(kPositive);
   train->add_option("--seed", ta.seed, "Seed of the weights and the batch order")->capture_default_str();
   train->add_option("--train", ta.train_file, "Training pairs: source TAB target per line");
   train->add_option("--valid", ta.valid_file, "Validation pairs for the periodic evaluation");
@@ -437,6 +468,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   ta.emb_given = emb_option->count() > 0;
+  ta.dropout_given = dropout_option->count() > 0;
   try {
     if (*train) return run_train(ta);
     if (*translate) return run_translate(tr);
