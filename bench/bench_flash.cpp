@@ -11,6 +11,10 @@
 //   vs_sgemm       GFLOP/s / sgemm_GFLOP/s
 //   peak_MB        peak resident memory of the process so far (VmHWM; inputs included)
 //   label          the Highway target the kernel dispatched to, and OpenBLAS's sgemm core
+// With weights=1 the kernel also writes the [B, H, N, N] probabilities (return_weights: a second
+// pass per work item that recomputes the scores): GFLOP/s still counts only the forward's useful
+// FLOPs, so the drop against weights=0 is the weights pass's cost, and weights_GB/s is the
+// rate of that Tq x Tk store (into a buffer paged in by the warm-up call).
 //
 // OpenBLAS 0.3.21 does not recognise every CPU (this machine's Xeon is detected as "Prescott",
 // an SSE3 kernel 6x below the real ceiling): force its kernel when the label says Prescott.
@@ -76,6 +80,7 @@ double sgemm_gflops() {
 void BM_FlashForward(benchmark::State& state) {
   const int64_t d = state.range(0), n = state.range(1);
   const bool causal = state.range(2) != 0;
+  const bool with_weights = state.range(3) != 0;
   const std::vector<float> q = random_vector(size_t(kBatch * kHeads * n * d), 1);
   const std::vector<float> k = random_vector(size_t(kBatch * kHeads * n * d), 2);
   const std::vector<float> v = random_vector(size_t(kBatch * kHeads * n * d), 3);
@@ -88,6 +93,8 @@ void BM_FlashForward(benchmark::State& state) {
   args.q_len = n, args.k_len = n, args.head_dim = d, args.value_dim = d;
   args.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
   args.causal = causal;
+  std::vector<float> weights(with_weights ? size_t(kBatch * kHeads * n * n) : 0);
+  if (with_weights) args.weights = weights.data();
 
   attn::kernels::flash_attention_forward(args);  // warm-up: page in buffers, spin up threads
   double best = 1e30, total = 0.0;
@@ -109,6 +116,8 @@ void BM_FlashForward(benchmark::State& state) {
   state.counters["sgemm_GFLOP/s"] = sgemm;
   state.counters["vs_sgemm"] = gflops / sgemm;
   state.counters["peak_MB"] = peak_rss_mb();
+  if (with_weights)
+    state.counters["weights_GB/s"] = double(weights.size()) * sizeof(float) / best * 1e-9;
   state.SetLabel(std::string(attn::kernels::flash_attention_target_name()) + " sgemm:" +
                  openblas_get_corename());
 }
@@ -116,8 +125,9 @@ void BM_FlashForward(benchmark::State& state) {
 void Cases(benchmark::internal::Benchmark* b) {
   for (int64_t d : {64, 128})
     for (int64_t n : {512, 2048, 8192})
-      for (int64_t causal : {0, 1}) b->Args({d, n, causal});
-  b->ArgNames({"d", "N", "causal"})->Unit(benchmark::kMillisecond)->UseRealTime();
+      for (int64_t causal : {0, 1}) b->Args({d, n, causal, 0});
+  for (int64_t causal : {0, 1}) b->Args({64, 2048, causal, 1});
+  b->ArgNames({"d", "N", "causal", "weights"})->Unit(benchmark::kMillisecond)->UseRealTime();
 }
 
 BENCHMARK(BM_FlashForward)->Apply(Cases);

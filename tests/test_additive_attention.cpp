@@ -31,6 +31,7 @@
 #include "attn/reference.h"
 #include "kernels/additive_attention.h"
 #include "kernels/simd_target.h"
+#include "support/simd_targets.h"
 #include "support/test_support.h"
 
 // GCC 12 warns about members left to their default initialisers in designated initialisers
@@ -68,13 +69,7 @@ struct Case {
                     " Hq=" + std::to_string(Hq) + " Hkv=" + std::to_string(Hkv) +
                     " Tq=" + std::to_string(Tq) + " Tk=" + std::to_string(Tk) +
                     " D=" + std::to_string(D) + " A=" + std::to_string(A) +
-                    " Dv=" + std::to_string(Dv);
-    if (causal) s += bottom_right ? " causal(bottom_right)" : " causal(top_left)";
-    if (left != kUnbounded || right != kUnbounded)
-      s += " window(" + std::to_string(left == kUnbounded ? -1 : left) + "," +
-           std::to_string(right == kUnbounded ? -1 : right) + ")";
-    if (!key_lengths.empty()) s += " key_lengths";
-    if (!query_lengths.empty()) s += " query_lengths";
+                    " Dv=" + std::to_string(Dv) + attn::testing::interval_masks_str(*this);
     if (alibi) s += " alibi";
     if (weight_scale != 1.0) s += " weight_scale=" + std::to_string(weight_scale);
     return s;
@@ -116,11 +111,7 @@ Inputs make_inputs(const Case& c) {
       break;
   }
   attn::Mask& m = in.params.mask;
-  m.key_lengths = c.key_lengths;
-  m.query_lengths = c.query_lengths;
-  m.causal = c.causal;
-  m.alignment = c.bottom_right ? attn::Alignment::bottom_right : attn::Alignment::top_left;
-  if (c.left != kUnbounded || c.right != kUnbounded) m.window = attn::Window{c.left, c.right};
+  attn::testing::set_interval_masks(c, m);
   if (c.alibi) m.alibi_slopes = attn::alibi_slopes(c.Hq);
   return in;
 }
@@ -128,14 +119,6 @@ Inputs make_inputs(const Case& c) {
 const Tensor& score_v(const attn::Score& s) {
   if (const auto* a = std::get_if<attn::AdditiveScore>(&s)) return a->v;
   return std::get<attn::ConcatScore>(s).v;
-}
-
-double max_abs(const Tensor& t) {
-  const Tensor d = t.to(DType::f64).contiguous();
-  double m = 0.0;
-  for (int64_t x = 0; x < d.numel(); ++x)
-    if (std::isfinite(d.data<double>()[x])) m = std::max(m, std::abs(d.data<double>()[x]));
-  return m;
 }
 
 // The bound of the header comment: tolerance_for(terms) plus the approximate-tanh score error
@@ -150,13 +133,14 @@ Bounds bounds_for(const Case& c, const Inputs& in) {
   for (int64_t a = 0; a < sv.numel(); ++a) v1 += std::abs(sv.data<float>()[a]);
   const double delta_s = 6.0 * u * v1;
   const int64_t width = std::max({c.D, c.A, c.Dv});
-  const double vmax = std::max(1.0, max_abs(in.v));
+  const double vmax = std::max(1.0, attn::testing::max_abs_finite(in.v));
   // Rounding the tanh argument y = W_q q + W_k k + b (|y| <= y_max) moves 1 - t^2 by a relative
   // 2 |t| delta_y <= 2 u y_max, and the gradients through W (dq = dQp W_q) carry it over terms of
   // size |W| |dQp| that may cancel: a relative 4 u y_max on every gradient. It matters only for
   // saturating weights (SaturatedTanh: y_max ~ 1e3).
   double y_max = 0.0;
-  const double qmax = max_abs(in.q), kmax = max_abs(in.k);
+  const double qmax = attn::testing::max_abs_finite(in.q);
+  const double kmax = attn::testing::max_abs_finite(in.k);
   if (const auto* s = std::get_if<attn::AdditiveScore>(&in.params.score)) {
     for (int64_t a = 0; a < c.A; ++a) {
       double y = s->bias.defined() ? std::abs(s->bias.data<float>()[a]) : 0.0;
@@ -237,10 +221,7 @@ void check(const Case& c) {
   const AttentionGrads want_g =
       attn::reference::attention_backward(in.q, in.k, in.v, in.params, want, in.dout);
   const Bounds tol = bounds_for(c, in);
-  for (const attn::kernels::SimdTarget& target : attn::kernels::available_simd_targets()) {
-    attn::kernels::ScopedSimdTarget forced(target.bits);
-    ASSERT_EQ(std::string(attn::kernels::additive_attention_target_name()), target.name);
-    SCOPED_TRACE("target " + target.name);
+  attn::testing::for_each_simd_target(attn::kernels::additive_attention_target_name, [&](auto&) {
     const Fused got = run_fused(in);
     EXPECT_TRUE(all_close(got.out.out, want.out, tol.fwd, "out"));
     EXPECT_TRUE(all_close(got.out.lse, want.lse, tol.fwd, "lse"));
@@ -260,7 +241,7 @@ void check(const Case& c) {
       for (int64_t e = 0; e < c.Dv; ++e) ASSERT_EQ(out[row * c.Dv + e], 0.0f) << row;
       for (int64_t e = 0; e < c.D; ++e) ASSERT_EQ(dq[row * c.D + e], 0.0f) << row;
     }
-  }
+  });
 }
 
 const int64_t kSizes[] = {0, 1, 2, 3, 127, 128, 129, 513};
@@ -365,9 +346,7 @@ TEST(AdditiveAttention, EdgeArguments) {
   for (size_t i = 0; i < special.size(); ++i) in.q.data<float>()[i] = special[i];
   in.q.data<float>()[special.size()] = std::numeric_limits<float>::quiet_NaN();
   const AttentionOutput want = attn::reference::attention(in.q, in.k, in.v, in.params);
-  for (const attn::kernels::SimdTarget& target : attn::kernels::available_simd_targets()) {
-    attn::kernels::ScopedSimdTarget forced(target.bits);
-    SCOPED_TRACE("target " + target.name);
+  attn::testing::for_each_simd_target(attn::kernels::additive_attention_target_name, [&](auto&) {
     const attn::detail::AttentionDims dims =
         attn::detail::validate_attention("attention", in.q, in.k, in.v, in.params);
     const AttentionOutput got =
@@ -384,7 +363,7 @@ TEST(AdditiveAttention, EdgeArguments) {
       const Tensor w = want.out.reshape({c.Tq, c.Dv}).select(0, row).contiguous();
       EXPECT_TRUE(all_close(g, w, tol.fwd, "out row " + std::to_string(row)));
     }
-  }
+  });
 }
 
 // Bitwise: the forward for any thread count; the backward run to run at a fixed thread count.
@@ -431,8 +410,8 @@ TEST(AdditiveAttention, SupportedPredicate) {
   p.dropout.p = 0.1;
   EXPECT_FALSE(attn::kernels::additive_attention_supported(DType::f32, p));
   p = in.params;
-  p.return_weights = true;
-  EXPECT_FALSE(attn::kernels::additive_attention_supported(DType::f32, p));
+  p.return_weights = true;  // weights come from a second pass of the fused kernel
+  EXPECT_TRUE(attn::kernels::additive_attention_supported(DType::f32, p));
   p = in.params;
   p.head_scores = {in.params.score, in.params.score};
   EXPECT_FALSE(attn::kernels::additive_attention_supported(DType::f32, p));

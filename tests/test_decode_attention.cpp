@@ -25,6 +25,7 @@
 #include "attn/reference.h"
 #include "kernels/decode_attention.h"
 #include "kernels/simd_target.h"
+#include "support/simd_targets.h"
 #include "support/test_support.h"
 
 // GCC 12 warns about members left to their default initialisers in designated initialisers
@@ -38,7 +39,6 @@ using attn::Shape;
 using attn::Tensor;
 using attn::kernels::DecodeAttentionArgs;
 using attn::kernels::KvType;
-using attn::kernels::SimdTarget;
 
 constexpr int64_t kUnbounded = attn::Window::unbounded;
 
@@ -60,12 +60,7 @@ struct Case {
                     " Tk=" + std::to_string(Tk) + " D=" + std::to_string(D) +
                     " Dv=" + std::to_string(dv());
     s += kv == KvType::bf16 ? " bf16" : " f32";
-    if (causal) s += bottom_right ? " causal(bottom_right)" : " causal(top_left)";
-    if (left != kUnbounded || right != kUnbounded)
-      s += " window(" + std::to_string(left == kUnbounded ? -1 : left) + "," +
-           std::to_string(right == kUnbounded ? -1 : right) + ")";
-    if (!key_lengths.empty()) s += " key_lengths";
-    if (!query_lengths.empty()) s += " query_lengths";
+    s += attn::testing::interval_masks_str(*this);
     if (extra_capacity || row_padding)
       s += " capacity+" + std::to_string(extra_capacity) + " row_pad=" +
            std::to_string(row_padding);
@@ -163,12 +158,7 @@ Result run_kernel(const Case& c, const Inputs& in) {
 attn::AttentionParams params_of(const Case& c) {
   attn::AttentionParams p;
   p.score = attn::ScaledDotScore{c.scale()};
-  p.mask.key_lengths = c.key_lengths;
-  p.mask.query_lengths = c.query_lengths;
-  p.mask.causal = c.causal;
-  p.mask.alignment = c.bottom_right ? attn::Alignment::bottom_right : attn::Alignment::top_left;
-  if (c.left != kUnbounded || c.right != kUnbounded)
-    p.mask.window = attn::Window{.left = c.left, .right = c.right};
+  attn::testing::set_interval_masks(c, p.mask);
   return p;
 }
 
@@ -204,27 +194,18 @@ void expect_matches(const Case& c, const Result& got, const Result& want) {
   }
 }
 
-class DecodeAttentionTest : public ::testing::TestWithParam<SimdTarget> {
+class DecodeAttentionTest
+    : public attn::testing::EveryTargetTest<attn::kernels::decode_attention_target_name> {
  protected:
-  void SetUp() override {
-    forced_ = std::make_unique<attn::kernels::ScopedSimdTarget>(GetParam().bits);
-    ASSERT_EQ(std::string(attn::kernels::decode_attention_target_name()), GetParam().name)
-        << "dispatch did not switch to the forced target";
-  }
-  void TearDown() override { forced_.reset(); }
-
   // Runs one case (float32 and bf16 cache) on the forced target against the oracle.
   void check(Case c) {
     for (KvType kv : {KvType::f32, KvType::bf16}) {
       c.kv = kv;
-      SCOPED_TRACE("target " + GetParam().name + ": " + c.str());
+      SCOPED_TRACE(target_label() + ": " + c.str());
       const Inputs in = make_inputs(c);
       expect_matches(c, run_kernel(c, in), run_reference(c, in));
     }
   }
-
- private:
-  std::unique_ptr<attn::kernels::ScopedSimdTarget> forced_;
 };
 
 const int64_t kKeyLens[] = {0, 1, 2, 3, 127, 128, 129, 513, 4099};
@@ -330,13 +311,7 @@ TEST_P(DecodeAttentionTest, BitwiseReproducibleAcrossRunsAndThreadCounts) {
   }
 }
 
-std::string target_test_name(const ::testing::TestParamInfo<SimdTarget>& info) {
-  return info.param.name;
-}
-
-INSTANTIATE_TEST_SUITE_P(EveryTarget, DecodeAttentionTest,
-                         ::testing::ValuesIn(attn::kernels::available_simd_targets()),
-                         target_test_name);
+ATTN_INSTANTIATE_ON_EVERY_SIMD_TARGET(DecodeAttentionTest);
 
 // ---------------------------------------------------------------------------------------------
 

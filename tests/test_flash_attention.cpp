@@ -21,6 +21,8 @@
 #include "attn/reference.h"
 #include "kernels/flash_attention.h"
 #include "kernels/simd_target.h"
+#include "support/fused_checks.h"
+#include "support/simd_targets.h"
 #include "support/test_support.h"
 
 // GCC 12 warns about members left to their default initialisers in designated initialisers
@@ -33,7 +35,6 @@ using attn::DType;
 using attn::Shape;
 using attn::Tensor;
 using attn::kernels::FlashAttentionArgs;
-using attn::kernels::SimdTarget;
 
 constexpr int64_t kUnbounded = attn::Window::unbounded;
 
@@ -49,16 +50,7 @@ struct Case {
   uint64_t seed = 1;
 
   std::string str() const {
-    std::string s = "B=" + std::to_string(B) + " Hq=" + std::to_string(Hq) +
-                    " Hkv=" + std::to_string(Hkv) + " Tq=" + std::to_string(Tq) +
-                    " Tk=" + std::to_string(Tk) + " D=" + std::to_string(D) +
-                    " Dv=" + std::to_string(Dv);
-    if (causal) s += bottom_right ? " causal(bottom_right)" : " causal(top_left)";
-    if (left != kUnbounded || right != kUnbounded)
-      s += " window(" + std::to_string(left == kUnbounded ? -1 : left) + "," +
-           std::to_string(right == kUnbounded ? -1 : right) + ")";
-    if (!key_lengths.empty()) s += " key_lengths";
-    if (!query_lengths.empty()) s += " query_lengths";
+    std::string s = attn::testing::sizes_str(*this) + attn::testing::interval_masks_str(*this);
     if (!bias_shape.empty()) s += " bias" + attn::shape_str(bias_shape);
     if (alibi) s += " alibi";
     return s;
@@ -202,24 +194,16 @@ Result run_reference(const Case& c, const Inputs& in) {
 }
 
 attn::testing::Tolerance tolerance(const Case& c, double max_abs_score) {
-  const double u = attn::testing::unit_roundoff(DType::f32);
-  const double terms = std::sqrt(static_cast<double>(c.D + c.Tk + 1));
-  const double bound = 16.0 * u * (terms + 2.0 * max_abs_score);
-  return {bound, bound};
+  return attn::testing::dot_forward_tolerance(
+      {.Tk = c.Tk, .D = c.D, .max_abs_score = max_abs_score});
 }
 
-class FlashAttentionTest : public ::testing::TestWithParam<SimdTarget> {
+class FlashAttentionTest
+    : public attn::testing::EveryTargetTest<attn::kernels::flash_attention_target_name> {
  protected:
-  void SetUp() override {
-    forced_ = std::make_unique<attn::kernels::ScopedSimdTarget>(GetParam().bits);
-    ASSERT_EQ(std::string(attn::kernels::flash_attention_target_name()), GetParam().name)
-        << "dispatch did not switch to the forced target";
-  }
-  void TearDown() override { forced_.reset(); }
-
   // Runs one case on the forced target and compares with the float64 loops.
   void check(const Case& c) {
-    SCOPED_TRACE("target " + GetParam().name + ": " + c.str());
+    SCOPED_TRACE(target_label() + ": " + c.str());
     const Inputs in = make_inputs(c);
     const Result got = run_kernel(c, in);
     const Result want = run_reference(c, in);
@@ -235,9 +219,6 @@ class FlashAttentionTest : public ::testing::TestWithParam<SimdTarget> {
         ASSERT_EQ(out[row * c.Dv + e], 0.0f) << "fully masked row " << row << " column " << e;
     }
   }
-
- private:
-  std::unique_ptr<attn::kernels::ScopedSimdTarget> forced_;
 };
 
 const int64_t kSizes[] = {0, 1, 2, 3, 127, 128, 129, 513};
@@ -354,13 +335,7 @@ TEST_P(FlashAttentionTest, BitwiseReproducibleAcrossThreadCounts) {
   EXPECT_EQ(std::memcmp(first.out.data<float>(), again.out.data<float>(), bytes), 0);
 }
 
-std::string target_test_name(const ::testing::TestParamInfo<SimdTarget>& info) {
-  return info.param.name;
-}
-
-INSTANTIATE_TEST_SUITE_P(EveryTarget, FlashAttentionTest,
-                         ::testing::ValuesIn(attn::kernels::available_simd_targets()),
-                         target_test_name);
+ATTN_INSTANTIATE_ON_EVERY_SIMD_TARGET(FlashAttentionTest);
 
 // The Tensor-level glue the front-end calls (it derives the broadcast strides of the bias
 // itself), against the library's float64 oracle.
@@ -398,16 +373,18 @@ TEST(FlashAttentionGlue, SupportedPredicate) {
   attn::AttentionParams params;
   EXPECT_TRUE(attn::kernels::flash_attention_supported(DType::f32, params));
   EXPECT_FALSE(attn::kernels::flash_attention_supported(DType::f64, params));
-  params.dropout.p = 0.1;
-  EXPECT_FALSE(attn::kernels::flash_attention_supported(DType::f32, params));
+  params.dropout.p = 0.1;  // the keep mask is regenerated from the counter-based hash
+  EXPECT_TRUE(attn::kernels::flash_attention_supported(DType::f32, params));
   params.dropout.p = 0.0;
   params.score = attn::CosineScore{};
   EXPECT_FALSE(attn::kernels::flash_attention_supported(DType::f32, params));
   params.score = attn::DotScore{};
-  params.return_weights = true;
-  EXPECT_FALSE(attn::kernels::flash_attention_supported(DType::f32, params));
+  params.return_weights = true;  // weights come from a second pass of the fused kernel
+  EXPECT_TRUE(attn::kernels::flash_attention_supported(DType::f32, params));
   params.return_weights = false;
-  params.mask.allowed = Tensor::full({1}, 1.0, DType::b8);
+  params.mask.allowed = Tensor::full({1}, 1.0, DType::b8);  // read tile by tile
+  EXPECT_TRUE(attn::kernels::flash_attention_supported(DType::f32, params));
+  params.mask.local.kind = attn::LocalKind::monotonic;
   EXPECT_FALSE(attn::kernels::flash_attention_supported(DType::f32, params));
 }
 

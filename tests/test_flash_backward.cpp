@@ -32,24 +32,19 @@
 #include "kernels/attention_composed.h"
 #include "kernels/flash_backward.h"
 #include "kernels/simd_target.h"
+#include "support/fused_checks.h"
+#include "support/simd_targets.h"
 #include "support/test_support.h"
 
 // GCC 12 warns about members left to their default initialisers in designated initialisers
 // (GCC bug 96868); every member of Case below has a default.
 #pragma GCC diagnostic ignored "-Wmissing-field-initializers"
 
-namespace attn::kernels {
-// Names the parameter in test listings; without it gtest prints SimdTarget's raw bytes,
-// including std::string's uninitialised inline buffer (valgrind flags that read).
-void PrintTo(const SimdTarget& target, std::ostream* os) { *os << target.name; }
-}  // namespace attn::kernels
-
 namespace {
 
 using attn::DType;
 using attn::Shape;
 using attn::Tensor;
-using attn::kernels::SimdTarget;
 
 constexpr int64_t kUnbounded = attn::Window::unbounded;
 
@@ -65,17 +60,8 @@ struct Case {
   uint64_t seed = 1;
 
   std::string str() const {
-    std::string s = "B=" + std::to_string(B) + " Hq=" + std::to_string(Hq) +
-                    " Hkv=" + std::to_string(Hkv) + " Tq=" + std::to_string(Tq) +
-                    " Tk=" + std::to_string(Tk) + " D=" + std::to_string(D) +
-                    " Dv=" + std::to_string(Dv);
+    std::string s = attn::testing::sizes_str(*this) + attn::testing::interval_masks_str(*this);
     if (scale < 0.0) s += " dot";
-    if (causal) s += bottom_right ? " causal(bottom_right)" : " causal(top_left)";
-    if (left != kUnbounded || right != kUnbounded)
-      s += " window(" + std::to_string(left == kUnbounded ? -1 : left) + "," +
-           std::to_string(right == kUnbounded ? -1 : right) + ")";
-    if (!key_lengths.empty()) s += " key_lengths";
-    if (!query_lengths.empty()) s += " query_lengths";
     if (!bias_shape.empty()) s += " bias" + attn::shape_str(bias_shape);
     if (alibi) s += " alibi";
     return s;
@@ -105,11 +91,7 @@ Problem make_problem(const Case& c) {
     p.params.score = attn::ScaledDotScore{c.scale == 0.0 ? std::nullopt
                                                          : std::optional<double>(c.scale)};
   attn::Mask& m = p.params.mask;
-  m.key_lengths = c.key_lengths;
-  m.query_lengths = c.query_lengths;
-  m.causal = c.causal;
-  m.alignment = c.bottom_right ? attn::Alignment::bottom_right : attn::Alignment::top_left;
-  if (c.left != kUnbounded || c.right != kUnbounded) m.window = attn::Window{c.left, c.right};
+  attn::testing::set_interval_masks(c, m);
   if (!c.bias_shape.empty())
     m.bias = attn::testing::random_tensor(c.bias_shape, DType::f32, c.seed + 4, -c.bias_range,
                                           c.bias_range);
@@ -133,18 +115,9 @@ double max_abs_score(const Case& c) {
   return s;
 }
 
-double max_abs(const Tensor& t) {
-  double m = 0.0;
-  for (double x : t.to_vector()) m = std::max(m, std::abs(x));
-  return m;
-}
-
-attn::testing::Tolerance grad_tolerance(const Case& c, const Tensor& expected) {
-  const double u = attn::testing::unit_roundoff(DType::f32);
-  const attn::testing::Tolerance sums =
-      attn::testing::tolerance_for(DType::f32, c.D + c.Dv + c.Tq + c.Tk);
-  const double bound = (sums.atol + 32.0 * u * max_abs_score(c)) * std::max(1.0, max_abs(expected));
-  return {bound, bound};
+attn::testing::DotBound bound_of(const Case& c) {
+  return {.B = c.B, .Hq = c.Hq, .Tq = c.Tq, .Tk = c.Tk, .D = c.D, .Dv = c.Dv,
+          .max_abs_score = max_abs_score(c)};
 }
 
 // Rows and keys that no mask lets through must get exactly 0, not merely small values: dq rows
@@ -175,42 +148,23 @@ attn::testing::Tolerance grad_tolerance(const Case& c, const Tensor& expected) {
   return ::testing::AssertionSuccess();
 }
 
-class FlashBackwardTest : public ::testing::TestWithParam<SimdTarget> {
+class FlashBackwardTest
+    : public attn::testing::EveryTargetTest<attn::kernels::flash_backward_target_name> {
  protected:
-  void SetUp() override {
-    forced_ = std::make_unique<attn::kernels::ScopedSimdTarget>(GetParam().bits);
-    ASSERT_EQ(std::string(attn::kernels::flash_backward_target_name()), GetParam().name)
-        << "dispatch did not switch to the forced target";
-  }
-  void TearDown() override { forced_.reset(); }
-
   void check(const Case& c) {
-    SCOPED_TRACE("target " + GetParam().name + ": " + c.str());
+    SCOPED_TRACE(target_label() + ": " + c.str());
     const Problem p = make_problem(c);
     const attn::AttentionOutput fwd = attn::attention(p.q, p.k, p.v, p.params);
     const attn::AttentionGrads got = run_fused(p, fwd);
     const attn::AttentionOutput ref_fwd = attn::reference::attention(p.q, p.k, p.v, p.params);
     const attn::AttentionGrads want =
         attn::reference::attention_backward(p.q, p.k, p.v, p.params, ref_fwd, p.dout);
-    EXPECT_TRUE(attn::testing::all_close(got.dq, want.dq, grad_tolerance(c, want.dq), "dq"));
-    EXPECT_TRUE(attn::testing::all_close(got.dk, want.dk, grad_tolerance(c, want.dk), "dk"));
-    EXPECT_TRUE(attn::testing::all_close(got.dv, want.dv, grad_tolerance(c, want.dv), "dv"));
+    // dq, dk, dv and dbias (summed over every broadcast dimension: up to B Hq Tq Tk terms).
+    attn::testing::expect_grads_close(got, want, bound_of(c));
     EXPECT_TRUE(exact_zero_rows(got.dq, want.dq, ref_fwd.lse, "dq"));
     EXPECT_TRUE(exact_zero_rows(got.dk, want.dv, Tensor{}, "dk"));
     EXPECT_TRUE(exact_zero_rows(got.dv, want.dv, Tensor{}, "dv"));
-    ASSERT_EQ(got.dbias.defined(), want.dbias.defined());
-    if (want.dbias.defined()) {
-      EXPECT_EQ(got.dbias.shape(), want.dbias.shape());
-      // dbias sums dS over every broadcast dimension: up to B Hq Tq Tk terms.
-      Case summed = c;
-      summed.Tq = c.B * c.Hq * c.Tq;
-      EXPECT_TRUE(attn::testing::all_close(got.dbias, want.dbias,
-                                           grad_tolerance(summed, want.dbias), "dbias"));
-    }
   }
-
- private:
-  std::unique_ptr<attn::kernels::ScopedSimdTarget> forced_;
 };
 
 TEST_P(FlashBackwardTest, SizeSweep) {
@@ -306,13 +260,7 @@ TEST_P(FlashBackwardTest, RunToRunBitwiseIdentical) {
                         first.dv.numel() * sizeof(float)), 0);
 }
 
-std::string target_test_name(const ::testing::TestParamInfo<SimdTarget>& info) {
-  return info.param.name;
-}
-
-INSTANTIATE_TEST_SUITE_P(EveryTarget, FlashBackwardTest,
-                         ::testing::ValuesIn(attn::kernels::available_simd_targets()),
-                         target_test_name);
+ATTN_INSTANTIATE_ON_EVERY_SIMD_TARGET(FlashBackwardTest);
 
 TEST(FlashBackwardGlue, SupportedPredicate) {
   attn::AttentionParams params;
@@ -320,8 +268,8 @@ TEST(FlashBackwardGlue, SupportedPredicate) {
   params.score = attn::DotScore{};
   EXPECT_TRUE(attn::kernels::flash_backward_supported(DType::f32, params));
   EXPECT_FALSE(attn::kernels::flash_backward_supported(DType::f64, params));
-  params.dropout.p = 0.1;
-  EXPECT_FALSE(attn::kernels::flash_backward_supported(DType::f32, params));
+  params.dropout.p = 0.1;  // the keep mask is regenerated from the counter-based hash
+  EXPECT_TRUE(attn::kernels::flash_backward_supported(DType::f32, params));
   params.dropout.p = 0.0;
   params.score = attn::CosineScore{};
   EXPECT_FALSE(attn::kernels::flash_backward_supported(DType::f32, params));
@@ -329,7 +277,9 @@ TEST(FlashBackwardGlue, SupportedPredicate) {
   params.head_scores = {attn::DotScore{}};
   EXPECT_FALSE(attn::kernels::flash_backward_supported(DType::f32, params));
   params.head_scores.clear();
-  params.mask.allowed = Tensor::full({1}, 1.0, DType::b8);
+  params.mask.allowed = Tensor::full({1}, 1.0, DType::b8);  // read tile by tile
+  EXPECT_TRUE(attn::kernels::flash_backward_supported(DType::f32, params));
+  params.mask.local.kind = attn::LocalKind::monotonic;
   EXPECT_FALSE(attn::kernels::flash_backward_supported(DType::f32, params));
 }
 
@@ -347,18 +297,9 @@ TEST(FlashBackwardGlue, MatchesComposedPath) {
       p.dims, p.q, p.k, p.v, attn::detail::convert_params(p.params, DType::f32), fwd, p.dout);
   // Both are float32 from the same forward: each within the bound of the exact gradient, so
   // within twice it of each other.
-  auto twice = [&](const Tensor& t) {
-    attn::testing::Tolerance tol = grad_tolerance(c, t);
-    return attn::testing::Tolerance{2 * tol.atol, 2 * tol.rtol};
-  };
-  EXPECT_TRUE(attn::testing::all_close(got.dq, composed.dq, twice(composed.dq), "dq"));
-  EXPECT_TRUE(attn::testing::all_close(got.dk, composed.dk, twice(composed.dk), "dk"));
-  EXPECT_TRUE(attn::testing::all_close(got.dv, composed.dv, twice(composed.dv), "dv"));
-  Case summed = c;
-  summed.Tq = c.B * c.Hq * c.Tq;
-  attn::testing::Tolerance tol = grad_tolerance(summed, composed.dbias);
-  EXPECT_TRUE(attn::testing::all_close(got.dbias, composed.dbias,
-                                       {2 * tol.atol, 2 * tol.rtol}, "dbias"));
+  attn::testing::DotBound twice = bound_of(c);
+  twice.factor = 2.0;
+  attn::testing::expect_grads_close(got, composed, twice);
   EXPECT_TRUE(std::holds_alternative<attn::ScaledDotScore>(got.dscore));
 }
 

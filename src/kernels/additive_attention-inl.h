@@ -33,10 +33,7 @@
 #include "hwy/aligned_allocator.h"
 #include "hwy/highway.h"
 #include "kernels/additive_attention.h"
-
-#if HWY_ARCH_X86
-#include <xmmintrin.h>
-#endif
+#include "kernels/simd_common-inl.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace attn::kernels::HWY_NAMESPACE {
@@ -47,13 +44,12 @@ using DF = hn::ScalableTag<float>;
 using DI = hn::RebindToSigned<DF>;
 using VF = hn::Vec<DF>;
 using VI = hn::Vec<DI>;
+using simd::Exp2Fraction;
 
 constexpr int64_t kBlockVecs = 4;    // keys per block = 4 vectors (64 with AVX-512)
 constexpr int64_t kQueryRows = 32;   // query rows per forward work item
 constexpr size_t kChunkVecs = 8;     // vectors of a row held in registers (P V, gradients)
 
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr double kLn2 = 0.6931471805599453;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Clamps x to [lo, hi] and keeps NaN. x86 min/max return their SECOND operand when either is
@@ -68,25 +64,16 @@ HWY_INLINE VF ClampKeepNaN(DF df, VF x, float lo, float hi) {
 #endif
 }
 
-// 2^f for f in [-0.5, 0.5]: the degree-5 minimax polynomial of flash_attention-inl.h (relative
-// error < 1.8e-7, exactly 1 at f = 0).
-HWY_INLINE VF Exp2Fraction(DF df, VF f) {
-  VF p = hn::Set(df, 1.3276471979286704e-3f);
-  p = hn::MulAdd(p, f, hn::Set(df, 9.675541334209831e-3f));
-  p = hn::MulAdd(p, f, hn::Set(df, 5.550713273543075e-2f));
-  p = hn::MulAdd(p, f, hn::Set(df, 0.2402211972384865f));
-  p = hn::MulAdd(p, f, hn::Set(df, 0.693146967064733f));
-  return hn::MulAdd(p, f, hn::Set(df, 1.0f));
-}
-
-// 2^x on [-127, 64] after clamping (NaN stays NaN). -inf and anything below -127 give +0: the
-// masked scores of the softmax. The upper clamp keeps 2^x finite for the tanh, where x >= 64
-// already rounds tanh to exactly 1 (1 - 2 / (2^64 + 1) == 1 in float).
+// 2^x on [-127, 64] after clamping (NaN stays NaN), on the shared polynomial (simd_common-inl.h).
+// Unlike the softmax-only simd::Exp2 it also takes the positive arguments of the tanh and the
+// split-form exponentials. -inf and anything below -127 give +0: the masked scores of the
+// softmax. The upper clamp keeps 2^x finite for the tanh, where x >= 64 already rounds tanh to
+// exactly 1 (1 - 2 / (2^64 + 1) == 1 in float).
 // With AVX-512, vscalefps applies 2^n in one instruction; 2^-127 p is a denormal that the
 // flush-to-zero mode set by every worker (FlushDenormals) makes exactly 0. Elsewhere the
 // 1.5 * 2^23 shifter leaves n + 127 in the low mantissa bits, shifted into the exponent field
 // (n = -127 gives the bit pattern of +0).
-HWY_INLINE VF Exp2(DF df, VF x) {
+HWY_INLINE VF Exp2Clamped(DF df, VF x) {
   x = ClampKeepNaN(df, x, -127.0f, 64.0f);
 #if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
   const VF n = hn::Round(x);
@@ -110,7 +97,7 @@ HWY_INLINE VF Reciprocal(DF df, VF d) {
   return hn::Mul(r0, hn::NegMulAdd(d, r0, hn::Set(df, 2.0f)));
 }
 HWY_INLINE VF HalfOneMinusTanh(DF df, VF x) {
-  return Reciprocal(df, hn::Add(Exp2(df, x), hn::Set(df, 1.0f)));
+  return Reciprocal(df, hn::Add(Exp2Clamped(df, x), hn::Set(df, 1.0f)));
 }
 
 // r for one (i, j, a) from the two operands the kernels stream. Split form: the operands are
@@ -129,39 +116,6 @@ HWY_INLINE VF PairR(DF df, VF q, VF k) {
 // |y| <= 63 / (2 log2 e) ~ 21.8 on both sides: tanh arguments beyond that in either projection
 // (where tanh already rounds to +-1) or non-finite ones switch the call to the plain form.
 constexpr float kSplitLimit = 63.0f;
-
-// Sets flush-to-zero and denormals-are-zero for the calling thread (MXCSR is per thread):
-// softmax probabilities that underflow must become 0, not slow denormals.
-class FlushDenormals {
- public:
-#if HWY_ARCH_X86
-  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040u); }
-  ~FlushDenormals() { _mm_setcsr(saved_); }
-
- private:
-  unsigned saved_;
-#endif
-};
-
-// The key interval [lo, hi) query row i of batch b may attend (lo >= hi: fully masked): the
-// interval rule of the fused dot-product kernel (lengths, causal, window).
-struct KeyInterval {
-  int64_t lo, hi, pos;
-};
-inline KeyInterval RowInterval(const AdditiveAttentionArgs& a, int64_t b, int64_t i) {
-  const int64_t key_len =
-      a.key_lengths ? std::clamp<int64_t>(a.key_lengths[b], 0, a.k_len) : a.k_len;
-  const int64_t query_len = a.query_lengths ? a.query_lengths[b] : a.q_len;
-  const int64_t pos = i + (a.bottom_right ? key_len - query_len : 0);
-  int64_t lo = 0, hi = i < query_len ? key_len : 0;
-  if (a.causal) hi = std::min(hi, pos + 1);
-  constexpr int64_t kHuge = std::numeric_limits<int64_t>::max() / 4;  // as good as unbounded
-  if (a.window_left < kHuge) lo = std::max(lo, pos - a.window_left);
-  if (a.window_right < kHuge) hi = std::min(hi, pos + a.window_right + 1);
-  lo = std::clamp<int64_t>(lo, 0, key_len);
-  hi = std::clamp<int64_t>(hi, 0, key_len);
-  return {lo, hi, pos};
-}
 
 // Sizes derived once per call; the packed copies of K projections and values.
 struct Layout {
@@ -213,7 +167,7 @@ inline void Exp2Rows(const float* src, float* dst, int64_t rows, int64_t stride)
 #pragma omp parallel for schedule(static) if (rows * stride > 65536)
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < stride; c += N)
-      hn::Store(Exp2(df, hn::Load(df, src + r * stride + c)), df, dst + r * stride + c);
+      hn::Store(Exp2Clamped(df, hn::Load(df, src + r * stride + c)), df, dst + r * stride + c);
 }
 
 inline Packed PackKeysAndValues(const AdditiveAttentionArgs& a, const Layout& l) {
@@ -322,6 +276,16 @@ HWY_INLINE void RowBlockScores(DF df, const RowBlock& rb, const Layout& l,
   }
 }
 
+// RowBlockScores in the form the packed operands were prepared for.
+HWY_INLINE void PackedRowBlockScores(DF df, const Packed& pk, const RowBlock& rb,
+                                     const Layout& l, const float* HWY_RESTRICT sv, int64_t A,
+                                     float* HWY_RESTRICT s2, size_t& v0, size_t& v1) {
+  if (pk.split)
+    RowBlockScores<true>(df, rb, l, sv, A, s2, v0, v1);
+  else
+    RowBlockScores<false>(df, rb, l, sv, A, s2, v0, v1);
+}
+
 // o[c] += sum_{j < count} p[j] V[j][c] for NV vectors of columns; V rows have stride Dvp.
 template <size_t NV>
 HWY_INLINE void AccumulatePV(DF df, float* HWY_RESTRICT o, const float* HWY_RESTRICT vp,
@@ -367,7 +331,7 @@ struct ForwardScratch {
 // serves every row of the item from L1/L2.
 inline void ForwardItem(const AdditiveAttentionArgs& a, const Layout& l, const Packed& pk,
                         ForwardScratch& sc, int64_t b, int64_t h, int64_t i0, int64_t rows,
-                        float* out, float* lse) {
+                        float* out, float* lse, float* weights) {
   const DF df;
   const int64_t N = l.N, A = a.hidden, Dvp = l.Dvp;
   const int64_t hk = b * a.kv_heads + h / l.G;
@@ -398,10 +362,7 @@ inline void ForwardItem(const AdditiveAttentionArgs& a, const Layout& l, const P
       rb.pos = static_cast<float>(iv.pos);
       size_t v0 = 0, v1 = 0;
       float* s2 = sc.s2.get();
-      if (pk.split)
-        RowBlockScores<true>(df, rb, l, a.score_v, A, s2, v0, v1);
-      else
-        RowBlockScores<false>(df, rb, l, a.score_v, A, s2, v0, v1);
+      PackedRowBlockScores(df, pk, rb, l, a.score_v, A, s2, v0, v1);
 
       // Online softmax (Milakov & Gimelshein 2018), per row, log2 units.
       VF bmax = hn::Set(df, kNegInf);
@@ -423,7 +384,7 @@ inline void ForwardItem(const AdditiveAttentionArgs& a, const Layout& l, const P
       const VF shift = hn::Set(df, row_max == kNegInf ? 0.0f : row_max);
       VF psum = hn::Zero(df);
       for (size_t n = v0; n < v1; ++n) {
-        const VF p = Exp2(df, hn::Sub(hn::Load(df, s2 + n * N), shift));
+        const VF p = Exp2Clamped(df, hn::Sub(hn::Load(df, s2 + n * N), shift));
         psum = hn::Add(psum, p);
         hn::Store(p, df, s2 + n * N);
       }
@@ -444,6 +405,42 @@ inline void ForwardItem(const AdditiveAttentionArgs& a, const Layout& l, const P
         masked ? kNegInf
                : static_cast<float>(sc.max[static_cast<size_t>(r)] * kLn2 +
                                     std::log(static_cast<double>(l_sum)));
+  }
+
+  // Weights on request: a second pass per row that recomputes the visible scores block by
+  // block (the first pass's arithmetic) and writes P = exp2(s - max) / sum, the probabilities
+  // the output was normalised with; 0 outside the row's key interval. It doubles the tanh work
+  // of the forward (the kernel's whole cost) for the rows of this item.
+  if (weights == nullptr) return;
+  const int64_t Tk = a.k_len;
+  for (int64_t r = 0; r < rows; ++r) {
+    const KeyInterval& iv = sc.iv[static_cast<size_t>(r)];
+    float* w = weights + (row_base + r) * Tk;
+    const int64_t lo = std::min(iv.lo, iv.hi), hi = iv.hi;
+    std::fill(w, w + lo, 0.0f);
+    std::fill(w + hi, w + Tk, 0.0f);
+    const float l_sum = sc.sum[static_cast<size_t>(r)];
+    const float row_max = sc.max[static_cast<size_t>(r)];
+    const VF shift = hn::Set(df, row_max == kNegInf ? 0.0f : row_max);
+    const float inv = l_sum == 0.0f ? 0.0f : 1.0f / l_sum;
+    RowBlock rb;
+    rb.alibi2 = alibi2;
+    rb.q_proj = pk.qsrc + (row_base + r) * a.proj_stride;
+    rb.pos = static_cast<float>(iv.pos);
+    for (int64_t kb = lo / l.Bc; kb * l.Bc < hi; ++kb) {
+      rb.kpt = pk.kpt.get() + (hk * l.blocks + kb) * A * l.Bc;
+      rb.jb = kb * l.Bc;
+      rb.jlo = std::max(rb.jb, lo);
+      rb.jhi = std::min(rb.jb + l.Bc, hi);
+      size_t v0 = 0, v1 = 0;
+      float* s2 = sc.s2.get();
+      PackedRowBlockScores(df, pk, rb, l, a.score_v, A, s2, v0, v1);
+      for (size_t n = v0; n < v1; ++n) {
+        const VF p = Exp2Clamped(df, hn::Sub(hn::Load(df, s2 + n * N), shift));
+        hn::Store(hn::Mul(p, hn::Set(df, inv)), df, s2 + n * N);
+      }
+      std::copy(s2 + (rb.jlo - rb.jb), s2 + (rb.jhi - rb.jb), w + rb.jlo);
+    }
   }
 }
 
@@ -542,7 +539,7 @@ void BackwardItem(const AdditiveAttentionArgs& a, const AdditiveAttentionGradArg
       RowBlockScores<kSplit>(df, rb, l, a.score_v, A, s2, v0, v1);
       const VF lse2 = hn::Set(df, lse * kLog2e);
       for (size_t n = v0; n < v1; ++n)
-        hn::Store(Exp2(df, hn::Sub(hn::Load(df, s2 + n * N), lse2)), df, s2 + n * N);
+        hn::Store(Exp2Clamped(df, hn::Sub(hn::Load(df, s2 + n * N), lse2)), df, s2 + n * N);
 
       // 2. dV_j += P_ij dO_i;  dP_ij = dO_i . V_j;  dS_ij = P_ij (dP_ij - D_i).
       const float* dO = in.dop + row * Dvp;
@@ -589,7 +586,8 @@ void BackwardItem(const AdditiveAttentionArgs& a, const AdditiveAttentionGradArg
 
 }  // namespace additive
 
-void AdditiveAttentionForwardImpl(const AdditiveAttentionArgs& a, float* out, float* lse) {
+void AdditiveAttentionForwardImpl(const AdditiveAttentionArgs& a, float* out, float* lse,
+                                  float* weights) {
   using namespace additive;
   if (a.batch == 0 || a.q_heads == 0 || a.q_len == 0) return;
   const Layout l = MakeLayout(a);
@@ -607,7 +605,8 @@ void AdditiveAttentionForwardImpl(const AdditiveAttentionArgs& a, float* out, fl
       const int64_t h = item % a.q_heads;
       const int64_t b = item / a.q_heads % a.batch;
       const int64_t i0 = qb * kQueryRows;
-      ForwardItem(a, l, pk, scratch, b, h, i0, std::min(kQueryRows, a.q_len - i0), out, lse);
+      ForwardItem(a, l, pk, scratch, b, h, i0, std::min(kQueryRows, a.q_len - i0), out, lse,
+                  weights);
     }
   }
 }

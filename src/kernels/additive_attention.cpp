@@ -23,6 +23,7 @@
 
 #include "blas_threads.h"
 #include "hwy/aligned_allocator.h"
+#include "kernels/fused_args.h"
 #include "kernels/simd_target.h"
 
 namespace attn::kernels {
@@ -31,10 +32,10 @@ HWY_EXPORT(AdditiveAttentionForwardImpl);
 HWY_EXPORT(AdditiveAttentionBackwardImpl);
 HWY_EXPORT(AdditiveTargetName);
 
-void additive_attention_forward_kernel(const AdditiveAttentionArgs& args, float* out,
-                                       float* lse) {
+void additive_attention_forward_kernel(const AdditiveAttentionArgs& args, float* out, float* lse,
+                                       float* weights) {
   apply_simd_target_from_env();
-  HWY_DYNAMIC_DISPATCH(AdditiveAttentionForwardImpl)(args, out, lse);
+  HWY_DYNAMIC_DISPATCH(AdditiveAttentionForwardImpl)(args, out, lse, weights);
 }
 
 void additive_attention_backward_kernel(const AdditiveAttentionArgs& args,
@@ -54,7 +55,7 @@ bool additive_attention_supported(DType dtype, const AttentionParams& params) {
   const Mask& mask = params.mask;
   return dtype == DType::f32 && additive && params.head_scores.empty() &&
          !mask.allowed.defined() && !mask.bias.defined() && mask.local.kind == LocalKind::none &&
-         params.dropout.p == 0.0 && !params.return_weights;
+         params.dropout.p == 0.0;
 }
 
 namespace {
@@ -165,7 +166,14 @@ AttentionOutput additive_attention_forward(const detail::AttentionDims& dims, co
   AttentionOutput result;
   result.out = Tensor::empty({dims.B, dims.Hq, dims.Tq, dims.Dv}, DType::f32);
   result.lse = Tensor::empty({dims.B, dims.Hq, dims.Tq}, DType::f32);
-  additive_attention_forward_kernel(p.args, result.out.data<float>(), result.lse.data<float>());
+  float* weights = nullptr;
+  if (params.return_weights) {
+    result.weights = Tensor::empty({dims.B, dims.Hq, dims.Tq, dims.Tk}, DType::f32);
+    weights = result.weights.data<float>();
+  }
+  additive_attention_forward_kernel(p.args, result.out.data<float>(), result.lse.data<float>(),
+                                    weights);
+  if (params.return_weights) result.mean_weights = mean_over_heads(result.weights);
   return result;
 }
 

@@ -21,9 +21,10 @@
 //
 // Masks supported by the kernels: key/query lengths, causal (both alignments), windows (the same
 // interval rule as the fused dot-product kernel, flash_attention.h) and ALiBi slopes. Fully
-// masked rows give out = 0, lse = -inf and zero gradients. Not supported (the front-end falls back
-// to the composed path): boolean `allowed` masks, additive bias tensors, local attention,
-// dropout, returned weights, per-head scores.
+// masked rows give out = 0, lse = -inf and zero gradients. Returned weights come from a second
+// pass (see additive_attention_forward_kernel). Not supported (the front-end falls back to the
+// composed path): boolean `allowed` masks, additive bias tensors, local attention, dropout,
+// per-head scores.
 //
 // Threads: the forward runs OpenMP over (batch, query head, block of query rows), dynamic
 // schedule (each row is computed by one thread in a fixed order: bitwise identical for any
@@ -68,7 +69,10 @@ struct AdditiveAttentionArgs {
 };
 
 // Forward: out [B, Hq, Tq, Dv], lse [B, Hq, Tq] (natural log; -inf and out = 0 for masked rows).
-void additive_attention_forward_kernel(const AdditiveAttentionArgs& args, float* out, float* lse);
+// weights [B, Hq, Tq, Tk] or nullptr: when given, every element is written with the softmax
+// probabilities (0 where masked), recomputed by a second pass per row from its final max and sum.
+void additive_attention_forward_kernel(const AdditiveAttentionArgs& args, float* out, float* lse,
+                                       float* weights = nullptr);
 
 struct AdditiveAttentionGradArgs {
   const float* out = nullptr;   // the forward's out and lse
@@ -95,7 +99,7 @@ const char* additive_attention_target_name();
 
 // True when the fused kernels compute exactly what attention() / attention_backward() specify:
 // float32, AdditiveScore or ConcatScore in params.score (no head_scores), no boolean `allowed`
-// mask, no additive bias tensor, no local attention, no dropout, no returned weights.
+// mask, no additive bias tensor, no local attention, no dropout (return_weights is supported).
 // key/query lengths, causal (both alignments), windows and ALiBi slopes are supported.
 bool additive_attention_supported(DType dtype, const AttentionParams& params);
 

@@ -42,10 +42,7 @@
 #include "hwy/contrib/math/math-inl.h"
 #include "hwy/highway.h"
 #include "kernels/decode_attention.h"
-
-#if HWY_ARCH_X86
-#include <xmmintrin.h>
-#endif
+#include "kernels/simd_common-inl.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace attn::kernels::HWY_NAMESPACE {
@@ -109,25 +106,6 @@ HWY_INLINE int64_t ArrangedIndex(int64_t e, int64_t full, int64_t N) {
   return c + (within % V) * N + within / V;
 }
 
-// The key interval [lo, hi) a query row may attend (lo >= hi: fully masked).
-struct RowInterval {
-  int64_t lo = 0, hi = 0;
-};
-inline RowInterval VisibleKeys(const DecodeAttentionArgs& a, int64_t b, int64_t i) {
-  const int64_t key_len =
-      a.key_lengths ? std::clamp<int64_t>(a.key_lengths[b], 0, a.k_len) : a.k_len;
-  const int64_t query_len = a.query_lengths ? a.query_lengths[b] : a.q_len;
-  if (i >= query_len) return {0, 0};
-  const int64_t pos = i + (a.bottom_right ? key_len - query_len : 0);
-  int64_t lo = 0, hi = key_len;
-  if (a.causal) hi = std::min(hi, pos + 1);
-  // Sizes beyond any sequence length are as good as unbounded (and would overflow pos +- size).
-  constexpr int64_t kHuge = std::numeric_limits<int64_t>::max() / 4;
-  if (a.window_left < kHuge) lo = std::max(lo, pos - a.window_left);
-  if (a.window_right < kHuge) hi = std::min(hi, pos + a.window_right + 1);
-  return {std::clamp<int64_t>(lo, 0, key_len), std::clamp<int64_t>(hi, 0, key_len)};
-}
-
 // Per-thread buffers, sized once per call.
 struct Scratch {
   Scratch(int64_t rows, int64_t head_dim)
@@ -142,7 +120,7 @@ struct Scratch {
   hwy::AlignedFreeUniquePtr<float[]> s;  // [R][kKeyBlock] scores, then probabilities
   std::vector<const float*> q_rows;
   std::vector<float*> s_rows, o_rows;
-  std::vector<RowInterval> intervals;
+  std::vector<KeyInterval> intervals;
   std::vector<char> active;  // row saw a visible key in the current block
 };
 
@@ -217,7 +195,7 @@ HWY_INLINE void ScoreBlock(DF df, Scratch& sc, size_t r, const T* HWY_RESTRICT k
   SumLanes(df, acc, sums);
   const float inf = std::numeric_limits<float>::infinity();
   for (size_t rr = 0; rr < RR; ++rr) {
-    const RowInterval iv = sc.intervals[r + rr];
+    const KeyInterval iv = sc.intervals[r + rr];
     float* HWY_RESTRICT srow = sc.s_rows[r + rr];
     for (size_t kk = 0; kk < KR; ++kk) {
       float s = sums[rr * KR + kk];
@@ -338,7 +316,7 @@ void ProcessItem(const DecodeAttentionArgs& a, const Problem& pb, Scratch& sc, i
   const int64_t split_hi = std::min(a.k_len, split_lo + pb.split_keys);
   int64_t lo = split_hi, hi = split_lo;
   for (int64_t r = 0; r < R; ++r) {
-    const RowInterval iv = VisibleKeys(a, b, r % a.q_len);
+    const KeyInterval iv = RowInterval(a, b, r % a.q_len);
     sc.intervals[static_cast<size_t>(r)] = iv;
     if (iv.lo < iv.hi) lo = std::min(lo, iv.lo), hi = std::max(hi, iv.hi);
   }
@@ -486,19 +464,6 @@ void MergeRow(const DecodeAttentionArgs& a, const Problem& pb, const Partials& p
                         : static_cast<float>(static_cast<double>(M) +
                                              std::log(static_cast<double>(L)));
 }
-
-// Flush-to-zero and denormals-are-zero for the calling thread (MXCSR is per thread), restored
-// on destruction: tiny probabilities must not put P V on the slow denormal path.
-class FlushDenormals {
- public:
-#if HWY_ARCH_X86
-  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040u); }
-  ~FlushDenormals() { _mm_setcsr(saved_); }
-
- private:
-  unsigned saved_;
-#endif
-};
 
 template <typename T>
 void Run(const DecodeAttentionArgs& a) {

@@ -40,11 +40,9 @@
 
 #include "hwy/aligned_allocator.h"
 #include "hwy/highway.h"
+#include "kernels/dropout_mask.h"
 #include "kernels/flash_attention.h"
-
-#if HWY_ARCH_X86
-#include <xmmintrin.h>
-#endif
+#include "kernels/simd_common-inl.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace attn::kernels::HWY_NAMESPACE {
@@ -55,54 +53,13 @@ using DF = hn::ScalableTag<float>;
 using DI = hn::RebindToSigned<DF>;
 using VF = hn::Vec<DF>;
 using VI = hn::Vec<DI>;
+using simd::Exp2;
 
 constexpr size_t kTileVecs = 3;      // query rows per tile = 3 vectors
 constexpr int64_t kItemRows = 384;   // query rows (all G heads together) per work item
 constexpr int64_t kKeyBlock = 128;   // keys per block (K + V block in L2, St in L1)
 constexpr size_t kScoreKeys = 8;     // keys per register block of S^T = K Qt
 constexpr size_t kValueCols = 8;     // value columns per register block of Ot += V^T P^T
-
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr double kLn2 = 0.6931471805599453;
-
-// 2^f for f in [-0.5, 0.5]: a degree-5 minimax polynomial (fitted here by Remez exchange on the
-// relative error, then the constant term set to exactly 1 so that 2^0 == 1): relative error
-// < 1.8e-7, a few float ulps, as accurate as hn::Exp at a third of its cost; every probability
-// is later divided by the sum of the same approximations.
-HWY_INLINE VF Exp2Fraction(DF df, VF f) {
-  VF p = hn::Set(df, 1.3276471979286704e-3f);
-  p = hn::MulAdd(p, f, hn::Set(df, 9.675541334209831e-3f));
-  p = hn::MulAdd(p, f, hn::Set(df, 5.550713273543075e-2f));
-  p = hn::MulAdd(p, f, hn::Set(df, 0.2402211972384865f));
-  p = hn::MulAdd(p, f, hn::Set(df, 0.693146967064733f));
-  return hn::MulAdd(p, f, hn::Set(df, 1.0f));
-}
-
-// 2^x for the x <= 0 of the softmax: NaN-propagating, +0 for x = -inf (the masked scores) and
-// for x < -126, exactly 1 for x = 0. x = n + f with n = round(x), f in [-0.5, 0.5].
-HWY_INLINE VF Exp2(DF df, VF x) {
-#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
-  // vscalefps multiplies by 2^n in one instruction, and rounding is one more: 9 operations.
-  // max(-127, x) returns x when x is NaN (the second operand wins), and turns -inf into a
-  // finite 2^-127 that flush-to-zero makes exactly 0: this relies on FlushDenormals, which
-  // FlashAttentionForward sets in every thread that runs this code.
-  x = VF{_mm512_max_ps(_mm512_set1_ps(-127.0f), x.raw)};
-  const VF n = hn::Round(x);
-  const VF p = Exp2Fraction(df, hn::Sub(x, n));
-  return VF{_mm512_scalef_ps(p.raw, n.raw)};
-#else
-  // Rounding by the 1.5 * 2^23 shifter leaves round(x) + 127 in the low mantissa bits of t
-  // (|x| < 2^22), and shifting them into the exponent field builds 2^n without a conversion.
-  const DI di;
-  const VF shifter = hn::Set(df, 12582912.0f + 127.0f);  // 1.5 * 2^23 + exponent bias
-  const VF t = hn::Add(x, shifter);
-  const VF p = Exp2Fraction(df, hn::Sub(x, hn::Sub(t, shifter)));
-  // (n + 127) << 23: bits above the exponent field (the shifter's own) shift out.
-  const VF two_n = hn::BitCast(df, hn::ShiftLeft<23>(hn::BitCast(di, t)));
-  // The compare is false for NaN, so NaN survives; t's garbage for x < -126 is discarded here.
-  return hn::IfThenZeroElse(x < hn::Set(df, -126.0f), hn::Mul(p, two_n));
-#endif
-}
 
 // One tile: up to kTileVecs * Lanes query rows of one head.
 struct Tile {
@@ -127,9 +84,15 @@ struct Scratch {
         lo_minus1(hwy::AllocateAligned<int32_t>(max_tiles * tile_rows)),
         hi(hwy::AllocateAligned<int32_t>(max_tiles * tile_rows)),
         bias_offsets(hwy::AllocateAligned<int32_t>(tile_rows)),
+        drop_rows(hwy::AllocateAligned<uint64_t>(max_tiles * tile_rows)),
+        allowed(hwy::AllocateAligned<float>(kKeyBlock * tile_rows)),
+        dropout(a.dropout.p, a.dropout.seed),
         tiles(max_tiles) {}
   hwy::AlignedFreeUniquePtr<float[]> qt, ot, st, max, sum, pos;
   hwy::AlignedFreeUniquePtr<int32_t[]> lo_minus1, hi, bias_offsets;
+  hwy::AlignedFreeUniquePtr<uint64_t[]> drop_rows;  // per-row dropout hashes, [tiles][TR]
+  hwy::AlignedFreeUniquePtr<float[]> allowed;       // one tile's block of the mask [keys][TR]
+  DropoutMask dropout;
   std::vector<Tile> tiles;
 };
 
@@ -147,6 +110,10 @@ struct TileView {
   float alibi_log2;       // slope * log2(e), 0 without ALiBi
   bool alibi;
   bool mask;              // element-wise interval mask needed in this key range
+  int64_t rows;                  // valid rows (lanes) of the tile
+  const float* allowed;          // [keys][TR] 1 allowed, 0 not; nullptr without a boolean mask
+  const DropoutMask* dropout;    // nullptr without dropout
+  const uint64_t* drop_rows;     // [TR] per-row dropout hashes
 };
 
 // S^T rows [j, j + R) of one tile: St[j - jb][lane] = Qt . K[j], plus bias and ALiBi, masked
@@ -195,6 +162,12 @@ HWY_INLINE void ScoreRows(DF df, const TileView& t, const float* HWY_RESTRICT k,
         s = hn::IfThenElse(hn::RebindMask(df, visible), s,
                            hn::Set(df, -std::numeric_limits<float>::infinity()));
       }
+      if (t.allowed != nullptr) {
+        // A select, not an added -inf: a NaN score of a disallowed key must not leak.
+        const VF ok = hn::Load(df, t.allowed + (key - jb) * static_cast<int64_t>(TR) + v * N);
+        s = hn::IfThenElse(hn::Gt(ok, hn::Zero(df)), s,
+                           hn::Set(df, -std::numeric_limits<float>::infinity()));
+      }
       block_max[v] = hn::Max(block_max[v], s);
       hn::Store(s, df, srow + v * N);
     }
@@ -227,6 +200,21 @@ HWY_INLINE void AccumulateColumns(DF df, const TileView& t, const float* HWY_RES
     for (size_t w = 0; w < kTileVecs; ++w) hn::Store(acc[r][w], df, ot + r * TR + w * N);
 }
 
+// S^T = K Qt (+ bias, ALiBi, masks) for keys [jb, je) of one tile into t.st, and the block's
+// max per row. Not inlined: its 24 accumulators must stay in registers, which GCC gave up when
+// this was inlined into the weights pass.
+HWY_NOINLINE void TileScores(const TileView& t, const float* HWY_RESTRICT k, int64_t D,
+                             int64_t jb, int64_t je, VF (&block_max)[kTileVecs]) {
+  const DF df;
+  const VF neg_inf = hn::Set(df, -std::numeric_limits<float>::infinity());
+  for (size_t w = 0; w < kTileVecs; ++w) block_max[w] = neg_inf;
+  int64_t j = jb;
+  for (; j + static_cast<int64_t>(kScoreKeys) <= je; j += kScoreKeys)
+    ScoreRows<kScoreKeys>(df, t, k, D, j, jb, block_max);
+  for (; j + 4 <= je; j += 4) ScoreRows<4>(df, t, k, D, j, jb, block_max);
+  for (; j < je; ++j) ScoreRows<1>(df, t, k, D, j, jb, block_max);
+}
+
 // One key block [jb, je) of one tile: scores, online-softmax update, P V.
 HWY_NOINLINE void TileKeyBlock(const TileView& t, const float* HWY_RESTRICT k,
                                const float* HWY_RESTRICT v, int64_t D, int64_t Dv, int64_t jb,
@@ -239,12 +227,7 @@ HWY_NOINLINE void TileKeyBlock(const TileView& t, const float* HWY_RESTRICT k,
 
   // 1. S^T = K Qt (+ bias, ALiBi, mask), block max per row.
   VF block_max[kTileVecs];
-  for (size_t w = 0; w < kTileVecs; ++w) block_max[w] = neg_inf;
-  int64_t j = jb;
-  for (; j + static_cast<int64_t>(kScoreKeys) <= je; j += kScoreKeys)
-    ScoreRows<kScoreKeys>(df, t, k, D, j, jb, block_max);
-  for (; j + 4 <= je; j += 4) ScoreRows<4>(df, t, k, D, j, jb, block_max);
-  for (; j < je; ++j) ScoreRows<1>(df, t, k, D, j, jb, block_max);
+  TileScores(t, k, D, jb, je, block_max);
 
   // 2. Online softmax (Milakov & Gimelshein 2018): new max, rescale the accumulator only when
   // some row's max grew, then P = exp2(S - max) in place and the row sums.
@@ -273,6 +256,17 @@ HWY_NOINLINE void TileKeyBlock(const TileView& t, const float* HWY_RESTRICT k,
     hn::Store(sum, df, row_sum + w * N);
   }
 
+  // Dropout after the sums (the softmax normalisation and lse are those before dropout):
+  // P_ij keep_ij / (1 - p). A select, not a multiply by 0, so that a dropped NaN becomes 0 as on
+  // the composed path. Scalar: one SplitMix64 round per (i, j).
+  if (t.dropout != nullptr) {
+    for (int64_t jj = jb; jj < je; ++jj) {
+      float* HWY_RESTRICT s = t.st + (jj - jb) * static_cast<int64_t>(TR);
+      for (int64_t lane = 0; lane < t.rows; ++lane)
+        s[lane] = t.dropout->keep(t.drop_rows[lane], jj) ? s[lane] * t.dropout->scale() : 0.0f;
+    }
+  }
+
   // 3. Ot += V^T P^T, kValueCols columns at a time while St stays in L1.
   int64_t c = 0;
   for (; c + static_cast<int64_t>(kValueCols) <= Dv; c += kValueCols)
@@ -281,24 +275,104 @@ HWY_NOINLINE void TileKeyBlock(const TileView& t, const float* HWY_RESTRICT k,
   for (; c < Dv; ++c) AccumulateColumns<1>(df, t, v, Dv, c, jb, je);
 }
 
-// The key interval [lo, hi) query row i of batch b may attend (lo >= hi: fully masked).
-struct KeyInterval {
-  int64_t lo, hi, pos;
-};
-inline KeyInterval RowInterval(const FlashAttentionArgs& a, int64_t b, int64_t i) {
-  const int64_t key_len = a.key_lengths ? std::clamp<int64_t>(a.key_lengths[b], 0, a.k_len)
-                                        : a.k_len;
-  const int64_t query_len = a.query_lengths ? a.query_lengths[b] : a.q_len;
-  const int64_t pos = i + (a.bottom_right ? key_len - query_len : 0);
-  int64_t lo = 0, hi = i < query_len ? key_len : 0;
-  if (a.causal) hi = std::min(hi, pos + 1);
-  // Sizes beyond any sequence length are as good as unbounded (and would overflow pos +- size).
-  constexpr int64_t kHuge = std::numeric_limits<int64_t>::max() / 4;
-  if (a.window_left < kHuge) lo = std::max(lo, pos - a.window_left);
-  if (a.window_right < kHuge) hi = std::min(hi, pos + a.window_right + 1);
-  lo = std::clamp<int64_t>(lo, 0, key_len);
-  hi = std::clamp<int64_t>(hi, 0, key_len);
-  return {lo, hi, pos};
+// The view of tile t of the current work item (batch b) for keys [jb, je). With a boolean mask
+// it copies the tile's block of it, [keys][TR] as 1 / 0 floats (0 in lanes past the tile's
+// rows), read in place through the broadcast strides: O(keys x rows) scalar byte loads per block,
+// against D / Lanes vector FMAs per element for the scores themselves.
+inline TileView MakeTileView(const FlashAttentionArgs& a, Scratch& sc, int64_t b, int64_t t,
+                             int64_t TR, int64_t jb, int64_t je) {
+  const Tile& tile = sc.tiles[static_cast<size_t>(t)];
+  const FlashAllowed& al = a.allowed;
+  if (al.data != nullptr) {
+    const bool* base = al.data + b * al.stride_b + tile.head * al.stride_h +
+                       tile.row0 * al.stride_q;
+    for (int64_t j = jb; j < je; ++j) {
+      float* dst = sc.allowed.get() + (j - jb) * TR;
+      const bool* src = base + j * al.stride_k;
+      for (int64_t lane = 0; lane < tile.rows; ++lane)
+        dst[lane] = src[lane * al.stride_q] ? 1.0f : 0.0f;
+      std::fill(dst + tile.rows, dst + TR, 0.0f);
+    }
+  }
+  const bool bias_per_row = a.bias.data != nullptr && a.bias.stride_q != 0;
+  if (bias_per_row) {
+    // Gather offsets of bias rows inside a tile (rows past Tq reuse the last row: masked anyway).
+    for (int64_t lane = 0; lane < TR; ++lane)
+      sc.bias_offsets[static_cast<size_t>(lane)] =
+          static_cast<int32_t>(std::min<int64_t>(lane, tile.rows - 1) * a.bias.stride_q);
+  }
+  TileView view;
+  view.qt = sc.qt.get() + t * a.head_dim * TR;
+  view.st = sc.st.get();
+  view.ot = sc.ot.get() + t * a.value_dim * TR;
+  view.pos = sc.pos.get() + t * TR;
+  view.lo_minus1 = sc.lo_minus1.get() + t * TR;
+  view.hi = sc.hi.get() + t * TR;
+  view.bias_offsets = bias_per_row ? sc.bias_offsets.get() : nullptr;
+  view.bias = tile.bias;
+  view.bias_stride_k = a.bias.stride_k;
+  view.alibi = a.alibi_slopes != nullptr;
+  view.alibi_log2 = view.alibi ? a.alibi_slopes[tile.head] * kLog2e : 0.0f;
+  view.mask = jb < tile.inter_lo || je > tile.inter_hi;
+  view.rows = tile.rows;
+  view.allowed = al.data != nullptr ? sc.allowed.get() : nullptr;
+  view.dropout = sc.dropout.active() ? &sc.dropout : nullptr;
+  view.drop_rows = sc.drop_rows.get() + t * TR;
+  return view;
+}
+
+// Weights on request (args.weights): a second pass over the item's tiles once their softmax
+// statistics are final. It recomputes each tile's scores block by block (ScoreRows, the same
+// arithmetic as the first pass) and writes P = exp2(s - max) / sum, exactly the probabilities
+// the output was normalised with, transposed from St [keys][rows] to weights [row][Tk]. Keys
+// outside a tile's visible union are written as 0 without computing anything. Costs one more
+// S = K Qt per tile (about a third of the forward's FMAs) plus the Tq x Tk store itself, which
+// dominates at d = 64.
+void WriteItemWeights(const FlashAttentionArgs& a, Scratch& sc, int64_t b, int64_t num_tiles) {
+  const DF df;
+  const size_t N = hn::Lanes(df);
+  const int64_t TR = static_cast<int64_t>(kTileVecs * N);
+  const int64_t D = a.head_dim, Tk = a.k_len;
+  const float* k = a.k;
+  const VF neg_inf = hn::Set(df, -std::numeric_limits<float>::infinity());
+  HWY_ALIGN float inv_sum[kTileVecs * HWY_MAX_BYTES / sizeof(float)];
+  for (int64_t t = 0; t < num_tiles; ++t) {
+    const Tile& tile = sc.tiles[static_cast<size_t>(t)];
+    const int64_t kvh = tile.head / (a.q_heads / a.kv_heads);
+    const float* kh = k + (b * a.kv_heads + kvh) * Tk * D;
+    float* w = a.weights + ((b * a.q_heads + tile.head) * a.q_len + tile.row0) * Tk;
+    const int64_t lo = tile.any_visible ? tile.union_lo : 0;
+    const int64_t hi = tile.any_visible ? tile.union_hi : 0;
+    for (int64_t lane = 0; lane < tile.rows; ++lane) {
+      std::fill(w + lane * Tk, w + lane * Tk + lo, 0.0f);
+      std::fill(w + lane * Tk + hi, w + (lane + 1) * Tk, 0.0f);
+    }
+    const float* row_max = sc.max.get() + t * TR;
+    const float* row_sum = sc.sum.get() + t * TR;
+    // 1 / sum as in the output's normalisation; 0 for fully masked lanes (their P is 0 anyway).
+    for (int64_t lane = 0; lane < TR; ++lane)
+      inv_sum[lane] = row_sum[lane] == 0.0f ? 0.0f : 1.0f / row_sum[lane];
+    for (int64_t jb = lo; jb < hi; jb += kKeyBlock) {
+      const int64_t je = std::min(jb + kKeyBlock, hi);
+      const TileView view = MakeTileView(a, sc, b, t, TR, jb, je);
+      VF block_max[kTileVecs];  // unused here: the first pass's max is final
+      TileScores(view, kh, D, jb, je, block_max);
+      for (size_t v = 0; v < kTileVecs; ++v) {
+        const VF m = hn::Load(df, row_max + v * N);
+        const VF shift = hn::IfThenZeroElse(m == neg_inf, m);
+        const VF inv = hn::Load(df, inv_sum + v * N);
+        float* s = view.st + v * N;
+        for (int64_t jj = jb; jj < je; ++jj, s += TR)
+          hn::Store(hn::Mul(Exp2(df, hn::Sub(hn::Load(df, s), shift)), inv), df, s);
+      }
+      // Transpose out: contiguous writes along each weights row, strided reads from L1.
+      for (int64_t lane = 0; lane < tile.rows; ++lane) {
+        float* wrow = w + lane * Tk;
+        const float* src = view.st + lane;
+        for (int64_t jj = jb; jj < je; ++jj) wrow[jj] = src[(jj - jb) * TR];
+      }
+    }
+  }
 }
 
 // One work item: batch b, kv head kvh, query rows [i0, i0 + rows) of each of its G heads.
@@ -356,12 +430,14 @@ void ProcessItem(const FlashAttentionArgs& a, Scratch& sc, int64_t b, int64_t kv
       item_lo = std::min(item_lo, tile.union_lo);
       item_hi = std::max(item_hi, tile.union_hi);
     }
+    if (sc.dropout.active())
+      for (int64_t lane = 0; lane < tile.rows; ++lane)
+        sc.drop_rows[static_cast<size_t>(t * TR + lane)] =
+            sc.dropout.row(b, tile.head, tile.row0 + lane);
     std::fill_n(sc.max.get() + t * TR, TR, -inf);
     std::fill_n(sc.sum.get() + t * TR, TR, 0.0f);
     std::fill_n(sc.ot.get() + t * Dv * TR, Dv * TR, 0.0f);
   }
-  // Gather offsets of bias rows inside a tile (rows past Tq reuse the last row: masked anyway).
-  const bool bias_per_row = a.bias.data != nullptr && a.bias.stride_q != 0;
   const float* k = a.k + (b * a.kv_heads + kvh) * a.k_len * D;
   const float* v = a.v + (b * a.kv_heads + kvh) * a.k_len * Dv;
 
@@ -384,27 +460,12 @@ void ProcessItem(const FlashAttentionArgs& a, Scratch& sc, int64_t b, int64_t kv
       if (!tile.any_visible) continue;
       const int64_t jb = std::max(j0, tile.union_lo), je = std::min(j1, tile.union_hi);
       if (jb >= je) continue;  // causal / window: the whole block is masked for this tile
-      if (bias_per_row) {
-        for (int64_t lane = 0; lane < TR; ++lane)
-          sc.bias_offsets[static_cast<size_t>(lane)] = static_cast<int32_t>(
-              std::min<int64_t>(lane, tile.rows - 1) * a.bias.stride_q);
-      }
-      TileView view;
-      view.qt = sc.qt.get() + t * D * TR;
-      view.st = sc.st.get();
-      view.ot = sc.ot.get() + t * Dv * TR;
-      view.pos = sc.pos.get() + t * TR;
-      view.lo_minus1 = sc.lo_minus1.get() + t * TR;
-      view.hi = sc.hi.get() + t * TR;
-      view.bias_offsets = bias_per_row ? sc.bias_offsets.get() : nullptr;
-      view.bias = tile.bias;
-      view.bias_stride_k = a.bias.stride_k;
-      view.alibi = a.alibi_slopes != nullptr;
-      view.alibi_log2 = view.alibi ? a.alibi_slopes[tile.head] * kLog2e : 0.0f;
-      view.mask = jb < tile.inter_lo || je > tile.inter_hi;
+      const TileView view = MakeTileView(a, sc, b, t, TR, jb, je);
       TileKeyBlock(view, k, v, D, Dv, jb, je, sc.max.get() + t * TR, sc.sum.get() + t * TR);
     }
   }
+
+  if (a.weights != nullptr) WriteItemWeights(a, sc, b, num_tiles);
 
   // Normalise and write back in [B, Hq, Tq, Dv] order; lse in natural log.
   for (int64_t t = 0; t < num_tiles; ++t) {
@@ -428,20 +489,6 @@ void ProcessItem(const FlashAttentionArgs& a, Scratch& sc, int64_t b, int64_t kv
     }
   }
 }
-
-// Sets flush-to-zero and denormals-are-zero for the calling thread (MXCSR is per thread) and
-// restores the previous mode on destruction: probabilities that underflow must not drag P V
-// onto the slow denormal path.
-class FlushDenormals {
- public:
-#if HWY_ARCH_X86
-  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040u); }
-  ~FlushDenormals() { _mm_setcsr(saved_); }
-
- private:
-  unsigned saved_;
-#endif
-};
 
 }  // namespace flash
 

@@ -34,8 +34,7 @@ bool flash_attention_supported(DType dtype, const AttentionParams& params) {
   const bool dot_score = std::holds_alternative<DotScore>(params.score) ||
                          std::holds_alternative<ScaledDotScore>(params.score);
   return dtype == DType::f32 && dot_score && params.head_scores.empty() &&
-         !params.mask.allowed.defined() && params.mask.local.kind == LocalKind::none &&
-         params.dropout.p == 0.0 && !params.return_weights;
+         params.mask.local.kind == LocalKind::none;
 }
 
 AttentionOutput flash_attention(const detail::AttentionDims& dims, const Tensor& q,
@@ -56,8 +55,16 @@ AttentionOutput flash_attention(const detail::AttentionDims& dims, const Tensor&
   if (mask.bias.defined()) args.bias = broadcast_bias(mask.bias, dims);
   std::vector<float> slopes(mask.alibi_slopes.begin(), mask.alibi_slopes.end());
   if (!slopes.empty()) args.alibi_slopes = slopes.data();
+  if (mask.allowed.defined()) args.allowed = broadcast_allowed(mask.allowed, dims);
+  args.dropout = {params.dropout.p, params.dropout.seed};
+
+  if (params.return_weights) {
+    result.weights = Tensor::empty({dims.B, dims.Hq, dims.Tq, dims.Tk}, DType::f32);
+    args.weights = result.weights.data<float>();
+  }
 
   flash_attention_forward(args);
+  if (params.return_weights) result.mean_weights = mean_over_heads(result.weights);
   return result;
 }
 

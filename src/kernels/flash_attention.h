@@ -12,7 +12,8 @@
 // Query i of batch b may attend key j when every structured mask allows it:
 //   j < key_len[b], i < query_len[b], and with pos(i) = i + offset_b
 //   (offset_b = 0 top-left, key_len[b] - query_len[b] bottom-right):
-//   causal: j <= pos(i); window: pos(i) - left <= j <= pos(i) + right.
+//   causal: j <= pos(i); window: pos(i) - left <= j <= pos(i) + right;
+//   allowed (when given): allowed[b, h, i, j] is true.
 // Scores are scale * q.k + bias[b, h, i, j] - alibi_slope[h] * |pos(i) - j|.
 //
 // Kernels never validate: the front-end (src/attention.cpp) checks shapes, converts to float32
@@ -38,12 +39,31 @@ struct FlashBias {
   int64_t stride_b = 0, stride_h = 0, stride_q = 0, stride_k = 0;
 };
 
+// A boolean `allowed` mask (attention.h: true = may attend) read in place through broadcast
+// strides like FlashBias; kernels copy only the [keys][rows] block of the tile they work on.
+struct FlashAllowed {
+  const bool* data = nullptr;  // nullptr: no mask
+  int64_t stride_b = 0, stride_h = 0, stride_q = 0, stride_k = 0;
+};
+
+// Dropout on the probabilities (attention.h's Dropout): P_ij kept and scaled by 1 / (1 - p) when
+// attn::dropout_keep(seed, p, b, h, i, j) (h the query head), else 0. p == 0: no dropout.
+// The log-sum-exp (and returned weights) are those before dropout.
+struct FlashDropout {
+  double p = 0.0;
+  uint64_t seed = 0;
+};
+
 struct FlashAttentionArgs {
   const float* q = nullptr;
   const float* k = nullptr;
   const float* v = nullptr;
   float* out = nullptr;
   float* lse = nullptr;  // may be nullptr when the caller does not need it
+  // [B, Hq, Tq, Tk] softmax probabilities, or nullptr (the usual case). When given, a second
+  // pass per work item recomputes the scores and writes every element (0 where masked, rows of
+  // fully masked queries all 0): O(Tq Tk) output, still no O(Tq Tk) scratch.
+  float* weights = nullptr;
 
   int64_t batch = 0, q_heads = 0, kv_heads = 0, q_len = 0, k_len = 0;
   int64_t head_dim = 0, value_dim = 0;
@@ -57,6 +77,8 @@ struct FlashAttentionArgs {
   int64_t window_right = Window::unbounded;
   FlashBias bias;
   const float* alibi_slopes = nullptr;  // [q_heads] or nullptr
+  FlashAllowed allowed;
+  FlashDropout dropout;
 };
 
 // Runs the fused forward on the best SIMD target (threads: OpenMP over batch x kv head x query
@@ -70,13 +92,14 @@ const char* flash_attention_target_name();
 // Glue for the front-end (src/attention.cpp).
 
 // True when the fused kernel computes exactly what attention() specifies for these arguments:
-// float32, DotScore or ScaledDotScore (no head_scores), no boolean `allowed` mask, no local
-// attention, no dropout, no returned weights. key/query lengths, causal (both alignments),
-// windows, any broadcastable bias and ALiBi slopes are supported.
+// float32, DotScore or ScaledDotScore (no head_scores), no local attention. key/query lengths,
+// causal (both alignments), windows, any broadcastable bias and `allowed` mask, ALiBi slopes,
+// dropout and return_weights are supported.
 bool flash_attention_supported(DType dtype, const AttentionParams& params);
 
 // Runs the kernel on validated, contiguous float32 tensors (params converted to float32, as
-// detail::convert_params returns them); fills out and lse.
+// detail::convert_params returns them); fills out and lse, and weights and mean_weights when
+// params.return_weights.
 AttentionOutput flash_attention(const detail::AttentionDims& dims, const Tensor& q,
                                 const Tensor& k, const Tensor& v, const AttentionParams& params);
 

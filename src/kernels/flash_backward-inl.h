@@ -42,11 +42,9 @@
 
 #include "hwy/aligned_allocator.h"
 #include "hwy/highway.h"
+#include "kernels/dropout_mask.h"
 #include "kernels/flash_backward.h"
-
-#if HWY_ARCH_X86
-#include <xmmintrin.h>
-#endif
+#include "kernels/simd_common-inl.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace attn::kernels::HWY_NAMESPACE {
@@ -57,6 +55,7 @@ using DF = hn::ScalableTag<float>;
 using DI = hn::RebindToSigned<DF>;
 using VF = hn::Vec<DF>;
 using VI = hn::Vec<DI>;
+using simd::Exp2;
 
 constexpr size_t kTileVecs = 3;     // query rows per tile = 3 vectors (as in the forward)
 constexpr int64_t kKeyBlock = 256;  // keys per work item (see the memory-traffic note above)
@@ -64,58 +63,6 @@ constexpr size_t kScoreKeys = 8;    // keys per register block of P^T and dP^T (
 constexpr size_t kGradCols = 8;     // dQt columns per register block (8 x 3 vectors)
 constexpr size_t kRowKeys = 6;      // keys per register block of dV and dK (6 x 4 vectors)
 constexpr size_t kRowVecs = 4;
-
-constexpr float kLog2e = 1.4426950408889634f;
-
-// 2^f for f in [-0.5, 0.5]: the forward's degree-5 minimax polynomial (flash_attention-inl.h),
-// relative error < 1.8e-7, 2^0 == 1 exactly. The backward must use an approximation at least
-// as accurate as the forward's, since P is rebuilt from the lse the forward produced.
-HWY_INLINE VF Exp2Fraction(DF df, VF f) {
-  VF p = hn::Set(df, 1.3276471979286704e-3f);
-  p = hn::MulAdd(p, f, hn::Set(df, 9.675541334209831e-3f));
-  p = hn::MulAdd(p, f, hn::Set(df, 5.550713273543075e-2f));
-  p = hn::MulAdd(p, f, hn::Set(df, 0.2402211972384865f));
-  p = hn::MulAdd(p, f, hn::Set(df, 0.693146967064733f));
-  return hn::MulAdd(p, f, hn::Set(df, 1.0f));
-}
-
-// 2^x for x <= 0: +0 for x = -inf and x < -126, NaN stays NaN (see the forward's Exp2; the
-// AVX-512 branch relies on the flush-to-zero mode FlushDenormals sets in every worker).
-HWY_INLINE VF Exp2(DF df, VF x) {
-#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
-  x = VF{_mm512_max_ps(_mm512_set1_ps(-127.0f), x.raw)};
-  const VF n = hn::Round(x);
-  const VF p = Exp2Fraction(df, hn::Sub(x, n));
-  return VF{_mm512_scalef_ps(p.raw, n.raw)};
-#else
-  const DI di;
-  const VF shifter = hn::Set(df, 12582912.0f + 127.0f);  // 1.5 * 2^23 + exponent bias
-  const VF t = hn::Add(x, shifter);
-  const VF p = Exp2Fraction(df, hn::Sub(x, hn::Sub(t, shifter)));
-  const VF two_n = hn::BitCast(df, hn::ShiftLeft<23>(hn::BitCast(di, t)));
-  return hn::IfThenZeroElse(x < hn::Set(df, -126.0f), hn::Mul(p, two_n));
-#endif
-}
-
-// The key interval [lo, hi) query row i of batch b may attend (lo >= hi: fully masked); the
-// same rule as the forward's RowInterval.
-struct KeyInterval {
-  int64_t lo, hi, pos;
-};
-inline KeyInterval RowInterval(const FlashBackwardArgs& a, int64_t b, int64_t i) {
-  const int64_t key_len = a.key_lengths ? std::clamp<int64_t>(a.key_lengths[b], 0, a.k_len)
-                                        : a.k_len;
-  const int64_t query_len = a.query_lengths ? a.query_lengths[b] : a.q_len;
-  const int64_t pos = i + (a.bottom_right ? key_len - query_len : 0);
-  int64_t lo = 0, hi = i < query_len ? key_len : 0;
-  if (a.causal) hi = std::min(hi, pos + 1);
-  constexpr int64_t kHuge = std::numeric_limits<int64_t>::max() / 4;
-  if (a.window_left < kHuge) lo = std::max(lo, pos - a.window_left);
-  if (a.window_right < kHuge) hi = std::min(hi, pos + a.window_right + 1);
-  lo = std::clamp<int64_t>(lo, 0, key_len);
-  hi = std::clamp<int64_t>(hi, 0, key_len);
-  return {lo, hi, pos};
-}
 
 // Keys visible to a tile (of one batch; intervals do not depend on the head).
 struct TileKeys {
@@ -288,6 +235,8 @@ struct TileView {
   bool alibi;
   bool mask;
   int64_t rows;           // valid rows (lanes) of the tile
+  const float* drop_factor;  // [keys][TR] keep_ij / (1 - p) of this key range, or nullptr
+  const float* allowed;      // [keys][TR] the boolean mask as 1 / 0, or nullptr without one
 };
 
 // (2) P^T rows for keys [j, j + R): scores with bias, ALiBi and interval mask, then
@@ -324,12 +273,18 @@ HWY_INLINE void ProbabilityRows(DF df, const TileView& t, const float* HWY_RESTR
                                      hn::Load(di, t.hi + w * N) > kj);
         p = hn::IfThenElseZero(hn::RebindMask(df, visible), p);
       }
+      if (t.allowed != nullptr) {
+        const VF ok = hn::Load(df, t.allowed + (key - jb) * static_cast<int64_t>(TR) + w * N);
+        p = hn::IfThenElseZero(hn::Gt(ok, hn::Zero(df)), p);
+      }
       hn::Store(p, df, prow + w * N);
     }
   }
 }
 
-// (4), (5) dS^T rows for keys [j, j + R): dP^T = V dOt, dS = P (dP - D).
+// (4), (5) dS^T rows for keys [j, j + R): dP^T = V dOt, dS = P (dP - D). With dropout the
+// product V dOt is the gradient of the dropped probabilities, and dP = dP_drop keep / (1 - p);
+// D = rowsum(dO o O) is unchanged (O already holds the dropout).
 template <size_t R>
 HWY_INLINE void ScoreGradRows(DF df, const TileView& t, const float* HWY_RESTRICT v, int64_t Dv,
                               int64_t j, int64_t jb, const float* HWY_RESTRICT pt,
@@ -342,10 +297,12 @@ HWY_INLINE void ScoreGradRows(DF df, const TileView& t, const float* HWY_RESTRIC
     const int64_t at = (j + static_cast<int64_t>(r) - jb) * static_cast<int64_t>(TR);
     for (size_t w = 0; w < kTileVecs; ++w) {
       const VF p = hn::Load(df, pt + at + w * N);
-      VF ds = hn::Mul(p, hn::Sub(acc[r][w], hn::Load(df, t.delta + w * N)));
+      VF dp = acc[r][w];
+      if (t.drop_factor != nullptr) dp = hn::Mul(dp, hn::Load(df, t.drop_factor + at + w * N));
+      VF ds = hn::Mul(p, hn::Sub(dp, hn::Load(df, t.delta + w * N)));
       // A hidden key inside the tile's range may hold anything (NaN padding): P = 0 there must
       // give dS = 0, not 0 * NaN.
-      if (t.mask) ds = hn::IfThenZeroElse(hn::Eq(p, hn::Zero(df)), ds);
+      if (t.mask || t.allowed != nullptr) ds = hn::IfThenZeroElse(hn::Eq(p, hn::Zero(df)), ds);
       hn::Store(ds, df, dst + at + w * N);
     }
   }
@@ -450,6 +407,16 @@ HWY_NOINLINE void TileKeyRange(const TileView& t, const float* HWY_RESTRICT k,
   for (; j + 4 <= je; j += 4) ScoreGradRows<4>(df, t, v, Dv, j, jb, pt, dst);
   for (; j < je; ++j) ScoreGradRows<1>(df, t, v, Dv, j, jb, pt, dst);
 
+  if (t.drop_factor != nullptr) {
+    // (3) with dropout: dV += (P keep / (1 - p))^T dO. A select so a dropped NaN becomes 0.
+    const size_t N = hn::Lanes(df);
+    const int64_t TR = static_cast<int64_t>(kTileVecs * N);
+    for (int64_t e = 0; e < (je - jb) * TR; e += static_cast<int64_t>(N)) {
+      const VF m = hn::Load(df, t.drop_factor + e);
+      const VF p = hn::Mul(hn::Load(df, pt + e), m);
+      hn::Store(hn::IfThenZeroElse(hn::Eq(m, hn::Zero(df)), p), df, pt + e);
+    }
+  }
   AccumulateRows(pt, je - jb, t.rows, t.dopad, Dvp, dv_acc + (jb - j0) * Dvp);
   AccumulateRows(dst, je - jb, t.rows, t.qpad, Dp, dk_acc + (jb - j0) * Dp);
 
@@ -467,10 +434,43 @@ struct Scratch {
         dst(hwy::AllocateAligned<float>(static_cast<size_t>(kKeyBlock * p.TR))),
         dv_acc(hwy::AllocateAligned<float>(static_cast<size_t>(kKeyBlock * p.Dvp))),
         dk_acc(hwy::AllocateAligned<float>(static_cast<size_t>(kKeyBlock * p.Dp))),
-        bias_offsets(hwy::AllocateAligned<int32_t>(static_cast<size_t>(p.TR))) {}
+        bias_offsets(hwy::AllocateAligned<int32_t>(static_cast<size_t>(p.TR))),
+        drop_factor(hwy::AllocateAligned<float>(static_cast<size_t>(kKeyBlock * p.TR))),
+        drop_rows(static_cast<size_t>(p.TR)),
+        allowed(hwy::AllocateAligned<float>(static_cast<size_t>(kKeyBlock * p.TR))) {}
   hwy::AlignedFreeUniquePtr<float[]> pt, dst, dv_acc, dk_acc;
   hwy::AlignedFreeUniquePtr<int32_t[]> bias_offsets;
+  hwy::AlignedFreeUniquePtr<float[]> drop_factor;  // [keys][TR], with dropout
+  std::vector<uint64_t> drop_rows;                 // [TR] per-row dropout hashes
+  hwy::AlignedFreeUniquePtr<float[]> allowed;      // [keys][TR], with a boolean mask
 };
+
+// One tile's block of the boolean mask, rows [row0, row0 + rows) of head h, keys [jb, je), as
+// 1 / 0 floats (0 in lanes past the rows), read in place through its broadcast strides.
+void FillAllowed(const FlashAllowed& al, int64_t b, int64_t h, int64_t row0, int64_t rows,
+                 int64_t TR, int64_t jb, int64_t je, float* out) {
+  const bool* base = al.data + b * al.stride_b + h * al.stride_h + row0 * al.stride_q;
+  for (int64_t j = jb; j < je; ++j) {
+    float* dst = out + (j - jb) * TR;
+    const bool* src = base + j * al.stride_k;
+    for (int64_t lane = 0; lane < rows; ++lane) dst[lane] = src[lane * al.stride_q] ? 1.0f : 0.0f;
+    std::fill(dst + rows, dst + TR, 0.0f);
+  }
+}
+
+// The dropout factors keep_ij / (1 - p) of one tile's rows [row0, row0 + rows) of head h for
+// keys [jb, je), regenerated from the counter-based hash (lanes past the rows get 0).
+void FillDropFactors(const DropoutMask& mask, int64_t b, int64_t h, int64_t row0, int64_t rows,
+                     int64_t TR, int64_t jb, int64_t je, Scratch& sc) {
+  for (int64_t lane = 0; lane < rows; ++lane)
+    sc.drop_rows[static_cast<size_t>(lane)] = mask.row(b, h, row0 + lane);
+  for (int64_t j = jb; j < je; ++j) {
+    float* f = sc.drop_factor.get() + (j - jb) * TR;
+    for (int64_t lane = 0; lane < rows; ++lane)
+      f[lane] = mask.factor(sc.drop_rows[static_cast<size_t>(lane)], j);
+    std::fill(f + rows, f + TR, 0.0f);
+  }
+}
 
 // (8) dbias[b, h, i, j] += dS[i][j] at the bias's own (broadcast) offsets.
 // dbias_base points at (b, head, row0, key 0) of the tile. Scalar: only runs with a bias.
@@ -502,6 +502,7 @@ void ProcessItem(const FlashBackwardArgs& a, const Prepared& p, Scratch& sc, int
   const float* v = a.v + (b * a.kv_heads + kvh) * a.k_len * Dv;
   const bool has_bias = a.bias.data != nullptr;
   const bool bias_per_row = has_bias && a.bias.stride_q != 0;
+  const DropoutMask dropout(a.dropout.p, a.dropout.seed);
 
   for (int64_t g = 0; g < G; ++g) {
     const int64_t h = kvh * G + g, bh = b * a.q_heads + h;
@@ -540,6 +541,16 @@ void ProcessItem(const FlashBackwardArgs& a, const Prepared& p, Scratch& sc, int
       view.alibi_log2 = view.alibi ? a.alibi_slopes[h] * kLog2e : 0.0f;
       view.mask = jb < tk.inter_lo || je > tk.inter_hi;
       view.rows = rows;
+      view.drop_factor = nullptr;
+      view.allowed = nullptr;
+      if (a.allowed.data != nullptr) {
+        FillAllowed(a.allowed, b, h, row0, rows, TR, jb, je, sc.allowed.get());
+        view.allowed = sc.allowed.get();
+      }
+      if (dropout.active()) {
+        FillDropFactors(dropout, b, h, row0, rows, TR, jb, je, sc);
+        view.drop_factor = sc.drop_factor.get();
+      }
       float* dqt = dq_part + (bh * p.tiles + t) * D * TR;
       TileKeyRange(view, k, v, D, Dv, p.Dp, p.Dvp, j0, jb, je, sc.pt.get(), sc.dst.get(),
                    sc.dv_acc.get(), sc.dk_acc.get(), dqt);
@@ -561,20 +572,6 @@ void ProcessItem(const FlashBackwardArgs& a, const Prepared& p, Scratch& sc, int
     std::memcpy(dv + j * Dv, dv_row, static_cast<size_t>(Dv) * sizeof(float));
   }
 }
-
-// Flush-to-zero and denormals-are-zero for the calling thread, restored on destruction
-// (probabilities that underflow must not put the products on the slow denormal path, and the
-// AVX-512 Exp2 relies on 2^-127 flushing to 0).
-class FlushDenormals {
- public:
-#if HWY_ARCH_X86
-  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040u); }
-  ~FlushDenormals() { _mm_setcsr(saved_); }
-
- private:
-  unsigned saved_;
-#endif
-};
 
 }  // namespace flash_bwd
 

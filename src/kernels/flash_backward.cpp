@@ -66,6 +66,8 @@ AttentionGrads flash_attention_backward(const detail::AttentionDims& dims, const
   }
   std::vector<float> slopes(mask.alibi_slopes.begin(), mask.alibi_slopes.end());
   if (!slopes.empty()) args.alibi_slopes = slopes.data();
+  if (mask.allowed.defined()) args.allowed = broadcast_allowed(mask.allowed, dims);
+  args.dropout = {params.dropout.p, params.dropout.seed};
 
   flash_backward(args);
   return grads;

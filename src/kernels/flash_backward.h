@@ -71,6 +71,8 @@ struct FlashBackwardArgs {
   int64_t window_right = Window::unbounded;
   FlashBias bias;
   const float* alibi_slopes = nullptr;
+  FlashAllowed allowed;
+  FlashDropout dropout;  // regenerated, never stored: the forward's keep decisions
 };
 
 // Runs the fused backward on the best SIMD target (ATTN_SIMD_TARGET caps it, see simd_target.h).
@@ -84,7 +86,7 @@ const char* flash_backward_target_name();
 
 // True when the fused backward computes exactly what attention_backward() specifies: the same
 // conditions as flash_attention_supported (float32, DotScore / ScaledDotScore without
-// head_scores, no `allowed` mask, no local attention, no dropout, no returned weights).
+// head_scores, no local attention; `allowed` masks and dropout are supported).
 bool flash_backward_supported(DType dtype, const AttentionParams& params);
 
 // Runs the kernel on validated, contiguous float32 tensors (params converted as

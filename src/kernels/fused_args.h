@@ -35,16 +35,36 @@ inline float dot_scale(const Score& score, const detail::AttentionDims& dims) {
   return 1.0f;
 }
 
-// A contiguous float32 bias right-aligned against [B, Hq, Tq, Tk]: missing and size-1 dimensions
-// get stride 0, so kernels read it in place (never copied per head) and sum dbias over them.
-inline FlashBias broadcast_bias(const Tensor& bias, const detail::AttentionDims& dims) {
+// The strides (elements) of a mask tensor right-aligned against [B, Hq, Tq, Tk]: missing and
+// size-1 dimensions get stride 0, so kernels read it in place (never copied per head).
+struct BroadcastStrides {
+  int64_t b = 0, h = 0, q = 0, k = 0;
+};
+inline BroadcastStrides broadcast_strides(const Tensor& t, const detail::AttentionDims& dims) {
   int64_t strides[4] = {0, 0, 0, 0};
   const int64_t full[4] = {dims.B, dims.Hq, dims.Tq, dims.Tk};
-  for (int64_t d = 0; d < bias.dim(); ++d) {
-    const int64_t target = 4 - bias.dim() + d;
-    if (bias.size(d) != 1 || full[target] == 1) strides[target] = bias.stride(d);
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    const int64_t target = 4 - t.dim() + d;
+    if (t.size(d) != 1 || full[target] == 1) strides[target] = t.stride(d);
   }
-  return {bias.data<float>(), strides[0], strides[1], strides[2], strides[3]};
+  return {strides[0], strides[1], strides[2], strides[3]};
 }
+
+// A float32 bias read in place through its broadcast strides; the backward sums dbias over the
+// broadcast dimensions.
+inline FlashBias broadcast_bias(const Tensor& bias, const detail::AttentionDims& dims) {
+  const BroadcastStrides s = broadcast_strides(bias, dims);
+  return {bias.data<float>(), s.b, s.h, s.q, s.k};
+}
+
+// A boolean `allowed` mask read in place through its broadcast strides.
+inline FlashAllowed broadcast_allowed(const Tensor& allowed, const detail::AttentionDims& dims) {
+  const BroadcastStrides s = broadcast_strides(allowed, dims);
+  return {allowed.data<bool>(), s.b, s.h, s.q, s.k};
+}
+
+// mean_weights [B, Tq, Tk] of AttentionOutput: the mean of weights [B, Hq, Tq, Tk] over the
+// query heads (float32, contiguous), summed in head order so the result is reproducible.
+Tensor mean_over_heads(const Tensor& weights);
 
 }  // namespace attn::kernels
