@@ -21,9 +21,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <ostream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "attention_validate.h"
@@ -301,6 +303,40 @@ TEST(FlashBackwardGlue, MatchesComposedPath) {
   twice.factor = 2.0;
   attn::testing::expect_grads_close(got, composed, twice);
   EXPECT_TRUE(std::holds_alternative<attn::ScaledDotScore>(got.dscore));
+}
+
+// Query rows past query_lengths are padding: NaN there (in q and in dout) must reach no gradient,
+// and the gradients must equal those of the same problem with zeros in the padding, bit for bit.
+TEST(FlashBackwardGlue, NaNInHiddenQueryRowsDoesNotLeak) {
+  const Case c{.B = 2, .Hq = 4, .Hkv = 2, .Tq = 30, .Tk = 40, .D = 32, .Dv = 32, .scale = 0.3,
+               .query_lengths = {22, 30}};
+  Problem clean = make_problem(c);
+  Problem poisoned = make_problem(c);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const int64_t rows = c.Tq * c.D;
+  for (int64_t h = 0; h < c.Hq; ++h) {
+    float* q = poisoned.q.data<float>() + h * rows;
+    float* dout = poisoned.dout.data<float>() + h * rows;
+    float* q_zero = clean.q.data<float>() + h * rows;
+    float* dout_zero = clean.dout.data<float>() + h * rows;
+    std::fill(q + 22 * c.D, q + rows, nan);
+    std::fill(dout + 22 * c.Dv, dout + rows, nan);
+    std::fill(q_zero + 22 * c.D, q_zero + rows, 0.0f);
+    std::fill(dout_zero + 22 * c.Dv, dout_zero + rows, 0.0f);
+  }
+  const attn::AttentionOutput fwd = attn::attention(clean.q, clean.k, clean.v, clean.params);
+  const attn::AttentionGrads want = run_fused(clean, fwd);
+  const attn::AttentionGrads got = run_fused(poisoned, fwd);
+  const std::pair<const char*, std::pair<const Tensor*, const Tensor*>> grads[] = {
+      {"dq", {&got.dq, &want.dq}}, {"dk", {&got.dk, &want.dk}}, {"dv", {&got.dv, &want.dv}}};
+  for (const auto& [name, pair] : grads) {
+    const std::vector<double> a = pair.first->to_vector(), b = pair.second->to_vector();
+    ASSERT_EQ(a.size(), b.size()) << name;
+    for (std::size_t i = 0; i < a.size(); ++i) {
+      ASSERT_TRUE(std::isfinite(a[i])) << name << "[" << i << "] = " << a[i];
+      ASSERT_EQ(a[i], b[i]) << name << "[" << i << "]";
+    }
+  }
 }
 
 }  // namespace

@@ -35,6 +35,32 @@ bool flash_backward_supported(DType dtype, const AttentionParams& params) {
   return flash_attention_supported(dtype, params);
 }
 
+namespace {
+
+// Query rows past query_lengths are padding and may hold anything, NaN included. The kernel's
+// row-blocked products (dV += P^T dO, dK += dS^T Q) would turn their P = 0 times NaN into NaN in
+// dK and dV, so those rows are zeroed in a copy of q and dout: O(Tq D) per head, and only when
+// some row is hidden.
+Tensor without_hidden_query_rows(const Tensor& x, const detail::AttentionDims& dims,
+                                 const std::vector<int64_t>& query_lengths) {
+  bool any_hidden = false;
+  for (int64_t len : query_lengths) any_hidden = any_hidden || len < dims.Tq;
+  if (!any_hidden) return x;
+  Tensor clean = x.clone();
+  const int64_t heads = x.size(1), width = x.size(3);
+  float* data = clean.data<float>();
+  for (int64_t b = 0; b < dims.B; ++b) {
+    const int64_t visible = query_lengths[static_cast<std::size_t>(b)];
+    for (int64_t h = 0; h < heads; ++h) {
+      float* head = data + ((b * heads + h) * dims.Tq) * width;
+      std::fill(head + visible * width, head + dims.Tq * width, 0.0f);
+    }
+  }
+  return clean;
+}
+
+}  // namespace
+
 AttentionGrads flash_attention_backward(const detail::AttentionDims& dims, const Tensor& q,
                                         const Tensor& k, const Tensor& v,
                                         const AttentionParams& params,
@@ -45,18 +71,21 @@ AttentionGrads flash_attention_backward(const detail::AttentionDims& dims, const
   grads.dv = Tensor::empty({dims.B, dims.Hkv, dims.Tk, dims.Dv}, DType::f32);
   grads.dscore = params.score;  // DotScore / ScaledDotScore: no learnable tensors
 
+  const Mask& mask = params.mask;
+  const Tensor q_rows = without_hidden_query_rows(q, dims, mask.query_lengths);
+  const Tensor dout_rows = without_hidden_query_rows(dout, dims, mask.query_lengths);
+
   FlashBackwardArgs args;
-  args.q = q.data<float>();
+  args.q = q_rows.data<float>();
   args.k = k.data<float>();
   args.v = v.data<float>();
   args.out = forward.out.data<float>();
   args.lse = forward.lse.data<float>();
-  args.dout = dout.data<float>();
+  args.dout = dout_rows.data<float>();
   args.dq = grads.dq.data<float>();
   args.dk = grads.dk.data<float>();
   args.dv = grads.dv.data<float>();
   args.scale = dot_scale(params.score, dims);
-  const Mask& mask = params.mask;
   fill_interval_masks(args, dims, mask);
   if (mask.bias.defined()) {
     args.bias = broadcast_bias(mask.bias, dims);
