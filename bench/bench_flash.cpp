@@ -11,6 +11,11 @@
 //   vs_sgemm       GFLOP/s / sgemm_GFLOP/s
 //   peak_MB        peak resident memory of the process so far (VmHWM; inputs included)
 //   label          the Highway target the kernel dispatched to, and OpenBLAS's sgemm core
+// BM_FlashForwardBf16 runs the bf16 kernel (src/kernels/flash_attention_bf16.*: bf16 q, k, v,
+// AVX512_BF16 dot products, float32 softmax and output) on the same problem and, alternating
+// call by call in the same loop, the float32 kernel on the widened inputs, so both see the same
+// load: its time and GFLOP/s are the bf16 kernel's, fp32_ms the float32 kernel's best, and
+// bf16_speedup = fp32_ms / bf16 best time. Skipped where the CPU lacks AVX512_BF16.
 // With weights=1 the kernel also writes the [B, H, N, N] probabilities (return_weights: a second
 // pass per work item that recomputes the scores): GFLOP/s still counts only the forward's useful
 // FLOPs, so the drop against weights=0 is the weights pass's cost, and weights_GB/s is the
@@ -32,7 +37,9 @@
 #include <string>
 #include <vector>
 
+#include "kernels/bf16.h"
 #include "kernels/flash_attention.h"
+#include "kernels/flash_attention_bf16.h"
 
 namespace {
 
@@ -131,6 +138,79 @@ void Cases(benchmark::internal::Benchmark* b) {
 }
 
 BENCHMARK(BM_FlashForward)->Apply(Cases);
+
+void BM_FlashForwardBf16(benchmark::State& state) {
+  if (!attn::kernels::flash_attention_bf16_available()) {
+    state.SkipWithError("CPU without AVX512_BF16 (or ATTN_SIMD_TARGET below avx3)");
+    return;
+  }
+  const int64_t d = state.range(0), n = state.range(1);
+  const bool causal = state.range(2) != 0;
+  const size_t elems = size_t(kBatch * kHeads * n * d);
+  // The float32 kernel gets the bf16 inputs widened, so both solve the same problem.
+  std::vector<uint16_t> qb(elems), kb(elems), vb(elems);
+  attn::kernels::float_to_bf16(random_vector(elems, 1).data(), qb.data(), elems);
+  attn::kernels::float_to_bf16(random_vector(elems, 2).data(), kb.data(), elems);
+  attn::kernels::float_to_bf16(random_vector(elems, 3).data(), vb.data(), elems);
+  std::vector<float> q(elems), k(elems), v(elems);
+  attn::kernels::bf16_to_float(qb.data(), q.data(), elems);
+  attn::kernels::bf16_to_float(kb.data(), k.data(), elems);
+  attn::kernels::bf16_to_float(vb.data(), v.data(), elems);
+  std::vector<float> out(elems), lse(size_t(kBatch * kHeads * n));
+
+  attn::kernels::FlashBf16Args bf;
+  bf.q = qb.data(), bf.k = kb.data(), bf.v = vb.data(), bf.out = out.data(), bf.lse = lse.data();
+  bf.batch = kBatch, bf.q_heads = kHeads, bf.kv_heads = kHeads;
+  bf.q_len = n, bf.k_len = n, bf.head_dim = d, bf.value_dim = d;
+  bf.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
+  bf.causal = causal;
+  attn::kernels::FlashAttentionArgs f32;
+  f32.q = q.data(), f32.k = k.data(), f32.v = v.data(), f32.out = out.data(), f32.lse = lse.data();
+  f32.batch = kBatch, f32.q_heads = kHeads, f32.kv_heads = kHeads;
+  f32.q_len = n, f32.k_len = n, f32.head_dim = d, f32.value_dim = d;
+  f32.scale = bf.scale;
+  f32.causal = causal;
+
+  attn::kernels::flash_attention_bf16_forward(bf);  // warm-up
+  attn::kernels::flash_attention_forward(f32);
+  double best = 1e30, total = 0.0, best_f32 = 1e30;
+  for (auto _ : state) {
+    auto call = Clock::now();
+    attn::kernels::flash_attention_bf16_forward(bf);
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+    const double seconds = seconds_since(call);
+    state.SetIterationTime(seconds);
+    best = std::min(best, seconds);
+    total += seconds;
+    call = Clock::now();
+    attn::kernels::flash_attention_forward(f32);
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+    best_f32 = std::min(best_f32, seconds_since(call));
+  }
+  const double pairs = causal ? 0.5 * double(n) * double(n + 1) : double(n) * double(n);
+  const double flops = 4.0 * pairs * double(d) * kHeads * kBatch;
+  const double sgemm = sgemm_gflops();
+  state.counters["GFLOP/s"] = flops / best * 1e-9;
+  state.counters["mean_GFLOP/s"] = flops * static_cast<double>(state.iterations()) / total * 1e-9;
+  state.counters["fp32_ms"] = best_f32 * 1e3;
+  state.counters["bf16_speedup"] = best_f32 / best;
+  state.counters["sgemm_GFLOP/s"] = sgemm;
+  state.counters["vs_sgemm"] = flops / best * 1e-9 / sgemm;
+  state.counters["peak_MB"] = peak_rss_mb();
+  state.SetLabel(std::string("bf16 vs ") + attn::kernels::flash_attention_target_name() +
+                 " sgemm:" + openblas_get_corename());
+}
+
+void Bf16Cases(benchmark::internal::Benchmark* b) {
+  for (int64_t d : {64, 128})
+    for (int64_t n : {512, 2048})
+      for (int64_t causal : {0, 1}) b->Args({d, n, causal});
+  b->ArgNames({"d", "N", "causal"})->Unit(benchmark::kMillisecond)->UseManualTime();
+}
+
+BENCHMARK(BM_FlashForwardBf16)->Apply(Bf16Cases);
 
 }  // namespace
 

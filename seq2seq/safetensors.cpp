@@ -101,6 +101,7 @@ void SafetensorsFile::add(const std::string& name, const Tensor& tensor) {
     case DType::f32: entry.dtype = StDType::F32; break;
     case DType::f64: entry.dtype = StDType::F64; break;
     case DType::b8: entry.dtype = StDType::BOOL; break;
+    case DType::bf16: entry.dtype = StDType::BF16; break;
   }
   entry.shape = tensor.shape();
   const Tensor dense = tensor.contiguous();
@@ -148,9 +149,10 @@ Tensor SafetensorsFile::tensor(const std::string& name) const {
     case StDType::F32: dtype = DType::f32; break;
     case StDType::F64: dtype = DType::f64; break;
     case StDType::BOOL: dtype = DType::b8; break;
+    case StDType::BF16: dtype = DType::bf16; break;
     default:
       throw Error(kOp, detail::concat("tensor \"", name, "\" has dtype ", st_dtype_name(e.dtype),
-                                      "; attn::Tensor holds F32, F64 and BOOL (read it as raw bytes)"));
+                                      "; attn::Tensor holds F32, F64, BF16 and BOOL (read it as raw bytes)"));
   }
   Tensor t = Tensor::empty(e.shape, dtype);
   if (!e.data.empty()) std::memcpy(t.raw_data(), e.data.data(), e.data.size());

@@ -9,6 +9,7 @@
 #include "kernels/attention_composed.h"
 #include "kernels/decode_attention.h"
 #include "kernels/flash_attention.h"
+#include "kernels/flash_attention_bf16.h"
 #include "kernels/flash_backward.h"
 
 namespace attn {
@@ -63,6 +64,15 @@ Normalised normalise(const Tensor& q, const Tensor& k, const Tensor& v,
 AttentionOutput attention(const Tensor& q, const Tensor& k, const Tensor& v,
                           const AttentionParams& params) {
   const detail::AttentionDims dims = detail::validate_attention("attention", q, k, v, params);
+  if (q.dtype() == DType::bf16) {
+    // bf16 inputs: the bf16 dot-product kernel when the CPU and the params allow it; otherwise
+    // widen (exactly) to float32 and take the float32 paths. Output and lse are float32.
+    const AttentionParams params32 = detail::convert_params(params, DType::f32);
+    if (kernels::flash_attention_bf16_supported(params32))
+      return kernels::flash_attention_bf16(dims, q.contiguous(), k.contiguous(), v.contiguous(),
+                                           params32);
+    return attention(q.to(DType::f32), k.to(DType::f32), v.to(DType::f32), params);
+  }
   const Normalised n = normalise(q, k, v, params);
   // Additive/concat: project q and k once, stream v . tanh(qp_i + kp_j) into an online softmax.
   if (kernels::additive_attention_supported(q.dtype(), n.params))
@@ -89,6 +99,9 @@ AttentionGrads attention_backward(const Tensor& q, const Tensor& k, const Tensor
   const char* op = "attention_backward";
   const detail::AttentionDims dims = detail::validate_attention(op, q, k, v, params);
   detail::validate_attention_backward(op, dims, forward, dout);
+  if (q.dtype() == DType::bf16)  // float32 gradients of the (exactly) widened inputs
+    return attention_backward(q.to(DType::f32), k.to(DType::f32), v.to(DType::f32), params,
+                              forward, dout);
   const Normalised n = normalise(q, k, v, params);
   const DType dtype = q.dtype();
   AttentionOutput saved = forward;

@@ -154,8 +154,9 @@ AttentionDims validate_attention(const char* op, const Tensor& q, const Tensor& 
   ATTN_CHECK(q.dim() == 4, op, "query must be [B, Hq, Tq, Dq], got ", q.shape_str());
   ATTN_CHECK(k.dim() == 4, op, "key must be [B, Hkv, Tk, Dk], got ", k.shape_str());
   ATTN_CHECK(v.dim() == 4, op, "value must be [B, Hkv, Tk, Dv], got ", v.shape_str());
-  ATTN_CHECK(is_float(q.dtype()), op, "query must be float32 or float64, got ",
-             dtype_name(q.dtype()));
+  // bf16 is a storage format for q, k, v only: scoring parameters, bias and dout stay float.
+  ATTN_CHECK(is_float(q.dtype()) || q.dtype() == DType::bf16, op,
+             "query must be float32, float64 or bf16, got ", dtype_name(q.dtype()));
   ATTN_CHECK(k.dtype() == q.dtype() && v.dtype() == q.dtype(), op, "query, key and value dtypes differ: ",
              dtype_name(q.dtype()), ", ", dtype_name(k.dtype()), ", ", dtype_name(v.dtype()));
   AttentionDims d;

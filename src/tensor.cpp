@@ -4,6 +4,8 @@
 #include <cstring>
 #include <new>
 
+#include "kernels/bf16.h"
+
 namespace attn {
 
 const char* dtype_name(DType dtype) {
@@ -11,6 +13,7 @@ const char* dtype_name(DType dtype) {
     case DType::f32: return "float32";
     case DType::f64: return "float64";
     case DType::b8: return "bool";
+    case DType::bf16: return "bf16";
   }
   return "?";
 }
@@ -20,6 +23,7 @@ std::size_t dtype_size(DType dtype) {
     case DType::f32: return 4;
     case DType::f64: return 8;
     case DType::b8: return 1;
+    case DType::bf16: return 2;
   }
   return 0;
 }
@@ -66,6 +70,7 @@ double load(const std::byte* p, DType dtype) {
     case DType::f32: { float x; std::memcpy(&x, p, 4); return x; }
     case DType::f64: { double x; std::memcpy(&x, p, 8); return x; }
     case DType::b8: return *reinterpret_cast<const uint8_t*>(p) ? 1.0 : 0.0;
+    case DType::bf16: { uint16_t h; std::memcpy(&h, p, 2); return kernels::bf16_to_float(h); }
   }
   return 0.0;
 }
@@ -75,6 +80,11 @@ void store(std::byte* p, DType dtype, double value) {
     case DType::f32: { float x = static_cast<float>(value); std::memcpy(p, &x, 4); return; }
     case DType::f64: std::memcpy(p, &value, 8); return;
     case DType::b8: *reinterpret_cast<uint8_t*>(p) = value != 0.0; return;
+    case DType::bf16: {
+      const uint16_t h = kernels::double_to_bf16(value);  // one rounding, even from float64
+      std::memcpy(p, &h, 2);
+      return;
+    }
   }
 }
 
@@ -242,6 +252,19 @@ void Tensor::copy_from(const Tensor& src) {
       std::memmove(base_ + dst_offsets[r] * static_cast<int64_t>(ds),
                    src.base_ + src_offsets[r] * static_cast<int64_t>(ss), bytes_per_row);
     return;
+  }
+  if (is_contiguous() && src.is_contiguous()) {
+    // The float32 <-> bf16 conversions of attention inputs: no float64 round trip.
+    if (dtype_ == DType::bf16 && src.dtype_ == DType::f32) {
+      kernels::float_to_bf16(reinterpret_cast<const float*>(src.base_),
+                             reinterpret_cast<uint16_t*>(base_), static_cast<std::size_t>(n));
+      return;
+    }
+    if (dtype_ == DType::f32 && src.dtype_ == DType::bf16) {
+      kernels::bf16_to_float(reinterpret_cast<const uint16_t*>(src.base_),
+                             reinterpret_cast<float*>(base_), static_cast<std::size_t>(n));
+      return;
+    }
   }
   // Gather source values in row-major order, then scatter into this tensor.
   std::vector<double> values;

@@ -170,13 +170,24 @@ TEST_P(FusedDropoutTest, SameKeepPatternAsComposed) {
 
 ATTN_INSTANTIATE_ON_EVERY_SIMD_TARGET(FusedDropoutTest);
 
-// The kernels' split hash (per-row prefix, per-key round) is attn::dropout_keep bit for bit.
+// The kernels' split hash (per-row key, one 32-bit round per key) is attn::dropout_keep bit for
+// bit; the SIMD round of dropout_mask-inl.h is checked through the kernels above, on every
+// target, against the composed path's dropout_keep element by element.
 TEST(DropoutMask, MatchesRandomH) {
   for (double p : {0.1, 1.0 / 3.0, 0.5, 0.9, 1.0 - 1.0 / 16777216.0})
     for (uint64_t seed : {uint64_t{0}, uint64_t{42}, ~uint64_t{0}}) {
       const attn::kernels::DropoutMask mask(p, seed);
       ASSERT_TRUE(mask.active());
       EXPECT_EQ(mask.scale(), static_cast<float>(1.0 / (1.0 - p)));
+      EXPECT_EQ(mask.threshold(), static_cast<uint32_t>(std::ceil(p * 16777216.0))) << "p " << p;
+      // The 32-bit halves the SIMD round loads are the row keys; padding lanes get key 0.
+      uint32_t lo[5], hi[5];
+      mask.fill_row_keys(1, 2, 7, 3, 5, lo, hi);
+      for (int64_t lane = 0; lane < 5; ++lane) {
+        const uint64_t key = lane < 3 ? mask.row(1, 2, 7 + lane) : 0;
+        EXPECT_EQ(lo[lane], static_cast<uint32_t>(key));
+        EXPECT_EQ(hi[lane], static_cast<uint32_t>(key >> 32));
+      }
       int64_t kept = 0;
       for (int64_t b = 0; b < 3; ++b)
         for (int64_t h = 0; h < 4; ++h)

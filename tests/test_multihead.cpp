@@ -46,11 +46,6 @@ MultiHeadWeights random_weights(const MultiHeadConfig& config, DType dtype, uint
   return w;
 }
 
-MultiHeadWeights converted(const MultiHeadWeights& w, DType dtype) {
-  auto c = [&](const Tensor& t) { return t.defined() ? t.to(dtype).contiguous() : t; };
-  return {c(w.w_q), c(w.b_q), c(w.w_k), c(w.b_k), c(w.w_v), c(w.b_v), c(w.w_o), c(w.b_o)};
-}
-
 // Every weight field with its name, for loops over gradients (biases only when defined).
 std::vector<std::pair<std::string, Tensor*>> fields(MultiHeadWeights& w) {
   std::vector<std::pair<std::string, Tensor*>> all = {

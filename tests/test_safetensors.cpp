@@ -157,6 +157,16 @@ TEST(Safetensors, ReadsAFileWrittenByHand) {
   const SafetensorsFile g = SafetensorsFile::parse(half, "hand");
   EXPECT_EQ(g.entry("h").dtype, StDType::F16);
   EXPECT_THROW(g.tensor("h"), Error);
+  // BF16 is a Tensor dtype: 1.0 (80 3F) and -2.0 (00 C0), and it round-trips through add().
+  const auto brain = image(R"({"b":{"dtype":"BF16","shape":[2],"data_offsets":[0,4]}})",
+                           {0x80, 0x3F, 0x00, 0xC0});
+  const Tensor b = SafetensorsFile::parse(brain, "hand").tensor("b");
+  EXPECT_EQ(b.dtype(), attn::DType::bf16);
+  EXPECT_EQ(b.to_vector(), (std::vector<double>{1.0, -2.0}));
+  SafetensorsFile out;
+  out.add("b", b);
+  EXPECT_EQ(out.entry("b").dtype, StDType::BF16);
+  EXPECT_EQ(out.tensor("b").to_vector(), (std::vector<double>{1.0, -2.0}));
 }
 
 TEST(Safetensors, BuilderAndAccessorErrors) {

@@ -1,7 +1,10 @@
 // attn::Tensor: construction, views, strides, conversions and its errors.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstdint>
+#include <limits>
+#include <vector>
 
 #include "attn/tensor.h"
 
@@ -92,6 +95,72 @@ TEST(Tensor, IndexErrorsNameTheShape) {
   }
   EXPECT_THROW(t.size(2), Error);
   EXPECT_THROW(Tensor::zeros({-1}), Error);
+}
+
+// bf16: round to nearest even on the way in (once, even from float64), exact on the way out.
+TEST(Tensor, Bf16RoundsToNearestEvenAndWidensExactly) {
+  EXPECT_STREQ(dtype_name(DType::bf16), "bf16");
+  EXPECT_EQ(dtype_size(DType::bf16), 2u);
+  const double inf = std::numeric_limits<double>::infinity();
+  const double ulp = std::ldexp(1.0, -7);  // bf16 spacing in [1, 2)
+  struct Case {
+    double in, out;
+  };
+  const std::vector<Case> cases = {
+      {1.0, 1.0},
+      {1.0 + ulp / 2, 1.0},                        // tie, even neighbour below
+      {1.0 + 3 * ulp / 2, 1.0 + 2 * ulp},          // tie, even neighbour above
+      {1.0 + ulp / 2 + std::ldexp(1.0, -20), 1.0 + ulp},  // just above the tie
+      {1.0 + ulp / 2 + std::ldexp(1.0, -40), 1.0 + ulp},  // float64 only: no double rounding
+      {-(1.0 + 3 * ulp / 2), -(1.0 + 2 * ulp)},
+      {0.1, 0.10009765625},
+      {-0.0, -0.0},
+      {3.4e38, inf},  // beyond the largest bf16 (3.3895e38) by more than half an ulp
+      {inf, inf},
+      {-inf, -inf},
+  };
+  std::vector<double> in;
+  for (const Case& c : cases) in.push_back(c.in);
+  const Tensor from64 = Tensor::from(in, {static_cast<int64_t>(in.size())}).to(DType::bf16);
+  EXPECT_EQ(from64.dtype(), DType::bf16);
+  for (std::size_t i = 0; i < cases.size(); ++i)
+    EXPECT_EQ(from64.get_flat(static_cast<int64_t>(i)), cases[i].out) << "input " << cases[i].in;
+  // From float32 (every case but the 2^-40 one is a float32 value).
+  const Tensor from32 = Tensor::from(std::vector<float>{1.0f + 0.00390625f, 0.1f}, {2}).to(DType::bf16);
+  EXPECT_EQ(from32.to_vector(), (std::vector<double>{1.0, 0.10009765625}));
+  // NaN stays NaN; bit patterns are the top half of the float32.
+  Tensor t = Tensor::zeros({3}, DType::bf16);
+  t.set({0}, std::nan(""));
+  t.set({1}, 1.0);
+  t.set({2}, -2.0);
+  EXPECT_TRUE(std::isnan(t.get({0})));
+  EXPECT_EQ(t.data<BFloat16>()[1].bits, 0x3F80);
+  EXPECT_EQ(t.data<BFloat16>()[2].bits, 0xC000);
+  EXPECT_THROW(t.data<float>(), Error);
+  // Widening is exact: every bf16 value survives float32 and float64 round trips.
+  Tensor all = Tensor::empty({1 << 16}, DType::bf16);
+  for (int i = 0; i < (1 << 16); ++i) all.data<BFloat16>()[i].bits = static_cast<uint16_t>(i);
+  const Tensor back32 = all.to(DType::f32).to(DType::bf16);
+  const Tensor back64 = all.to(DType::f64).to(DType::bf16);
+  for (int i = 0; i < (1 << 16); ++i) {
+    const double x = all.get_flat(i);
+    if (std::isnan(x)) continue;
+    ASSERT_EQ(back32.data<BFloat16>()[i].bits, i);
+    ASSERT_EQ(back64.data<BFloat16>()[i].bits, i);
+    ASSERT_EQ(static_cast<double>(all.to(DType::f32).data<float>()[i]), x);
+  }
+}
+
+TEST(Tensor, Bf16ViewsAndCopies) {
+  Tensor t = Tensor::from(std::vector<float>{0, 1, 2, 3, 4, 5}, {2, 3}).to(DType::bf16);
+  EXPECT_EQ(t.transpose(0, 1).contiguous().to_vector(), (std::vector<double>{0, 3, 1, 4, 2, 5}));
+  EXPECT_EQ(t.slice(1, 1, 3).to(DType::f64).to_vector(), (std::vector<double>{1, 2, 4, 5}));
+  Tensor f = Tensor::full({2}, 1.5, DType::bf16);
+  EXPECT_EQ(f.to_vector(), (std::vector<double>{1.5, 1.5}));
+  Tensor dst = Tensor::zeros({3, 2}, DType::bf16);
+  dst.copy_from(t.transpose(0, 1));  // strided, same dtype
+  EXPECT_EQ(dst.to_vector(), (std::vector<double>{0, 3, 1, 4, 2, 5}));
+  EXPECT_EQ(reinterpret_cast<std::uintptr_t>(Tensor::empty({33}, DType::bf16).raw_data()) % 64, 0u);
 }
 
 }  // namespace

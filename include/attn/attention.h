@@ -8,7 +8,9 @@
 //
 //   q [B, Hq, Tq, Dq]   k [B, Hkv, Tk, Dk]   v [B, Hkv, Tk, Dv]   ->   out [B, Hq, Tq, Dv]
 //
-// q, k and v share one dtype (float32 or float64); parameters are converted to it. Any strides
+// q, k and v share one dtype (float32, float64 or bf16); parameters are converted to it (to
+// float32 for bf16 inputs, whose out, lse, weights and gradients are float32: bf16 is a storage
+// format, softmax and accumulation run in float32; the backward widens the inputs). Any strides
 // are accepted. Empty sequences are allowed: Tq == 0 gives an empty output; Tk == 0 makes every
 // row fully masked.
 //

@@ -1,6 +1,7 @@
-// attn::Tensor: a small strided n-d array of float32 or float64.
+// attn::Tensor: a small strided n-d array of float32, float64 or bf16.
 //
-// Element types: float32, float64 and bool (for masks).
+// Element types: float32, float64, bf16 (storage format for attention inputs and K/V caches) and
+// bool (for masks).
 // A Tensor is either owning (shares a reference-counted, 64-byte aligned buffer) or a view of
 // memory the caller owns (Tensor::wrap). Copies of a Tensor share storage, like torch tensors;
 // clone() makes a deep copy. Shapes and strides are in elements. A default-constructed Tensor is
@@ -19,15 +20,25 @@
 namespace attn {
 
 // b8 holds booleans (one byte, 0 or 1): the element type of boolean masks.
-enum class DType { f32, f64, b8 };
+// bf16 holds bfloat16 bit patterns (two bytes: the upper half of a float32, 8-bit significand).
+// Conversions to bf16 (to(), set(), fill(), copy_from()) round to nearest, ties to even, once
+// (also from float64); NaN stays NaN, values beyond the largest bf16 become +-inf. Conversions
+// from bf16 are exact. get() and to_vector() return the exact value as a double.
+enum class DType { f32, f64, b8, bf16 };
 
 const char* dtype_name(DType dtype);
 std::size_t dtype_size(DType dtype);
+
+// One bf16 element, for typed access (data<BFloat16>()): the raw bit pattern.
+struct BFloat16 {
+  uint16_t bits = 0;
+};
 
 template <class T> constexpr DType dtype_of();
 template <> constexpr DType dtype_of<float>() { return DType::f32; }
 template <> constexpr DType dtype_of<double>() { return DType::f64; }
 template <> constexpr DType dtype_of<bool>() { return DType::b8; }
+template <> constexpr DType dtype_of<BFloat16>() { return DType::bf16; }
 
 using Shape = std::vector<int64_t>;
 

@@ -406,6 +406,7 @@ struct Problem {
   double dropout_p = 0.0;
   T dropout_scale = T(1);
   uint64_t dropout_seed = 0;
+  uint32_t dropout_threshold = 0;  // keep iff the 24-bit uniform >= ceil(p 2^24)
 
   int64_t block_rows = 0;  // query rows per block
 
@@ -427,10 +428,14 @@ struct Problem {
   }
   const T* k_rows(int64_t b, int64_t g) const { return k + (b * d.Hkv + g) * d.Tk * d.Dk; }
   const T* v_rows(int64_t b, int64_t g) const { return v + (b * d.Hkv + g) * d.Tk * d.Dv; }
-  bool keep(int64_t b, int64_t h, int64_t i, int64_t j) const {
-    return dropout_keep(dropout_seed, dropout_p, static_cast<uint64_t>(b),
-                        static_cast<uint64_t>(h), static_cast<uint64_t>(i),
-                        static_cast<uint64_t>(j));
+  // Dropout's split hash (attn/random.h), exactly attn::dropout_keep: the row key once per
+  // query row (drop_row), then one 32-bit round per key (keep; only called when dropout_p > 0).
+  uint64_t drop_row(int64_t b, int64_t h, int64_t i) const {
+    return dropout_row_key(dropout_seed, static_cast<uint64_t>(b), static_cast<uint64_t>(h),
+                           static_cast<uint64_t>(i));
+  }
+  bool keep(uint64_t row_key, int64_t j) const {
+    return dropout_bits(row_key, static_cast<uint32_t>(j)) >= dropout_threshold;
   }
   // Local-p's Gaussian exp(-(j - p)^2 / (2 sigma^2)), sigma = D / 2.
   double sigma() const { return static_cast<double>(half_width) / 2.0; }
@@ -473,6 +478,7 @@ Problem<T> make_problem(const AttentionDims& d, const Tensor& q, const Tensor& k
   pr.dropout_p = params.dropout.p;
   pr.dropout_scale = static_cast<T>(1.0 / (1.0 - params.dropout.p));
   pr.dropout_seed = params.dropout.seed;
+  pr.dropout_threshold = dropout_threshold(params.dropout.p);
   // Blocks of about 2^16 scores (256 KiB in float32) stay in L2 between the score GEMM, the
   // softmax and the P V GEMM; at least 32 rows keep the GEMMs efficient.
   pr.block_rows = std::clamp<int64_t>((int64_t{1} << 16) / std::max<int64_t>(d.Tk, 1), 32, 256);
@@ -846,9 +852,11 @@ void forward_block(const Problem<T>& pr, Workspace<T>& ws, Block blk, T* out, T*
     }
     if (wrow) std::copy(Srow, Srow + cols, wrow + blk.j0);
     // 7. dropout
-    if (pr.dropout_p > 0.0)
+    if (pr.dropout_p > 0.0) {
+      const uint64_t row_key = pr.drop_row(blk.b, blk.h, i);
       for (int64_t jj = 0; jj < cols; ++jj)
-        Srow[jj] = pr.keep(blk.b, blk.h, i, blk.j0 + jj) ? Srow[jj] * pr.dropout_scale : T(0);
+        Srow[jj] = pr.keep(row_key, blk.j0 + jj) ? Srow[jj] * pr.dropout_scale : T(0);
+    }
   }
   // 8. out = P V[j0:j1]  (zero rows when the block sees no key)
   T* o = out + ((blk.b * d.Hq + blk.h) * d.Tq + blk.i0) * d.Dv;
@@ -1176,11 +1184,12 @@ void backward_block(const Problem<T>& pr, Workspace<T>& ws, Block blk, const T* 
   const bool reweighted = predictive || dropout;
   for (int64_t r = 0; reweighted && r < rows; ++r) {
     const double centre = predictive ? ws.lp_center[static_cast<std::size_t>(r)] : 0.0;
+    const uint64_t row_key = dropout ? pr.drop_row(blk.b, blk.h, blk.i0 + r) : 0;
     for (int64_t jj = 0; jj < cols; ++jj) {
       T w = P[r * cols + jj];
       if (w != T(0)) {
         if (predictive) w *= static_cast<T>(gaussian(pr, centre, blk.j0 + jj));
-        if (dropout) w = pr.keep(blk.b, blk.h, blk.i0 + r, blk.j0 + jj) ? w * pr.dropout_scale : T(0);
+        if (dropout) w = pr.keep(row_key, blk.j0 + jj) ? w * pr.dropout_scale : T(0);
       }
       dS[r * cols + jj] = w;
     }
@@ -1211,6 +1220,7 @@ void backward_block(const Problem<T>& pr, Workspace<T>& ws, Block blk, const T* 
     const double centre = predictive ? ws.lp_center[static_cast<std::size_t>(r)] : 0.0;
     const double sigma2 = predictive ? pr.sigma() * pr.sigma() : 1.0;
     double dcentre = 0.0;
+    const uint64_t row_key = dropout ? pr.drop_row(blk.b, blk.h, blk.i0 + r) : 0;
     for (int64_t jj = 0; jj < cols; ++jj) {
       const T a = prow[jj];
       if (a == T(0)) {  // hidden or underflowed: ds = 0
@@ -1219,7 +1229,7 @@ void backward_block(const Problem<T>& pr, Workspace<T>& ws, Block blk, const T* 
       }
       // 7. dw = dP_drop keep / (1 - p)
       T dw = drow[jj];
-      if (dropout) dw = pr.keep(blk.b, blk.h, blk.i0 + r, blk.j0 + jj) ? dw * pr.dropout_scale : T(0);
+      if (dropout) dw = pr.keep(row_key, blk.j0 + jj) ? dw * pr.dropout_scale : T(0);
       // 6. w = a g: da = dw g, dg = dw a, dp_i += dg g (j - p_i) / sigma^2
       if (predictive) {
         const double j = static_cast<double>(blk.j0 + jj);

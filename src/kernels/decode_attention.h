@@ -35,39 +35,11 @@
 
 #include "attention_validate.h"
 #include "attn/attention.h"
+#include "kernels/bf16.h"
 
 namespace attn::kernels {
 
-// ---------------------------------------------------------------------------------------------
-// bf16 <-> float32. A bf16 is the upper 16 bits of a float32 (same exponent range, 8-bit
-// significand), stored here as uint16_t.
-
-// Round to nearest, ties to even; NaN stays a (quiet) NaN, +-inf stays +-inf, values beyond the
-// largest bf16 round to inf as IEEE rounding prescribes.
-inline uint16_t float_to_bf16(float x) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof bits);
-  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((bits >> 16) | 0x0040u);
-  // Adding 0x7FFF plus the lowest kept bit carries into the kept half exactly when the dropped
-  // half is above one half ulp, or equal to it with an odd kept half.
-  bits += 0x7FFFu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
-}
-
-// Exact.
-inline float bf16_to_float(uint16_t h) {
-  const uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float x;
-  std::memcpy(&x, &bits, sizeof x);
-  return x;
-}
-
-inline void float_to_bf16(const float* src, uint16_t* dst, std::size_t n) {
-  for (std::size_t i = 0; i < n; ++i) dst[i] = float_to_bf16(src[i]);
-}
-inline void bf16_to_float(const uint16_t* src, float* dst, std::size_t n) {
-  for (std::size_t i = 0; i < n; ++i) dst[i] = bf16_to_float(src[i]);
-}
+// bf16 <-> float32 conversions (float_to_bf16, bf16_to_float) live in kernels/bf16.h.
 
 // ---------------------------------------------------------------------------------------------
 // Raw-pointer entry.

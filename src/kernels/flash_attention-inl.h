@@ -40,6 +40,7 @@
 
 #include "hwy/aligned_allocator.h"
 #include "hwy/highway.h"
+#include "kernels/dropout_mask-inl.h"
 #include "kernels/dropout_mask.h"
 #include "kernels/flash_attention.h"
 #include "kernels/simd_common-inl.h"
@@ -84,13 +85,15 @@ struct Scratch {
         lo_minus1(hwy::AllocateAligned<int32_t>(max_tiles * tile_rows)),
         hi(hwy::AllocateAligned<int32_t>(max_tiles * tile_rows)),
         bias_offsets(hwy::AllocateAligned<int32_t>(tile_rows)),
-        drop_rows(hwy::AllocateAligned<uint64_t>(max_tiles * tile_rows)),
+        drop_lo(hwy::AllocateAligned<uint32_t>(max_tiles * tile_rows)),
+        drop_hi(hwy::AllocateAligned<uint32_t>(max_tiles * tile_rows)),
         allowed(hwy::AllocateAligned<float>(kKeyBlock * tile_rows)),
         dropout(a.dropout.p, a.dropout.seed),
         tiles(max_tiles) {}
   hwy::AlignedFreeUniquePtr<float[]> qt, ot, st, max, sum, pos;
   hwy::AlignedFreeUniquePtr<int32_t[]> lo_minus1, hi, bias_offsets;
-  hwy::AlignedFreeUniquePtr<uint64_t[]> drop_rows;  // per-row dropout hashes, [tiles][TR]
+  // Per-row dropout keys (attn::dropout_row_key) split into 32-bit halves, [tiles][TR].
+  hwy::AlignedFreeUniquePtr<uint32_t[]> drop_lo, drop_hi;
   hwy::AlignedFreeUniquePtr<float[]> allowed;       // one tile's block of the mask [keys][TR]
   DropoutMask dropout;
   std::vector<Tile> tiles;
@@ -113,7 +116,8 @@ struct TileView {
   int64_t rows;                  // valid rows (lanes) of the tile
   const float* allowed;          // [keys][TR] 1 allowed, 0 not; nullptr without a boolean mask
   const DropoutMask* dropout;    // nullptr without dropout
-  const uint64_t* drop_rows;     // [TR] per-row dropout hashes
+  const uint32_t* drop_lo;       // [TR] per-row dropout keys, low halves
+  const uint32_t* drop_hi;       // [TR] and high halves
 };
 
 // S^T rows [j, j + R) of one tile: St[j - jb][lane] = Qt . K[j], plus bias and ALiBi, masked
@@ -257,13 +261,14 @@ HWY_NOINLINE void TileKeyBlock(const TileView& t, const float* HWY_RESTRICT k,
   }
 
   // Dropout after the sums (the softmax normalisation and lse are those before dropout):
-  // P_ij keep_ij / (1 - p). A select, not a multiply by 0, so that a dropped NaN becomes 0 as on
-  // the composed path. Scalar: one SplitMix64 round per (i, j).
+  // P_ij keep_ij / (1 - p), the keep decision one 32-bit SIMD round per element from the rows'
+  // keys (dropout_mask-inl.h); a select, so a dropped NaN becomes 0 as on the composed path.
   if (t.dropout != nullptr) {
-    for (int64_t jj = jb; jj < je; ++jj) {
-      float* HWY_RESTRICT s = t.st + (jj - jb) * static_cast<int64_t>(TR);
-      for (int64_t lane = 0; lane < t.rows; ++lane)
-        s[lane] = t.dropout->keep(t.drop_rows[lane], jj) ? s[lane] * t.dropout->scale() : 0.0f;
+    for (size_t w = 0; w < kTileVecs; ++w) {
+      const dropout::RowKeys<DF> keys(df, *t.dropout, t.drop_lo + w * N, t.drop_hi + w * N);
+      float* HWY_RESTRICT s = t.st + w * N;
+      for (int64_t jj = jb; jj < je; ++jj, s += TR)
+        hn::Store(keys.Apply(static_cast<uint32_t>(jj), hn::Load(df, s)), df, s);
     }
   }
 
@@ -317,7 +322,8 @@ inline TileView MakeTileView(const FlashAttentionArgs& a, Scratch& sc, int64_t b
   view.rows = tile.rows;
   view.allowed = al.data != nullptr ? sc.allowed.get() : nullptr;
   view.dropout = sc.dropout.active() ? &sc.dropout : nullptr;
-  view.drop_rows = sc.drop_rows.get() + t * TR;
+  view.drop_lo = sc.drop_lo.get() + t * TR;
+  view.drop_hi = sc.drop_hi.get() + t * TR;
   return view;
 }
 
@@ -431,9 +437,8 @@ void ProcessItem(const FlashAttentionArgs& a, Scratch& sc, int64_t b, int64_t kv
       item_hi = std::max(item_hi, tile.union_hi);
     }
     if (sc.dropout.active())
-      for (int64_t lane = 0; lane < tile.rows; ++lane)
-        sc.drop_rows[static_cast<size_t>(t * TR + lane)] =
-            sc.dropout.row(b, tile.head, tile.row0 + lane);
+      sc.dropout.fill_row_keys(b, tile.head, tile.row0, tile.rows, TR,
+                               sc.drop_lo.get() + t * TR, sc.drop_hi.get() + t * TR);
     std::fill_n(sc.max.get() + t * TR, TR, -inf);
     std::fill_n(sc.sum.get() + t * TR, TR, 0.0f);
     std::fill_n(sc.ot.get() + t * Dv * TR, Dv * TR, 0.0f);

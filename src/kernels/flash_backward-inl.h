@@ -42,6 +42,7 @@
 
 #include "hwy/aligned_allocator.h"
 #include "hwy/highway.h"
+#include "kernels/dropout_mask-inl.h"
 #include "kernels/dropout_mask.h"
 #include "kernels/flash_backward.h"
 #include "kernels/simd_common-inl.h"
@@ -436,12 +437,14 @@ struct Scratch {
         dk_acc(hwy::AllocateAligned<float>(static_cast<size_t>(kKeyBlock * p.Dp))),
         bias_offsets(hwy::AllocateAligned<int32_t>(static_cast<size_t>(p.TR))),
         drop_factor(hwy::AllocateAligned<float>(static_cast<size_t>(kKeyBlock * p.TR))),
-        drop_rows(static_cast<size_t>(p.TR)),
+        drop_lo(hwy::AllocateAligned<uint32_t>(static_cast<size_t>(p.TR))),
+        drop_hi(hwy::AllocateAligned<uint32_t>(static_cast<size_t>(p.TR))),
         allowed(hwy::AllocateAligned<float>(static_cast<size_t>(kKeyBlock * p.TR))) {}
   hwy::AlignedFreeUniquePtr<float[]> pt, dst, dv_acc, dk_acc;
   hwy::AlignedFreeUniquePtr<int32_t[]> bias_offsets;
   hwy::AlignedFreeUniquePtr<float[]> drop_factor;  // [keys][TR], with dropout
-  std::vector<uint64_t> drop_rows;                 // [TR] per-row dropout hashes
+  // [TR] per-row dropout keys (attn::dropout_row_key) split into 32-bit halves.
+  hwy::AlignedFreeUniquePtr<uint32_t[]> drop_lo, drop_hi;
   hwy::AlignedFreeUniquePtr<float[]> allowed;      // [keys][TR], with a boolean mask
 };
 
@@ -459,17 +462,24 @@ void FillAllowed(const FlashAllowed& al, int64_t b, int64_t h, int64_t row0, int
 }
 
 // The dropout factors keep_ij / (1 - p) of one tile's rows [row0, row0 + rows) of head h for
-// keys [jb, je), regenerated from the counter-based hash (lanes past the rows get 0).
+// keys [jb, je), regenerated from the counter-based hash: the row keys once per row, then one
+// 32-bit SIMD round per element (dropout_mask-inl.h). Lanes past the rows get 0.
 void FillDropFactors(const DropoutMask& mask, int64_t b, int64_t h, int64_t row0, int64_t rows,
                      int64_t TR, int64_t jb, int64_t je, Scratch& sc) {
-  for (int64_t lane = 0; lane < rows; ++lane)
-    sc.drop_rows[static_cast<size_t>(lane)] = mask.row(b, h, row0 + lane);
-  for (int64_t j = jb; j < je; ++j) {
-    float* f = sc.drop_factor.get() + (j - jb) * TR;
-    for (int64_t lane = 0; lane < rows; ++lane)
-      f[lane] = mask.factor(sc.drop_rows[static_cast<size_t>(lane)], j);
-    std::fill(f + rows, f + TR, 0.0f);
+  const DF df;
+  const size_t N = hn::Lanes(df);
+  mask.fill_row_keys(b, h, row0, rows, TR, sc.drop_lo.get(), sc.drop_hi.get());
+  for (size_t w = 0; w < kTileVecs; ++w) {
+    const dropout::RowKeys<DF> keys(df, mask, sc.drop_lo.get() + w * N, sc.drop_hi.get() + w * N);
+    float* HWY_RESTRICT f = sc.drop_factor.get() + w * N;
+    for (int64_t j = jb; j < je; ++j, f += TR)
+      hn::Store(keys.Factor(static_cast<uint32_t>(j)), df, f);
   }
+  if (rows < TR)
+    for (int64_t j = jb; j < je; ++j) {
+      float* f = sc.drop_factor.get() + (j - jb) * TR;
+      std::fill(f + rows, f + TR, 0.0f);
+    }
 }
 
 // (8) dbias[b, h, i, j] += dS[i][j] at the bias's own (broadcast) offsets.
