@@ -140,14 +140,9 @@ Projections project(const detail::AttentionDims& d, const Tensor& q, const Tenso
   a.q_proj = p.q.get(), a.k_proj = p.k.get(), a.proj_stride = S;
   a.score_v = w.v;
   a.v = v.data<float>();
-  a.batch = d.B, a.q_heads = d.Hq, a.kv_heads = d.Hkv, a.q_len = d.Tq, a.k_len = d.Tk;
-  a.hidden = A, a.value_dim = d.Dv;
   const Mask& mask = params.mask;
-  if (!mask.key_lengths.empty()) a.key_lengths = mask.key_lengths.data();
-  if (!mask.query_lengths.empty()) a.query_lengths = mask.query_lengths.data();
-  a.causal = mask.causal;
-  a.bottom_right = mask.alignment == Alignment::bottom_right;
-  if (mask.window) a.window_left = mask.window->left, a.window_right = mask.window->right;
+  fill_problem(a, a, d, mask);
+  a.hidden = A, a.value_dim = d.Dv;
   p.slopes.assign(mask.alibi_slopes.begin(), mask.alibi_slopes.end());
   if (!p.slopes.empty()) a.alibi_slopes = p.slopes.data();
   return p;

@@ -39,6 +39,7 @@
 
 #include "attention_validate.h"
 #include "attn/attention.h"
+#include "kernels/kernel_problem.h"
 
 namespace attn::kernels {
 
@@ -47,7 +48,7 @@ namespace attn::kernels {
 inline constexpr int64_t kAdditiveRowPad = 16;
 
 // Inputs shared by the forward and backward kernels.
-struct AdditiveAttentionArgs {
+struct AdditiveAttentionArgs : ProblemSizes, IntervalMasks {
   // Scaled projections 2 log2(e) (Q W_q^T + b) [B*Hq*Tq rows] and 2 log2(e) K W_k^T
   // [B*Hkv*Tk rows], row stride proj_stride (a multiple of kAdditiveRowPad, columns >= A zero).
   const float* q_proj = nullptr;
@@ -56,15 +57,8 @@ struct AdditiveAttentionArgs {
   const float* score_v = nullptr;  // [A]
   const float* v = nullptr;        // values [B, Hkv, Tk, Dv]
 
-  int64_t batch = 0, q_heads = 0, kv_heads = 0, q_len = 0, k_len = 0;
   int64_t hidden = 0, value_dim = 0;  // A, Dv
 
-  const int64_t* key_lengths = nullptr;    // [batch] or nullptr (all k_len)
-  const int64_t* query_lengths = nullptr;  // [batch] or nullptr (all q_len)
-  bool causal = false;
-  bool bottom_right = false;  // pos(i) = i + key_len[b] - query_len[b]
-  int64_t window_left = Window::unbounded;
-  int64_t window_right = Window::unbounded;
   const float* alibi_slopes = nullptr;  // [q_heads] or nullptr
 };
 

@@ -36,6 +36,7 @@
 #include "attention_validate.h"
 #include "attn/attention.h"
 #include "kernels/bf16.h"
+#include "kernels/kernel_problem.h"
 
 namespace attn::kernels {
 
@@ -52,23 +53,17 @@ struct KvView {
   int64_t stride_b = 0, stride_h = 0, stride_t = 0;
 };
 
-struct DecodeAttentionArgs {
+struct DecodeAttentionArgs : ProblemSizes, IntervalMasks {
   const float* q = nullptr;  // [B, Hq, Tq, D] contiguous
   KvView k, v;
   KvType kv_type = KvType::f32;  // of both k and v
   float* out = nullptr;  // [B, Hq, Tq, Dv] contiguous
   float* lse = nullptr;  // [B, Hq, Tq] or nullptr
 
-  int64_t batch = 0, q_heads = 0, kv_heads = 0, q_len = 0, k_len = 0;
   int64_t head_dim = 0, value_dim = 0;
   float scale = 1.0f;
-
-  const int64_t* key_lengths = nullptr;    // [batch] or nullptr (all k_len); clamped to k_len
-  const int64_t* query_lengths = nullptr;  // [batch] or nullptr (all q_len)
-  bool causal = false;
-  bool bottom_right = true;  // pos(i) = i + key_len[b] - query_len[b]; false: pos(i) = i
-  int64_t window_left = Window::unbounded;
-  int64_t window_right = Window::unbounded;
+  // Key lengths are clamped to k_len. Decoding usually wants bottom_right = true (the queries
+  // are the last Tq positions of the sequence).
 };
 
 // Runs the decode kernel on the best SIMD target. No validation (see the Tensor-level glue).

@@ -29,6 +29,7 @@
 
 #include "attention_validate.h"
 #include "attn/attention.h"
+#include "kernels/kernel_problem.h"
 
 namespace attn::kernels {
 
@@ -54,7 +55,7 @@ struct FlashDropout {
   uint64_t seed = 0;
 };
 
-struct FlashAttentionArgs {
+struct FlashAttentionArgs : ProblemSizes, IntervalMasks {
   const float* q = nullptr;
   const float* k = nullptr;
   const float* v = nullptr;
@@ -65,16 +66,9 @@ struct FlashAttentionArgs {
   // fully masked queries all 0): O(Tq Tk) output, still no O(Tq Tk) scratch.
   float* weights = nullptr;
 
-  int64_t batch = 0, q_heads = 0, kv_heads = 0, q_len = 0, k_len = 0;
   int64_t head_dim = 0, value_dim = 0;
   float scale = 1.0f;
 
-  const int64_t* key_lengths = nullptr;    // [batch] or nullptr (all k_len)
-  const int64_t* query_lengths = nullptr;  // [batch] or nullptr (all q_len)
-  bool causal = false;
-  bool bottom_right = false;  // pos(i) = i + key_len[b] - query_len[b]
-  int64_t window_left = Window::unbounded;
-  int64_t window_right = Window::unbounded;
   FlashBias bias;
   const float* alibi_slopes = nullptr;  // [q_heads] or nullptr
   FlashAllowed allowed;

@@ -31,26 +31,19 @@
 
 #include "attention_validate.h"
 #include "attn/attention.h"
+#include "kernels/kernel_problem.h"
 
 namespace attn::kernels {
 
-struct FlashBf16Args {
+struct FlashBf16Args : ProblemSizes, IntervalMasks {
   const uint16_t* q = nullptr;  // bf16 bit patterns
   const uint16_t* k = nullptr;
   const uint16_t* v = nullptr;
   float* out = nullptr;
   float* lse = nullptr;  // may be nullptr
 
-  int64_t batch = 0, q_heads = 0, kv_heads = 0, q_len = 0, k_len = 0;
   int64_t head_dim = 0, value_dim = 0;
   float scale = 1.0f;
-
-  const int64_t* key_lengths = nullptr;    // [batch] or nullptr (all k_len)
-  const int64_t* query_lengths = nullptr;  // [batch] or nullptr (all q_len)
-  bool causal = false;
-  bool bottom_right = false;
-  int64_t window_left = Window::unbounded;
-  int64_t window_right = Window::unbounded;
 };
 
 // True when the bf16 kernel can run now: the CPU has AVX512F and AVX512_BF16, and the SIMD

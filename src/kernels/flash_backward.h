@@ -39,10 +39,11 @@
 #include "attention_validate.h"
 #include "attn/attention.h"
 #include "kernels/flash_attention.h"
+#include "kernels/kernel_problem.h"
 
 namespace attn::kernels {
 
-struct FlashBackwardArgs {
+struct FlashBackwardArgs : ProblemSizes, IntervalMasks {
   const float* q = nullptr;
   const float* k = nullptr;
   const float* v = nullptr;
@@ -58,17 +59,10 @@ struct FlashBackwardArgs {
   float* dbias = nullptr;
   int64_t bias_elements = 0;
 
-  int64_t batch = 0, q_heads = 0, kv_heads = 0, q_len = 0, k_len = 0;
   int64_t head_dim = 0, value_dim = 0;
   float scale = 1.0f;
 
   // Masks, with the meaning of FlashAttentionArgs.
-  const int64_t* key_lengths = nullptr;
-  const int64_t* query_lengths = nullptr;
-  bool causal = false;
-  bool bottom_right = false;
-  int64_t window_left = Window::unbounded;
-  int64_t window_right = Window::unbounded;
   FlashBias bias;
   const float* alibi_slopes = nullptr;
   FlashAllowed allowed;

@@ -8,23 +8,30 @@
 
 #include "attention_validate.h"
 #include "kernels/flash_attention.h"
+#include "kernels/kernel_problem.h"
 
 namespace attn::kernels {
 
-// Args has the fields batch, q_heads, kv_heads, q_len, k_len, head_dim, value_dim, key_lengths,
-// query_lengths, causal, bottom_right, window_left and window_right.
+// The sizes and interval masks (lengths, causal, alignment, window) of a validated problem.
+inline void fill_problem(ProblemSizes& sizes, IntervalMasks& masks,
+                         const detail::AttentionDims& dims, const Mask& mask) {
+  sizes.batch = dims.B, sizes.q_heads = dims.Hq, sizes.kv_heads = dims.Hkv;
+  sizes.q_len = dims.Tq, sizes.k_len = dims.Tk;
+  masks.key_lengths = mask.key_lengths.empty() ? nullptr : mask.key_lengths.data();
+  masks.query_lengths = mask.query_lengths.empty() ? nullptr : mask.query_lengths.data();
+  masks.causal = mask.causal;
+  masks.bottom_right = mask.alignment == Alignment::bottom_right;
+  if (mask.window) {
+    masks.window_left = mask.window->left;
+    masks.window_right = mask.window->right;
+  }
+}
+
+// fill_problem plus head_dim and value_dim, for the dot-product kernels' argument structs.
 template <class Args>
 void fill_interval_masks(Args& args, const detail::AttentionDims& dims, const Mask& mask) {
-  args.batch = dims.B, args.q_heads = dims.Hq, args.kv_heads = dims.Hkv;
-  args.q_len = dims.Tq, args.k_len = dims.Tk, args.head_dim = dims.Dq, args.value_dim = dims.Dv;
-  if (!mask.key_lengths.empty()) args.key_lengths = mask.key_lengths.data();
-  if (!mask.query_lengths.empty()) args.query_lengths = mask.query_lengths.data();
-  args.causal = mask.causal;
-  args.bottom_right = mask.alignment == Alignment::bottom_right;
-  if (mask.window) {
-    args.window_left = mask.window->left;
-    args.window_right = mask.window->right;
-  }
+  fill_problem(args, args, dims, mask);
+  args.head_dim = dims.Dq, args.value_dim = dims.Dv;
 }
 
 // The factor of q.k for a dot-family score: 1 for DotScore, the scaled score's scale (default
