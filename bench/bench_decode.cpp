@@ -16,6 +16,8 @@
 //
 // BM_Crossover: decode kernel vs the composed (BLAS) path on the Tensor glue, Tq = 1, for short
 // caches; decode_ms / composed_ms below 1 means the decode kernel wins. It sets kDecodeMinKeys.
+// weights=1 asks both for the attention weights (return_weights: a seq2seq decoder step that
+// draws its alignment), which the composed path used to be the only one to provide.
 //
 //   OPENBLAS_CORETYPE=Cooperlake ./build/bench/bench_decode
 //   OPENBLAS_CORETYPE=Cooperlake ./build/bench/bench_decode --benchmark_filter=BM_Decode
@@ -177,6 +179,7 @@ BENCHMARK(BM_Decode)->Apply(DecodeCases);
 // Decode kernel vs composed path through the Tensor-level glue (what attention() would run).
 void BM_Crossover(benchmark::State& state) {
   const int64_t B = state.range(0), H = state.range(1), Tk = state.range(2), d = state.range(3);
+  const bool weights = state.range(4) != 0;
   omp_set_num_threads(2);
   const attn::detail::AttentionDims dims{.B = B, .Hq = H, .Hkv = H, .Tq = 1, .Tk = Tk,
                                          .Dq = d, .Dk = d, .Dv = d};
@@ -191,6 +194,7 @@ void BM_Crossover(benchmark::State& state) {
   attn::AttentionParams params;
   params.mask.causal = true;
   params.mask.alignment = attn::Alignment::bottom_right;
+  params.return_weights = weights;
   const auto time_best = [&](auto&& run) {
     double best = 1e30;
     const auto start = Clock::now();
@@ -212,10 +216,12 @@ void BM_Crossover(benchmark::State& state) {
   state.counters["decode/composed"] = decode / composed;
 }
 BENCHMARK(BM_Crossover)
-    ->ArgsProduct({{1}, {8}, {8, 16, 32, 64, 128, 512, 4096}, {64, 128}})
-    ->Args({64, 1, 50, 256})  // seq2seq decoder step: B = 64, Tq = 1, Tk = 50, d = 256
-    ->Args({64, 8, 50, 32})
-    ->ArgNames({"B", "H", "Tk", "d"})
+    ->ArgsProduct({{1}, {8}, {8, 16, 32, 64, 128, 512, 4096}, {64, 128}, {0}})
+    ->Args({64, 1, 50, 256, 0})  // seq2seq decoder step: B = 64, Tq = 1, Tk = 50, d = 256
+    ->Args({64, 1, 50, 256, 1})  // the same step drawing its alignment (return_weights)
+    ->Args({64, 8, 50, 32, 0})
+    ->Args({64, 8, 50, 32, 1})
+    ->ArgNames({"B", "H", "Tk", "d", "weights"})
     ->Iterations(1)
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();

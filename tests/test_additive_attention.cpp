@@ -3,8 +3,9 @@
 // Highway target this machine supports (each case computes the oracle once, then runs the fused
 // path under ScopedSimdTarget for every target; failures name the target). Sweeps Tq, Tk in
 // {0, 1, 2, 3, 127, 128, 129, 513}, A and D in {1, 3, 59, 64, 128}, grouped-query heads, causal
-// in both alignments, windows, key/query lengths, fully masked rows, ALiBi, saturated and
-// non-finite tanh arguments, and run-to-run determinism.
+// in both alignments, windows, key/query lengths, fully masked rows, ALiBi, additive bias masks
+// broadcast as [Tk], [B, 1, 1, Tk] and [B, H, Tq, Tk] (dbias against the oracle and against
+// finite differences), saturated and non-finite tanh arguments, and run-to-run determinism.
 //
 // Tolerances (forward error analysis, on top of tolerance_for's sqrt(terms) u summation bound):
 // the fused kernel evaluates tanh(y) = 1 - 2 / (2^x + 1) with a polynomial exp2 (rel. error
@@ -60,6 +61,7 @@ struct Case {
   bool causal = false, bottom_right = false;
   int64_t left = kUnbounded, right = kUnbounded;
   bool alibi = false;
+  Shape bias_shape;  // additive bias mask (broadcast against [B, Hq, Tq, Tk]); empty: none
   double weight_scale = 1.0;  // multiplies W_q, W_k: large values saturate the tanh
   uint64_t seed = 1;
 
@@ -71,6 +73,7 @@ struct Case {
                     " D=" + std::to_string(D) + " A=" + std::to_string(A) +
                     " Dv=" + std::to_string(Dv) + attn::testing::interval_masks_str(*this);
     if (alibi) s += " alibi";
+    if (!bias_shape.empty()) s += " bias" + attn::shape_str(bias_shape);
     if (weight_scale != 1.0) s += " weight_scale=" + std::to_string(weight_scale);
     return s;
   }
@@ -113,6 +116,8 @@ Inputs make_inputs(const Case& c) {
   attn::Mask& m = in.params.mask;
   attn::testing::set_interval_masks(c, m);
   if (c.alibi) m.alibi_slopes = attn::alibi_slopes(c.Hq);
+  if (!c.bias_shape.empty())
+    m.bias = attn::testing::random_tensor(c.bias_shape, DType::f32, c.seed + 8, -2.0, 2.0);
   return in;
 }
 
@@ -229,7 +234,12 @@ void check(const Case& c) {
     EXPECT_TRUE(all_close(got.grads.dk, want_g.dk, tol.grad, "dk"));
     EXPECT_TRUE(all_close(got.grads.dv, want_g.dv, tol.grad, "dv"));
     EXPECT_TRUE(scores_close(got.grads.dscore, want_g.dscore, tol.param));
-    EXPECT_FALSE(got.grads.dbias.defined());
+    if (c.bias_shape.empty()) {
+      EXPECT_FALSE(got.grads.dbias.defined());
+    } else {
+      // dbias sums dS over the broadcast dimensions: a reduction as long as a parameter's.
+      EXPECT_TRUE(all_close(got.grads.dbias, want_g.dbias, tol.param, "dbias"));
+    }
     EXPECT_TRUE(got.grads.dhead_scores.empty());
     // Fully masked rows: exactly 0 output and 0 dq, lse -inf, not merely close.
     const double* ref_lse = want.lse.data<double>();
@@ -286,6 +296,48 @@ TEST(AdditiveAttention, CausalBothAlignments) {
     for (bool bottom_right : {false, true})
       check({.B = 2, .Tq = tq, .Tk = tk, .D = 8, .A = 16, .Dv = 9, .kind = ScoreKind::concat,
              .causal = true, .bottom_right = bottom_right});
+}
+
+TEST(AdditiveAttention, BiasBroadcastShapes) {
+  const int64_t B = 2, H = 2, Tq = 33, Tk = 129;
+  const Shape shapes[] = {{Tk}, {B, 1, 1, Tk}, {B, H, Tq, Tk}};
+  int n = 0;
+  for (const Shape& shape : shapes)
+    for (ScoreKind kind : {ScoreKind::additive, ScoreKind::concat}) {
+      check({.B = B, .Hq = H, .Tq = Tq, .Tk = Tk, .D = 8, .A = 16, .Dv = 9, .kind = kind,
+             .bias_shape = shape, .seed = static_cast<uint64_t>(40 + n)});
+      // With masks: grouped-query heads, causal bottom-right, key lengths, ALiBi on top.
+      check({.B = B, .Hq = H, .Hkv = 1, .Tq = Tq, .Tk = Tk, .D = 3, .A = 5, .Dv = 3,
+             .kind = kind, .key_lengths = {129, 40}, .causal = true, .bottom_right = true,
+             .alibi = true, .bias_shape = shape, .seed = static_cast<uint64_t>(50 + n)});
+      ++n;
+    }
+}
+
+// dbias of the fused backward against central finite differences of the float64 reference
+// forward: L = sum(out * dout) as a function of the bias, for each broadcast shape.
+TEST(AdditiveAttention, BiasGradientMatchesFiniteDifferences) {
+  const int64_t B = 2, H = 2, Tq = 5, Tk = 17;
+  const Shape shapes[] = {{Tk}, {B, 1, 1, Tk}, {B, H, Tq, Tk}};
+  for (const Shape& shape : shapes) {
+    const Case c{.B = B, .Hq = H, .Tq = Tq, .Tk = Tk, .D = 8, .A = 16, .Dv = 8,
+                 .key_lengths = {17, 9}, .causal = true, .bias_shape = shape};
+    SCOPED_TRACE(c.str());
+    const Inputs in = make_inputs(c);
+    const Fused got = run_fused(in);
+    ASSERT_TRUE(got.grads.dbias.defined());
+    const Tensor q = in.q.to(DType::f64), k = in.k.to(DType::f64), v = in.v.to(DType::f64);
+    const Tensor dout = in.dout.to(DType::f64);
+    AttentionParams p = attn::detail::convert_params(in.params, DType::f64);
+    p.mask.bias = p.mask.bias.contiguous().clone();
+    const auto loss = [&] {
+      return attn::testing::weighted_sum(attn::reference::attention(q, k, v, p).out, dout);
+    };
+    const Bounds tol = bounds_for(c, in);
+    EXPECT_TRUE(attn::testing::check_gradient(loss, p.mask.bias, got.grads.dbias, "dbias",
+                                              p.mask.bias.numel(), 1e-6,
+                                              tol.param.atol + tol.param.rtol));
+  }
 }
 
 TEST(AdditiveAttention, Windows) {
@@ -401,8 +453,8 @@ TEST(AdditiveAttention, SupportedPredicate) {
   AttentionParams p = in.params;
   EXPECT_TRUE(attn::kernels::additive_attention_supported(DType::f32, p));
   EXPECT_FALSE(attn::kernels::additive_attention_supported(DType::f64, p));
-  p.mask.bias = Tensor::zeros({4});
-  EXPECT_FALSE(attn::kernels::additive_attention_supported(DType::f32, p));
+  p.mask.bias = Tensor::zeros({4});  // read in place through broadcast strides
+  EXPECT_TRUE(attn::kernels::additive_attention_supported(DType::f32, p));
   p = in.params;
   p.mask.allowed = Tensor::full({1}, 1.0, DType::b8);
   EXPECT_FALSE(attn::kernels::additive_attention_supported(DType::f32, p));

@@ -144,13 +144,8 @@ Result run_kernel(const Case& c, const Inputs& in) {
   a.kv_type = c.kv;
   a.out = r.out.data<float>();
   a.lse = r.lse.data<float>();
-  a.batch = c.B, a.q_heads = c.Hq, a.kv_heads = c.Hkv, a.q_len = c.Tq, a.k_len = c.Tk;
-  a.head_dim = c.D, a.value_dim = c.dv();
+  attn::testing::set_kernel_problem(c, a);
   a.scale = static_cast<float>(c.scale());
-  a.key_lengths = c.key_lengths.empty() ? nullptr : c.key_lengths.data();
-  a.query_lengths = c.query_lengths.empty() ? nullptr : c.query_lengths.data();
-  a.causal = c.causal, a.bottom_right = c.bottom_right;
-  a.window_left = c.left, a.window_right = c.right;
   attn::kernels::decode_attention_forward(a);
   return r;
 }
@@ -441,7 +436,8 @@ TEST(DecodeAttentionGlue, SupportedPredicate) {
     p.mask.local.kind = attn::LocalKind::monotonic;
   }));
   EXPECT_TRUE(rejects([](attn::AttentionParams& p) { p.dropout.p = 0.1; }));
-  EXPECT_TRUE(rejects([](attn::AttentionParams& p) { p.return_weights = true; }));
+  // Weights on request are computed by the kernel (tests/test_decode_weights.cpp).
+  EXPECT_FALSE(rejects([](attn::AttentionParams& p) { p.return_weights = true; }));
 }
 
 }  // namespace

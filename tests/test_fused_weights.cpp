@@ -49,7 +49,7 @@ struct Case {
   std::vector<int64_t> key_lengths, query_lengths;
   bool causal = false, bottom_right = false;
   int64_t left = kUnbounded, right = kUnbounded;
-  Shape bias_shape;  // empty: no bias (the additive kernels take none)
+  Shape bias_shape;  // empty: no bias
   bool alibi = false;
   uint64_t seed = 1;
 

@@ -215,7 +215,15 @@ struct RowBlock {
   int64_t jlo, jhi;     // visible keys inside the block
   float pos;            // pos(i), for ALiBi
   float alibi2;         // slope * log2(e), 0 without ALiBi
+  const float* bias = nullptr;  // the row's bias, bias[j * bias_stride]; nullptr without bias
+  int64_t bias_stride = 0;
 };
+
+// The bias row of query i of head h, batch b (nullptr without a bias), for RowBlock::bias.
+inline const float* BiasRow(const AdditiveAttentionArgs& a, int64_t b, int64_t h, int64_t i) {
+  const FlashBias& f = a.bias;
+  return f.data == nullptr ? nullptr : f.data + b * f.stride_b + h * f.stride_h + i * f.stride_q;
+}
 
 // acc[n] = sum_a v_a r(Qp_a + KpT[a][vector v0 + n]) for NV vectors of keys.
 template <size_t NV, bool kSplit>
@@ -237,7 +245,8 @@ HWY_INLINE void ScoreVectors(DF df, const RowBlock& rb, int64_t Bc, const float*
   for (size_t n = 0; n < NV; ++n) acc[n] = sum[n];
 }
 
-// Scores of one row over one key block in log2 units, s2_j = log2(e) (v . tanh(..) - ALiBi),
+// Scores of one row over one key block in log2 units,
+// s2_j = log2(e) (v . tanh(..) - ALiBi + bias_j),
 // -inf outside [jlo, jhi), stored to s2[j - jb] for the vectors [v0, v1) that cover the visible
 // keys. Returns v0 and v1 through the arguments.
 template <bool kSplit>
@@ -266,6 +275,16 @@ HWY_INLINE void RowBlockScores(DF df, const RowBlock& rb, const Layout& l,
     if (rb.alibi2 != 0.0f) {
       const VF dist = hn::Abs(hn::Sub(hn::Set(df, rb.pos), hn::ConvertTo(df, keys)));
       s = hn::NegMulAdd(hn::Set(df, rb.alibi2), dist, s);
+    }
+    if (rb.bias != nullptr) {
+      // Gathered through the broadcast stride (scalar: one load per key against the A FMAs of
+      // its score), only the visible keys: the vector may run past Tk.
+      HWY_ALIGN float bias2[HWY_MAX_BYTES / sizeof(float)];
+      for (size_t lane = 0; lane < N; ++lane) {
+        const int64_t j = first + static_cast<int64_t>(lane);
+        bias2[lane] = j >= rb.jlo && j < rb.jhi ? rb.bias[j * rb.bias_stride] * kLog2e : 0.0f;
+      }
+      s = hn::Add(s, hn::Load(df, bias2));
     }
     if (edge) {
       const auto visible = hn::And(keys > hn::Set(di, static_cast<int32_t>(rb.jlo - 1)),
@@ -353,12 +372,14 @@ inline void ForwardItem(const AdditiveAttentionArgs& a, const Layout& l, const P
     rb.kpt = pk.kpt.get() + (hk * l.blocks + kb) * A * l.Bc;
     rb.jb = kb * l.Bc;
     rb.alibi2 = alibi2;
+    rb.bias_stride = a.bias.stride_k;
     for (int64_t r = 0; r < rows; ++r) {
       const KeyInterval& iv = sc.iv[static_cast<size_t>(r)];
       rb.jlo = std::max(rb.jb, iv.lo);
       rb.jhi = std::min(rb.jb + l.Bc, iv.hi);
       if (rb.jlo >= rb.jhi) continue;  // causal / window / lengths: nothing visible here
       rb.q_proj = pk.qsrc + (row_base + r) * a.proj_stride;
+      rb.bias = BiasRow(a, b, h, i0 + r);
       rb.pos = static_cast<float>(iv.pos);
       size_t v0 = 0, v1 = 0;
       float* s2 = sc.s2.get();
@@ -426,6 +447,8 @@ inline void ForwardItem(const AdditiveAttentionArgs& a, const Layout& l, const P
     RowBlock rb;
     rb.alibi2 = alibi2;
     rb.q_proj = pk.qsrc + (row_base + r) * a.proj_stride;
+    rb.bias = BiasRow(a, b, h, i0 + r);
+    rb.bias_stride = a.bias.stride_k;
     rb.pos = static_cast<float>(iv.pos);
     for (int64_t kb = lo / l.Bc; kb * l.Bc < hi; ++kb) {
       rb.kpt = pk.kpt.get() + (hk * l.blocks + kb) * A * l.Bc;
@@ -498,12 +521,13 @@ struct BackwardInputs {
 };
 
 // Key block kb of (batch b, kv head): every query row of the G heads that sees a key of it.
-// Writes the block's rows of dKp and dV; adds to this thread's dQp partial and dv sums.
+// Writes the block's rows of dKp and dV; adds to this thread's dQp and dbias partials (dbias:
+// nullptr without a bias gradient) and dv sums.
 template <bool kSplit>
 void BackwardItem(const AdditiveAttentionArgs& a, const AdditiveAttentionGradArgs& g,
                          const Layout& l, const Packed& pk, const BackwardInputs& in,
-                         BackwardScratch& sc, float* dqp_partial, int64_t b, int64_t kvh,
-                         int64_t kb) {
+                         BackwardScratch& sc, float* dqp_partial, float* dbias_partial,
+                         int64_t b, int64_t kvh, int64_t kb) {
   const DF df;
   const int64_t N = l.N, A = a.hidden, Dvp = l.Dvp, S = a.proj_stride;
   const int64_t hk = b * a.kv_heads + kvh;
@@ -520,6 +544,7 @@ void BackwardItem(const AdditiveAttentionArgs& a, const AdditiveAttentionGradArg
   RowBlock rb;
   rb.kpt = pk.kpt.get() + (hk * l.blocks + kb) * A * l.Bc;
   rb.jb = jb;
+  rb.bias_stride = a.bias.stride_k;
   for (int64_t h = kvh * l.G; h < (kvh + 1) * l.G; ++h) {
     rb.alibi2 = a.alibi_slopes ? a.alibi_slopes[h] * kLog2e : 0.0f;
     for (int64_t i = 0; i < a.q_len; ++i) {
@@ -532,6 +557,7 @@ void BackwardItem(const AdditiveAttentionArgs& a, const AdditiveAttentionGradArg
       if (lse == kNegInf) continue;  // no visible score: no gradient
       rb.q_proj = pk.qsrc + row * S;
       rb.pos = static_cast<float>(iv.pos);
+      rb.bias = BiasRow(a, b, h, i);
 
       // 1. Recompute s_ij and P_ij = exp(s_ij - lse_i) for the row's visible keys of the block.
       size_t v0 = 0, v1 = 0;
@@ -564,6 +590,12 @@ void BackwardItem(const AdditiveAttentionArgs& a, const AdditiveAttentionGradArg
         row_ds += ds[j];
       }
       sc.ds_sum += row_ds;
+      // (8) dbias_ij += dS_ij, into this thread's partial: broadcast dimensions map many (i, j)
+      // to one element.
+      if (dbias_partial != nullptr) {
+        float* db = dbias_partial + (BiasRow(a, b, h, i) - a.bias.data);
+        for (int64_t j = rb.jlo; j < rb.jhi; ++j) db[j * rb.bias_stride] += ds[j];
+      }
 
       // 3. dQp_i, dKp_j, dv from g_ija = dS_ij v_a (1 - t_ija^2), lanes over a.
       float* dqp = dqp_partial + row * S;
@@ -650,6 +682,10 @@ void AdditiveAttentionBackwardImpl(const AdditiveAttentionArgs& a,
   std::vector<hwy::AlignedFreeUniquePtr<float[]>> dqp_partials(static_cast<size_t>(threads));
   std::vector<std::vector<float>> dv_partials(static_cast<size_t>(threads));
   std::vector<double> ds_sums(static_cast<size_t>(threads), 0.0);
+  // Thread t's partial dbias (thread 0 writes straight into the output), as for dQp.
+  const bool want_dbias = g.dbias != nullptr && a.bias.data != nullptr;
+  std::vector<std::vector<float>> dbias_partials(static_cast<size_t>(threads));
+  if (want_dbias) std::fill_n(g.dbias, g.dbias_size, 0.0f);
   int used_threads = 1;
 #pragma omp parallel num_threads(threads)
   {
@@ -664,6 +700,11 @@ void AdditiveAttentionBackwardImpl(const AdditiveAttentionArgs& a,
       dqp = dqp_partials[static_cast<size_t>(t)].get();
       std::fill_n(dqp, q_rows * S, 0.0f);
     }
+    float* dbias = want_dbias ? g.dbias : nullptr;
+    if (want_dbias && t > 0) {
+      dbias_partials[static_cast<size_t>(t)].assign(static_cast<size_t>(g.dbias_size), 0.0f);
+      dbias = dbias_partials[static_cast<size_t>(t)].data();
+    }
     BackwardScratch scratch(a, l);
     // Static round-robin: the item -> thread map, and so every partial sum, is fixed for a
     // given thread count; round-robin spreads the heavy early key blocks of a causal mask.
@@ -673,9 +714,9 @@ void AdditiveAttentionBackwardImpl(const AdditiveAttentionArgs& a,
       const int64_t kvh = item / l.blocks % a.kv_heads;
       const int64_t b = item / l.blocks / a.kv_heads;
       if (pk.split)
-        BackwardItem<true>(a, g, l, pk, in, scratch, dqp, b, kvh, kb);
+        BackwardItem<true>(a, g, l, pk, in, scratch, dqp, dbias, b, kvh, kb);
       else
-        BackwardItem<false>(a, g, l, pk, in, scratch, dqp, b, kvh, kb);
+        BackwardItem<false>(a, g, l, pk, in, scratch, dqp, dbias, b, kvh, kb);
     }
     dv_partials[static_cast<size_t>(t)].assign(scratch.dv_acc.get(), scratch.dv_acc.get() + S);
     ds_sums[static_cast<size_t>(t)] = scratch.ds_sum;
@@ -684,6 +725,10 @@ void AdditiveAttentionBackwardImpl(const AdditiveAttentionArgs& a,
   for (int t = 1; t < used_threads; ++t) {
     const float* src = dqp_partials[static_cast<size_t>(t)].get();
     for (int64_t x = 0; x < q_rows * S; ++x) g.d_q_proj[x] += src[x];
+    if (want_dbias) {
+      const float* db = dbias_partials[static_cast<size_t>(t)].data();
+      for (int64_t x = 0; x < g.dbias_size; ++x) g.dbias[x] += db[x];
+    }
   }
   for (int64_t e = 0; e < a.hidden; ++e) {
     double total = 0.0;

@@ -54,7 +54,7 @@ bool additive_attention_supported(DType dtype, const AttentionParams& params) {
                         std::holds_alternative<ConcatScore>(params.score);
   const Mask& mask = params.mask;
   return dtype == DType::f32 && additive && params.head_scores.empty() &&
-         !mask.allowed.defined() && !mask.bias.defined() && mask.local.kind == LocalKind::none &&
+         !mask.allowed.defined() && mask.local.kind == LocalKind::none &&
          params.dropout.p == 0.0;
 }
 
@@ -113,6 +113,7 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alp
 struct Projections {
   hwy::AlignedFreeUniquePtr<float[]> q, k;
   std::vector<float> slopes;
+  Tensor bias;  // the mask's bias, contiguous (args.bias points into it)
   AdditiveAttentionArgs args;
 };
 
@@ -145,6 +146,11 @@ Projections project(const detail::AttentionDims& d, const Tensor& q, const Tenso
   a.hidden = A, a.value_dim = d.Dv;
   p.slopes.assign(mask.alibi_slopes.begin(), mask.alibi_slopes.end());
   if (!p.slopes.empty()) a.alibi_slopes = p.slopes.data();
+  if (mask.bias.defined()) {
+    // Contiguous, so that a dbias of the bias's shape is addressed by the same strides.
+    p.bias = mask.bias.contiguous();
+    a.bias = broadcast_bias(p.bias, d);
+  }
   return p;
 }
 
@@ -197,6 +203,11 @@ AttentionGrads additive_attention_backward(const detail::AttentionDims& dims, co
   g.dout = dout.data<float>();
   g.d_q_proj = dqp.get(), g.d_k_proj = dkp.get(), g.d_score_v = dsv.data();
   g.dv = grads.dv.data<float>();
+  if (params.mask.bias.defined()) {
+    grads.dbias = Tensor::empty(params.mask.bias.shape(), DType::f32);
+    g.dbias = grads.dbias.data<float>();
+    g.dbias_size = grads.dbias.numel();
+  }
   additive_attention_backward_kernel(p.args, g);
 
   // 4.-5. Through the projections. dW_q and dW_k land in their own tensors (additive) or in the

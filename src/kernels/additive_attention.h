@@ -20,16 +20,17 @@
 // non-finite projections uses the plain form, exp2 (degree-5 polynomial) of Qp' + Kp' per element.
 //
 // Masks supported by the kernels: key/query lengths, causal (both alignments), windows (the same
-// interval rule as the fused dot-product kernel, flash_attention.h) and ALiBi slopes. Fully
-// masked rows give out = 0, lse = -inf and zero gradients. Returned weights come from a second
-// pass (see additive_attention_forward_kernel). Not supported (the front-end falls back to the
-// composed path): boolean `allowed` masks, additive bias tensors, local attention, dropout,
-// per-head scores.
+// interval rule as the fused dot-product kernel, flash_attention.h), ALiBi slopes and an
+// additive bias read in place through broadcast strides (its gradient summed over the broadcast
+// dimensions). Fully masked rows give out = 0, lse = -inf and zero gradients. Returned weights
+// come from a second pass (see additive_attention_forward_kernel). Not supported (the front-end
+// falls back to the composed path): boolean `allowed` masks, local attention, dropout, per-head
+// scores.
 //
 // Threads: the forward runs OpenMP over (batch, query head, block of query rows), dynamic
 // schedule (each row is computed by one thread in a fixed order: bitwise identical for any
 // thread count). The backward runs over (batch, kv head, key block) with a static schedule; dKp
-// and dV rows have one writer, dQp and dv go to per-thread partials summed in thread order:
+// and dV rows have one writer, dQp, dv and dbias go to per-thread partials summed in thread order:
 // bitwise identical run to run at a fixed thread count (not across thread counts).
 // The SIMD code is compiled for every Highway target and picked at run time
 // (HWY_DYNAMIC_DISPATCH); ATTN_SIMD_TARGET caps the choice (simd_target.h).
@@ -39,6 +40,7 @@
 
 #include "attention_validate.h"
 #include "attn/attention.h"
+#include "kernels/flash_attention.h"
 #include "kernels/kernel_problem.h"
 
 namespace attn::kernels {
@@ -60,6 +62,9 @@ struct AdditiveAttentionArgs : ProblemSizes, IntervalMasks {
   int64_t hidden = 0, value_dim = 0;  // A, Dv
 
   const float* alibi_slopes = nullptr;  // [q_heads] or nullptr
+  // Added to s_ij (natural units) at bias[b, h, i, j] through broadcast strides; data nullptr:
+  // none.
+  FlashBias bias;
 };
 
 // Forward: out [B, Hq, Tq, Dv], lse [B, Hq, Tq] (natural log; -inf and out = 0 for masked rows).
@@ -79,6 +84,10 @@ struct AdditiveAttentionGradArgs {
   float* d_k_proj = nullptr;
   float* d_score_v = nullptr;
   float* dv = nullptr;
+  // dL/dbias, or nullptr: dbias_size floats laid out like the bias (args.bias's strides address
+  // it, so broadcast dimensions sum): dbias[b, h, i, j] += dS_ij. Fully overwritten.
+  float* dbias = nullptr;
+  int64_t dbias_size = 0;
 };
 
 // Backward in the FlashAttention-2 style: probabilities recomputed from lse, tile by tile.
@@ -93,8 +102,8 @@ const char* additive_attention_target_name();
 
 // True when the fused kernels compute exactly what attention() / attention_backward() specify:
 // float32, AdditiveScore or ConcatScore in params.score (no head_scores), no boolean `allowed`
-// mask, no additive bias tensor, no local attention, no dropout (return_weights is supported).
-// key/query lengths, causal (both alignments), windows and ALiBi slopes are supported.
+// mask, no local attention, no dropout (return_weights is supported). key/query lengths, causal
+// (both alignments), windows, ALiBi slopes and any broadcastable bias tensor are supported.
 bool additive_attention_supported(DType dtype, const AttentionParams& params);
 
 // Validated, contiguous float32 q, k, v and params converted to float32 (as the front-end's
@@ -105,7 +114,8 @@ AttentionOutput additive_attention_forward(const detail::AttentionDims& dims, co
 
 // The same inputs plus the forward's result (out, lse: contiguous float32) and dout. Returns dq,
 // dk, dv and dscore (AdditiveScore / ConcatScore of gradients, bias only when the score has
-// one); dbias, dhead_scores and dlocal stay undefined, as on the composed path.
+// one), and dbias (the bias's shape) when the mask has a bias; dhead_scores and dlocal stay
+// undefined, as on the composed path.
 AttentionGrads additive_attention_backward(const detail::AttentionDims& dims, const Tensor& q,
                                            const Tensor& k, const Tensor& v,
                                            const AttentionParams& params,

@@ -48,7 +48,7 @@ bool decode_attention_supported(DType dtype, const detail::AttentionDims& dims,
   return dtype == DType::f32 && dot_score && params.head_scores.empty() &&
          !mask.allowed.defined() && !mask.bias.defined() && mask.alibi_slopes.empty() &&
          mask.local.kind == LocalKind::none && params.dropout.p == 0.0 &&
-         !params.return_weights && dims.Tq <= kDecodeMaxQueries && dims.Tk >= kDecodeMinKeys;
+         dims.Tq <= kDecodeMaxQueries && dims.Tk >= kDecodeMinKeys;
 }
 
 AttentionOutput decode_attention(const detail::AttentionDims& dims, const Tensor& q,
@@ -67,7 +67,12 @@ AttentionOutput decode_attention(const detail::AttentionDims& dims, const Tensor
   args.scale = dot_scale(params.score, dims);
   const Mask& mask = params.mask;
   fill_interval_masks(args, dims, mask);
+  if (params.return_weights) {
+    result.weights = Tensor::empty({dims.B, dims.Hq, dims.Tq, dims.Tk}, DType::f32);
+    args.weights = result.weights.data<float>();
+  }
   decode_attention_forward(args);
+  if (params.return_weights) result.mean_weights = mean_over_heads(result.weights);
   return result;
 }
 

@@ -11,7 +11,8 @@
 //     through element strides (stride_b, stride_h, stride_t; the feature dimension is
 //     contiguous), so a cache allocated with capacity > Tk rows is read in place
 //   -> out [B, Hq, Tq, Dv] float32, lse [B, Hq, Tq] (natural log; -inf and out = 0 for fully
-//      masked rows)
+//      masked rows), and on request weights [B, Hq, Tq, Tk] (the softmax probabilities: 0 where
+//      masked, all 0 in fully masked rows)
 //
 // Query i of batch b may attend key j when j < key_len[b], i < query_len[b] and, with
 // pos(i) = i + offset_b (offset_b = key_len[b] - query_len[b] bottom-right, i.e. the Tq new
@@ -59,6 +60,10 @@ struct DecodeAttentionArgs : ProblemSizes, IntervalMasks {
   KvType kv_type = KvType::f32;  // of both k and v
   float* out = nullptr;  // [B, Hq, Tq, Dv] contiguous
   float* lse = nullptr;  // [B, Hq, Tq] or nullptr
+  // [B, Hq, Tq, Tk] softmax probabilities, or nullptr (the usual case). When given, the items
+  // store their raw scores there and the split merge turns each row into e^(s - M) / L with
+  // the row's merged max M and sum L (the output's own normalisation): no second read of K.
+  float* weights = nullptr;
 
   int64_t head_dim = 0, value_dim = 0;
   float scale = 1.0f;
@@ -97,13 +102,13 @@ constexpr int64_t kDecodeMaxQueries = 16;
 
 // True when the decode kernel computes exactly what attention() specifies and is the fastest
 // path: float32, DotScore or ScaledDotScore (no head_scores), no boolean `allowed` mask, no
-// bias, no ALiBi, no local attention, no dropout, no returned weights; Tq <= 16 and
-// Tk >= kDecodeMinKeys. Key/query lengths, causal (both alignments) and windows are supported.
+// bias, no ALiBi, no local attention, no dropout; Tq <= 16 and Tk >= kDecodeMinKeys.
+// Key/query lengths, causal (both alignments), windows and return_weights are supported.
 bool decode_attention_supported(DType dtype, const detail::AttentionDims& dims,
                                 const AttentionParams& params);
 
 // Runs the kernel on validated, contiguous float32 tensors (params as detail::convert_params
-// returns them); fills out and lse.
+// returns them); fills out and lse, and weights and mean_weights when params.return_weights.
 AttentionOutput decode_attention(const detail::AttentionDims& dims, const Tensor& q,
                                  const Tensor& k, const Tensor& v, const AttentionParams& params);
 

@@ -101,6 +101,18 @@ void set_interval_masks(const Case& c, Mask& m) {
     m.window = Window{c.left, c.right};
 }
 
+// Copies the case's sizes (B, Hq, Hkv, Tq, Tk, D, dv()) and interval masks into a dot-product
+// kernel's argument struct (kernels/kernel_problem.h fields plus head_dim and value_dim).
+template <class Case, class Args>
+void set_kernel_problem(const Case& c, Args& a) {
+  a.batch = c.B, a.q_heads = c.Hq, a.kv_heads = c.Hkv, a.q_len = c.Tq, a.k_len = c.Tk;
+  a.head_dim = c.D, a.value_dim = c.dv();
+  a.key_lengths = c.key_lengths.empty() ? nullptr : c.key_lengths.data();
+  a.query_lengths = c.query_lengths.empty() ? nullptr : c.query_lengths.data();
+  a.causal = c.causal, a.bottom_right = c.bottom_right;
+  a.window_left = c.left, a.window_right = c.right;
+}
+
 // Largest finite |x| of a tensor (0 for an empty one): the magnitude error bounds scale with.
 inline double max_abs_finite(const Tensor& t) {
   const Tensor d = t.to(DType::f64).contiguous();

@@ -1,0 +1,271 @@
+// Weights on request from the decode kernel (src/kernels/decode_attention.*): with
+// DecodeAttentionArgs::weights set, a pass after the split-KV merge writes the softmax
+// probabilities [B, Hq, Tq, Tk], so a decoder step that wants its alignment (Tq = 1, heatmaps)
+// stays on the decode kernel instead of falling back to the composed path. Checked against the
+// float64 oracle attn::reference::attention on every Highway target: Tq in {1, 3, 16}, Tk in
+// {1, 8, 127, 128, 129, 1000} (and 4099, split over the keys), odd head dims, grouped-query
+// heads, key lengths including 0 and 1, query lengths, causal in both alignments, windows, and
+// float32 and bf16 caches (bf16 against the reference on the bf16-rounded K and V). Masked
+// weights and fully masked rows must be exactly 0, every element must be written, and the
+// weights pass must leave out and lse bitwise unchanged. The Tensor-level glue also returns
+// mean_weights, and attention() with return_weights at Tq = 1 dispatches to it.
+//
+// Tolerance (as in test_decode_attention.cpp): a score carries an absolute error
+// ~ u (sqrt(D) + |s|); a probability p_j moves by p_j (ds_j - sum p ds) <= 2 p_j max|ds|, and
+// the sums over Tk keys and D features add ~ u sqrt(D + Tk): the error of a plain float32
+// implementation. A bf16 cache is allowed twice that on the same rounded inputs.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "attention_validate.h"
+#include "attn/attention.h"
+#include "attn/reference.h"
+#include "kernels/decode_attention.h"
+#include "support/simd_targets.h"
+#include "support/test_support.h"
+
+// GCC 12 warns about members left to their default initialisers in designated initialisers
+// (GCC bug 96868); every member of Case below has a default.
+#pragma GCC diagnostic ignored "-Wmissing-field-initializers"
+
+namespace {
+
+using attn::DType;
+using attn::Tensor;
+using attn::kernels::DecodeAttentionArgs;
+using attn::kernels::KvType;
+
+constexpr int64_t kUnbounded = attn::Window::unbounded;
+
+struct Case {
+  int64_t B = 1, Hq = 4, Hkv = 2, Tq = 1, Tk = 0, D = 64, Dv = 0;  // Dv 0: = D
+  std::vector<int64_t> key_lengths, query_lengths;
+  bool causal = false, bottom_right = true;
+  int64_t left = kUnbounded, right = kUnbounded;
+  KvType kv = KvType::f32;
+  uint64_t seed = 1;
+
+  int64_t dv() const { return Dv == 0 ? D : Dv; }
+  double scale() const { return 1.0 / std::sqrt(static_cast<double>(D)); }
+  std::string str() const {
+    std::string s = "B=" + std::to_string(B) + " Hq=" + std::to_string(Hq) +
+                    " Hkv=" + std::to_string(Hkv) + " Tq=" + std::to_string(Tq) +
+                    " Tk=" + std::to_string(Tk) + " D=" + std::to_string(D) +
+                    " Dv=" + std::to_string(dv());
+    s += kv == KvType::bf16 ? " bf16" : " f32";
+    return s + attn::testing::interval_masks_str(*this);
+  }
+};
+
+// The inputs: dense float32 q, and K and V both as the kernel stores them (bf16 bit patterns
+// for a bf16 cache) and as the reference sees them (the same values widened back to float32).
+struct Inputs {
+  Tensor q, k, v;
+  std::vector<uint16_t> k_bf16, v_bf16;
+};
+
+Tensor stored_values(const Case& c, const Tensor& dense, std::vector<uint16_t>& bits) {
+  if (c.kv == KvType::f32) return dense;
+  bits.resize(static_cast<size_t>(dense.numel()));
+  attn::kernels::float_to_bf16(dense.data<float>(), bits.data(), bits.size());
+  Tensor rounded = dense.clone();
+  float* p = rounded.data<float>();
+  for (size_t e = 0; e < bits.size(); ++e) p[e] = attn::kernels::bf16_to_float(bits[e]);
+  return rounded;
+}
+
+Inputs make_inputs(const Case& c) {
+  Inputs in;
+  in.q = attn::testing::random_tensor({c.B, c.Hq, c.Tq, c.D}, DType::f32, c.seed);
+  in.k = stored_values(
+      c, attn::testing::random_tensor({c.B, c.Hkv, c.Tk, c.D}, DType::f32, c.seed + 1),
+      in.k_bf16);
+  in.v = stored_values(
+      c, attn::testing::random_tensor({c.B, c.Hkv, c.Tk, c.dv()}, DType::f32, c.seed + 2),
+      in.v_bf16);
+  return in;
+}
+
+struct Result {
+  Tensor out, lse, weights;
+};
+
+// The raw kernel on contiguous caches; weights only when asked. Every output starts poisoned,
+// so an element the kernel forgets to write fails the comparison.
+Result run_kernel(const Case& c, const Inputs& in, bool with_weights) {
+  Result r;
+  constexpr double kPoison = 12345.0;
+  r.out = Tensor::full({c.B, c.Hq, c.Tq, c.dv()}, kPoison, DType::f32);
+  r.lse = Tensor::full({c.B, c.Hq, c.Tq}, kPoison, DType::f32);
+  DecodeAttentionArgs a;
+  a.q = in.q.data<float>();
+  const bool bf16 = c.kv == KvType::bf16;
+  a.k = {bf16 ? static_cast<const void*>(in.k_bf16.data()) : in.k.data<float>(),
+         c.Hkv * c.Tk * c.D, c.Tk * c.D, c.D};
+  a.v = {bf16 ? static_cast<const void*>(in.v_bf16.data()) : in.v.data<float>(),
+         c.Hkv * c.Tk * c.dv(), c.Tk * c.dv(), c.dv()};
+  a.kv_type = c.kv;
+  a.out = r.out.data<float>();
+  a.lse = r.lse.data<float>();
+  if (with_weights) {
+    r.weights = Tensor::full({c.B, c.Hq, c.Tq, c.Tk}, kPoison, DType::f32);
+    a.weights = r.weights.data<float>();
+  }
+  attn::testing::set_kernel_problem(c, a);
+  a.scale = static_cast<float>(c.scale());
+  attn::kernels::decode_attention_forward(a);
+  return r;
+}
+
+attn::AttentionParams params_of(const Case& c) {
+  attn::AttentionParams p;
+  p.score = attn::ScaledDotScore{c.scale()};
+  attn::testing::set_interval_masks(c, p.mask);
+  p.return_weights = true;
+  return p;
+}
+
+attn::testing::Tolerance tolerance(const Case& c) {
+  const double u = attn::testing::unit_roundoff(DType::f32);
+  const double max_abs_score = c.scale() * static_cast<double>(c.D);  // inputs in [-1, 1)
+  attn::testing::Tolerance tol = attn::testing::tolerance_for(DType::f32, c.D + c.Tk + 1);
+  tol.atol += 32.0 * u * max_abs_score;
+  tol.rtol = tol.atol;
+  if (c.kv == KvType::bf16) tol.atol *= 2.0, tol.rtol *= 2.0;
+  return tol;
+}
+
+// Weights the reference gives exactly 0 (masked keys, fully masked rows) must be exactly 0.
+::testing::AssertionResult masked_weights_zero(const Tensor& got, const Tensor& want) {
+  const std::vector<double> g = got.to_vector(), w = want.to_vector();
+  for (size_t e = 0; e < w.size(); ++e)
+    if (w[e] == 0.0 && g[e] != 0.0)
+      return ::testing::AssertionFailure()
+             << "weights element " << e << " = " << g[e] << " where the reference has 0";
+  return ::testing::AssertionSuccess();
+}
+
+::testing::AssertionResult bitwise_equal(const Tensor& a, const Tensor& b, const char* what) {
+  if (a.shape() != b.shape()) return ::testing::AssertionFailure() << what << ": shapes differ";
+  const size_t bytes = static_cast<size_t>(a.numel()) * sizeof(float);
+  if (bytes != 0 && std::memcmp(a.data<float>(), b.data<float>(), bytes) != 0)
+    return ::testing::AssertionFailure() << what << ": not bitwise equal";
+  return ::testing::AssertionSuccess();
+}
+
+class DecodeWeightsTest
+    : public attn::testing::EveryTargetTest<attn::kernels::decode_attention_target_name> {
+ protected:
+  // One case with a float32 and a bf16 cache on the forced target, against the oracle.
+  void check(Case c) {
+    for (KvType kv : {KvType::f32, KvType::bf16}) {
+      c.kv = kv;
+      SCOPED_TRACE(target_label() + ": " + c.str());
+      const Inputs in = make_inputs(c);
+      const Result got = run_kernel(c, in, /*with_weights=*/true);
+      const attn::AttentionOutput want = attn::reference::attention(in.q, in.k, in.v,
+                                                                    params_of(c));
+      const auto tol = tolerance(c);
+      EXPECT_TRUE(attn::testing::all_close(got.weights, want.weights, tol, "weights"));
+      EXPECT_TRUE(masked_weights_zero(got.weights, want.weights));
+      EXPECT_TRUE(attn::testing::all_close(got.out, want.out, tol, "out"));
+      // The weights pass only reads the merged statistics: out and lse are those of a forward
+      // without weights, bit for bit.
+      const Result plain = run_kernel(c, in, /*with_weights=*/false);
+      EXPECT_TRUE(bitwise_equal(got.out, plain.out, "out"));
+      EXPECT_TRUE(bitwise_equal(got.lse, plain.lse, "lse"));
+    }
+  }
+};
+
+TEST_P(DecodeWeightsTest, SizeSweep) {
+  const std::pair<int64_t, int64_t> heads[] = {{8, 2}, {4, 4}, {8, 1}};
+  const int64_t dims[] = {3, 59, 64};
+  int n = 0;
+  for (int64_t tq : {1, 3, 16})
+    for (int64_t tk : {1, 8, 127, 128, 129, 1000}) {
+      const auto [hq, hkv] = heads[n % 3];
+      const int64_t d = dims[n % 3];
+      ++n;
+      check({.Hq = hq, .Hkv = hkv, .Tq = tq, .Tk = tk, .D = d, .seed = static_cast<uint64_t>(n)});
+    }
+  // Odd value width, and a cache long enough to be split over the keys (merge across splits).
+  check({.Hq = 4, .Hkv = 2, .Tq = 3, .Tk = 129, .D = 59, .Dv = 31});
+  ASSERT_GT(attn::kernels::decode_attention_split(1, 1, 4099).count, 1);
+  check({.Hq = 2, .Hkv = 1, .Tq = 1, .Tk = 4099, .D = 16, .causal = true});
+}
+
+TEST_P(DecodeWeightsTest, LengthsCausalWindows) {
+  for (bool causal : {false, true})
+    for (bool bottom_right : {false, true}) {
+      // Key lengths 0 and 1: a batch row with no key at all (weights all 0) and with one.
+      check({.B = 4, .Hq = 4, .Hkv = 2, .Tq = 3, .Tk = 129, .D = 59,
+             .key_lengths = {129, 1, 0, 70}, .causal = causal, .bottom_right = bottom_right});
+      check({.B = 3, .Hq = 4, .Hkv = 1, .Tq = 16, .Tk = 1000, .D = 32,
+             .key_lengths = {1000, 300, 5}, .query_lengths = {16, 3, 0}, .causal = causal,
+             .bottom_right = bottom_right, .left = 200});
+      check({.Hq = 2, .Hkv = 2, .Tq = 1, .Tk = 128, .D = 16, .causal = causal,
+             .bottom_right = bottom_right, .left = 40, .right = 3});
+    }
+  // Bottom-right with Tq > key length: the first rows see no key at all.
+  check({.B = 2, .Hq = 4, .Hkv = 2, .Tq = 16, .Tk = 127, .D = 64, .key_lengths = {127, 7},
+         .causal = true});
+}
+
+ATTN_INSTANTIATE_ON_EVERY_SIMD_TARGET(DecodeWeightsTest);
+
+// ---------------------------------------------------------------------------------------------
+
+// The Tensor-level glue returns weights and mean_weights as the reference does.
+TEST(DecodeWeightsGlue, WeightsAndMeanMatchReference) {
+  const int64_t B = 3, Hq = 8, Hkv = 2, Tq = 3, Tk = 129, D = 59;
+  const Tensor q = attn::testing::random_tensor({B, Hq, Tq, D}, DType::f32, 17);
+  const Tensor k = attn::testing::random_tensor({B, Hkv, Tk, D}, DType::f32, 18);
+  const Tensor v = attn::testing::random_tensor({B, Hkv, Tk, D}, DType::f32, 19);
+  const Case c{.B = B, .Hq = Hq, .Hkv = Hkv, .Tq = Tq, .Tk = Tk, .D = D,
+               .key_lengths = {129, 1, 0}, .causal = true};
+  const attn::AttentionParams params = params_of(c);
+  const attn::detail::AttentionDims dims =
+      attn::detail::validate_attention("attention", q, k, v, params);
+  ASSERT_TRUE(attn::kernels::decode_attention_supported(DType::f32, dims, params));
+  const attn::AttentionOutput got = attn::kernels::decode_attention(dims, q, k, v, params);
+  const attn::AttentionOutput want = attn::reference::attention(q, k, v, params);
+  ASSERT_TRUE(got.weights.defined() && got.mean_weights.defined());
+  EXPECT_EQ(got.weights.shape(), (attn::Shape{B, Hq, Tq, Tk}));
+  EXPECT_EQ(got.mean_weights.shape(), (attn::Shape{B, Tq, Tk}));
+  const auto tol = tolerance(c);
+  EXPECT_TRUE(attn::testing::all_close(got.weights, want.weights, tol, "weights"));
+  EXPECT_TRUE(attn::testing::all_close(got.mean_weights, want.mean_weights, tol, "mean"));
+  EXPECT_TRUE(masked_weights_zero(got.weights, want.weights));
+  EXPECT_TRUE(masked_weights_zero(got.mean_weights, want.mean_weights));
+}
+
+// A decoder step asking for its alignment (Tq = 1, return_weights) takes the decode kernel:
+// attention() returns bitwise what the decode glue computes.
+TEST(DecodeWeightsGlue, AttentionDispatchesDecoderStepWithWeights) {
+  const int64_t B = 8, Hq = 1, Hkv = 1, Tq = 1, Tk = 50, D = 32;
+  const Tensor q = attn::testing::random_tensor({B, Hq, Tq, D}, DType::f32, 27);
+  const Tensor k = attn::testing::random_tensor({B, Hkv, Tk, D}, DType::f32, 28);
+  const Tensor v = attn::testing::random_tensor({B, Hkv, Tk, D}, DType::f32, 29);
+  attn::AttentionParams params;
+  params.score = attn::DotScore{};
+  params.mask.key_lengths = {50, 49, 8, 1, 0, 50, 30, 12};
+  params.return_weights = true;
+  const attn::detail::AttentionDims dims =
+      attn::detail::validate_attention("attention", q, k, v, params);
+  ASSERT_TRUE(attn::kernels::decode_attention_supported(DType::f32, dims, params));
+  const attn::AttentionOutput front = attn::attention(q, k, v, params);
+  const attn::AttentionOutput direct = attn::kernels::decode_attention(dims, q, k, v, params);
+  EXPECT_TRUE(bitwise_equal(front.out, direct.out, "out"));
+  EXPECT_TRUE(bitwise_equal(front.lse, direct.lse, "lse"));
+  EXPECT_TRUE(bitwise_equal(front.weights, direct.weights, "weights"));
+  EXPECT_TRUE(bitwise_equal(front.mean_weights, direct.mean_weights, "mean_weights"));
+}
+
+}  // namespace
