@@ -65,6 +65,21 @@ class Cli : public ::testing::Test {
   void TearDown() override {
     if (!dir_.empty()) fs::remove_all(dir_);
   }
+  // A 200-pair corpus of short sentences, its train and test splits written to dir_/train.tsv
+  // and dir_/test.tsv.
+  s2s::Corpus write_small_corpus() const {
+    s2s::CorpusConfig config;
+    config.train_pairs = 200;
+    config.valid_pairs = 20;
+    config.test_pairs = 20;
+    config.long_test_pairs = 5;
+    config.max_train_tokens = 8;
+    s2s::Corpus corpus = s2s::generate_corpus(config);
+    s2s::write_pairs_file((dir_ / "train.tsv").string(), corpus.train);
+    s2s::write_pairs_file((dir_ / "test.tsv").string(), corpus.test);
+    return corpus;
+  }
+
   fs::path dir_;
 };
 
@@ -117,16 +132,8 @@ TEST_F(Cli, BadArgumentsGiveOneLineAndFail) {
 }
 
 TEST_F(Cli, TrainTranslateEvalRoundTrip) {
-  s2s::CorpusConfig config;
-  config.train_pairs = 200;
-  config.valid_pairs = 20;
-  config.test_pairs = 20;
-  config.long_test_pairs = 5;
-  config.max_train_tokens = 8;
-  const s2s::Corpus corpus = s2s::generate_corpus(config);
+  const s2s::Corpus corpus = write_small_corpus();
   const fs::path train = dir_ / "train.tsv", test = dir_ / "test.tsv", model = dir_ / "model";
-  s2s::write_pairs_file(train.string(), corpus.train);
-  s2s::write_pairs_file(test.string(), corpus.test);
 
   const Process t = run_attn("train --train " + train.string() + " --out " + model.string() +
                     " --emb 8 --hidden 16 --epochs 2 --batch 32 --progress-every 1 --eval-sentences 5");
@@ -165,16 +172,8 @@ TEST_F(Cli, TrainTranslateEvalRoundTrip) {
 // A stacked recurrent decoder with dropout and a vocabulary cut-off trains, reports its shape,
 // and its checkpoint translates (beam search over the per-layer states) and evaluates.
 TEST_F(Cli, StackedDecoderWithDropoutAndMinFrequencyTrains) {
-  s2s::CorpusConfig config;
-  config.train_pairs = 200;
-  config.valid_pairs = 20;
-  config.test_pairs = 20;
-  config.long_test_pairs = 5;
-  config.max_train_tokens = 8;
-  const s2s::Corpus corpus = s2s::generate_corpus(config);
+  const s2s::Corpus corpus = write_small_corpus();
   const fs::path train = dir_ / "train.tsv", test = dir_ / "test.tsv", model = dir_ / "deep";
-  s2s::write_pairs_file(train.string(), corpus.train);
-  s2s::write_pairs_file(test.string(), corpus.test);
   const std::string common = "train --train " + train.string() + " --emb 8 --hidden 16 --epochs 1"
                              " --batch 32 --progress-every 1 --eval-sentences 5 --out ";
   const Process t = run_attn(common + model.string() + " --decoder-layers 2 --dropout 0.1 --min-frequency 2");
@@ -200,16 +199,8 @@ TEST_F(Cli, StackedDecoderWithDropoutAndMinFrequencyTrains) {
 // The same round trip for --arch transformer (pre-norm, 1 + 1 layers, d_model 16), every command
 // with --threads, and beam search over the reordered KV caches.
 TEST_F(Cli, TransformerTrainTranslateEvalRoundTrip) {
-  s2s::CorpusConfig config;
-  config.train_pairs = 200;
-  config.valid_pairs = 20;
-  config.test_pairs = 20;
-  config.long_test_pairs = 5;
-  config.max_train_tokens = 8;
-  const s2s::Corpus corpus = s2s::generate_corpus(config);
+  const s2s::Corpus corpus = write_small_corpus();
   const fs::path train = dir_ / "train.tsv", test = dir_ / "test.tsv", model = dir_ / "xfmr";
-  s2s::write_pairs_file(train.string(), corpus.train);
-  s2s::write_pairs_file(test.string(), corpus.test);
 
   const Process t = run_attn("train --train " + train.string() + " --out " + model.string() +
                              " --arch transformer --hidden 16 --layers 1 --heads 2 --ffn 32"
