@@ -79,15 +79,23 @@ AttentionOutput attention(const Tensor& q, const Tensor& k, const Tensor& v,
     return kernels::additive_attention_forward(dims, n.q, n.k, n.v, n.params);
   if (dims.Tq >= kMinFusedQueryRows && kernels::flash_attention_supported(q.dtype(), n.params))
     return kernels::flash_attention(dims, n.q, n.k, n.v, n.params);
-  // General and cosine scores: transform q and k once, then the fused dot-product kernel.
-  if (dims.Tq >= kMinFusedQueryRows) {
-    if (auto form = detail::to_dot_form(dims, n.q, n.k, n.params);
-        form && kernels::flash_attention_supported(q.dtype(), form->params))
-      return kernels::flash_attention(form->dims, form->q, form->k, n.v, form->params);
-  }
   // Few queries against many keys (decoder steps): split over the keys, merged by log-sum-exp.
   if (kernels::decode_attention_supported(q.dtype(), dims, n.params))
     return kernels::decode_attention(dims, n.q, n.k, n.v, n.params);
+  // General, cosine, trilinear and location scores: transform q and k once, then the fused
+  // dot-product kernel, or the decode kernel for decoder steps (a Luong-general step, Tq = 1).
+  // (The transform is skipped when neither kernel could take the result.)
+  AttentionParams as_dot = n.params;
+  as_dot.score = DotScore{};
+  const bool many_queries = dims.Tq >= kMinFusedQueryRows;
+  if (many_queries ? kernels::flash_attention_supported(q.dtype(), as_dot)
+                   : kernels::decode_attention_supported(q.dtype(), dims, as_dot)) {
+    if (auto form = detail::to_dot_form(dims, n.q, n.k, n.params)) {
+      if (many_queries)
+        return kernels::flash_attention(form->dims, form->q, form->k, n.v, form->params);
+      return kernels::decode_attention(form->dims, form->q, form->k, n.v, form->params);
+    }
+  }
   if (q.dtype() == DType::f32)
     return kernels::composed_attention_forward<float>(dims, n.q, n.k, n.v, n.params);
   return kernels::composed_attention_forward<double>(dims, n.q, n.k, n.v, n.params);

@@ -1,16 +1,17 @@
 // Trilinear and location scores on the fused dot-product kernels (src/attention_dot_form.cpp).
-// With float32 inputs and Tq >= 16, attn::attention rewrites
+// With float32 inputs, attn::attention rewrites
 //   trilinear  w1.q + w2.k + w3.(q*k)  as  [w3*q, w1.q, 1] . [k, 1, w2.k]
 //   location   (W q)_j                 as  q . W_j   (keys = the rows of W)
-// and runs the flash kernels; attention_backward chains dq, dk of that form back to q, k and the
+// and runs the flash kernels (the decode kernel's forward below 16 query rows);
+// attention_backward chains dq, dk of that form back to q, k and the
 // weight. Covered here:
 //   - forward (out, lse) and backward (dq, dk, dv, dbias, dweight) against the float64 reference
 //     over lengths 0, 1, 16, 127, 128, 129 (Tq != Tk too), head widths 1, 3, 59, 64, grouped
 //     heads, causal (both alignments), windows, ALiBi, key lengths including 0, fully masked rows
 //     and user biases of every broadcast shape (Tq < 16 cases check the dispatch boundary);
 //   - NaN in hidden keys reaches neither the outputs nor any gradient;
-//   - that the fused route is taken: the results equal, bit for bit, the flash kernel run on a
-//     hand-built dot form;
+//   - that the fused route is taken: the results equal, bit for bit, the flash kernel (or, for
+//     3 query rows, the decode kernel) run on a hand-built dot form;
 //   - finite differences (float64, through the reference) of both weights' gradients against
 //     the fused float32 backward, including trilinear's w1 whose gradient is exactly 0.
 //
@@ -371,44 +372,49 @@ Inputs location_dot_form(const Inputs& in, const Tensor& weight) {
   return {in.q, keys, in.v, in.dout};
 }
 
-TEST(DotFormScores, FusedRouteEqualsFlashOnTheDotForm) {
+// Tq = 50 takes the flash kernels; Tq = 3 (a few decoder steps) the decode kernel, forward only
+// (the backward of so few rows is the composed path's).
+TEST(DotFormScores, FusedRouteEqualsTheDotFormsKernel) {
   Sizes s;
   s.B = 2;
   s.Hq = 4;
   s.Hkv = 2;
-  s.Tq = 50;
   s.Tk = 70;
   s.Dq = s.Dk = 9;
   s.Dv = 5;
   const Tolerance exact{};
-  for (Kind kind : kKinds) {
-    SCOPED_TRACE(std::string(kind_name(kind)) + " " + label(s));
-    Inputs in = make_inputs(s, DType::f32, 190);
-    in.q = dyadic(in.q);
-    in.k = dyadic(in.k);
-    AttentionParams p;
-    p.score = make_score(kind, s, DType::f32, 200);
-    if (kind == Kind::trilinear) p.score = TrilinearScore{dyadic(score_weight(p.score))};
-    p.mask.causal = true;
-    p.mask.alignment = Alignment::bottom_right;
-    p.mask.key_lengths = {70, 45};
-    const Tensor& weight = score_weight(p.score);
-    const Inputs form = kind == Kind::trilinear ? trilinear_dot_form(in, weight)
-                                                : location_dot_form(in, weight);
-    AttentionParams dot = p;
-    dot.score = DotScore{};
+  for (int64_t tq : {50, 3}) {
+    s.Tq = tq;
+    for (Kind kind : kKinds) {
+      SCOPED_TRACE(std::string(kind_name(kind)) + " " + label(s));
+      Inputs in = make_inputs(s, DType::f32, 190);
+      in.q = dyadic(in.q);
+      in.k = dyadic(in.k);
+      AttentionParams p;
+      p.score = make_score(kind, s, DType::f32, 200);
+      if (kind == Kind::trilinear) p.score = TrilinearScore{dyadic(score_weight(p.score))};
+      p.mask.causal = true;
+      p.mask.alignment = Alignment::bottom_right;
+      p.mask.key_lengths = {70, 45};
+      const Tensor& weight = score_weight(p.score);
+      const Inputs form = kind == Kind::trilinear ? trilinear_dot_form(in, weight)
+                                                  : location_dot_form(in, weight);
+      AttentionParams dot = p;
+      dot.score = DotScore{};
 
-    const AttentionOutput fused = attention(in.q, in.k, in.v, p);
-    const AttentionOutput flash = attention(form.q, form.k, form.v, dot);
-    EXPECT_TRUE(all_close(fused.out, flash.out, exact, "out"));
-    EXPECT_TRUE(all_close(fused.lse, flash.lse, exact, "lse"));
+      const AttentionOutput fused = attention(in.q, in.k, in.v, p);
+      const AttentionOutput kernel = attention(form.q, form.k, form.v, dot);
+      EXPECT_TRUE(all_close(fused.out, kernel.out, exact, "out"));
+      EXPECT_TRUE(all_close(fused.lse, kernel.lse, exact, "lse"));
+      if (tq < 16) continue;
 
-    // dv passes through the transform untouched; location's dq too.
-    const AttentionGrads g = attention_backward(in.q, in.k, in.v, p, fused, in.dout);
-    const AttentionGrads f = attention_backward(form.q, form.k, form.v, dot, flash, form.dout);
-    EXPECT_TRUE(all_close(g.dv, f.dv, exact, "dv"));
-    if (kind == Kind::location) {
-      EXPECT_TRUE(all_close(g.dq, f.dq, exact, "dq"));
+      // dv passes through the transform untouched; location's dq too.
+      const AttentionGrads g = attention_backward(in.q, in.k, in.v, p, fused, in.dout);
+      const AttentionGrads f = attention_backward(form.q, form.k, form.v, dot, kernel, form.dout);
+      EXPECT_TRUE(all_close(g.dv, f.dv, exact, "dv"));
+      if (kind == Kind::location) {
+        EXPECT_TRUE(all_close(g.dq, f.dq, exact, "dq"));
+      }
     }
   }
 }
