@@ -8,7 +8,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <cstring>
+#include <functional>
 #include <limits>
 #include <string>
 #include <utility>
@@ -16,32 +16,23 @@
 
 #include "attn/attention.h"
 #include "attn/reference.h"
+#include "support/attention_problem.h"
+#include "support/bitwise_equal.h"
 #include "support/test_support.h"
 
 namespace attn {
 namespace {
 
 using testing::all_close;
+using testing::make_inputs;
 using testing::random_tensor;
+using testing::score_tensors;
 using testing::tolerance_for;
 using testing::Tolerance;
+using Sizes = testing::AttentionSizes;
+using Inputs = testing::AttentionInputs;
 
 constexpr DType kDtypes[] = {DType::f32, DType::f64};
-
-struct Sizes {
-  int64_t B = 1, Hq = 1, Hkv = 1, Tq = 4, Tk = 4, Dq = 8, Dk = 8, Dv = 8;
-};
-
-struct Inputs {
-  Tensor q, k, v, dout;
-};
-
-Inputs make_inputs(const Sizes& s, DType dtype, uint64_t seed) {
-  return {random_tensor({s.B, s.Hq, s.Tq, s.Dq}, dtype, seed),
-          random_tensor({s.B, s.Hkv, s.Tk, s.Dk}, dtype, seed + 1),
-          random_tensor({s.B, s.Hkv, s.Tk, s.Dv}, dtype, seed + 2),
-          random_tensor({s.B, s.Hq, s.Tq, s.Dv}, dtype, seed + 3)};
-}
 
 // Parameters scaled by 1/sqrt(fan-in) so that scores stay O(1) and the softmax is not saturated.
 Tensor param(const Shape& shape, DType dtype, uint64_t seed, double fan_in) {
@@ -53,10 +44,10 @@ constexpr int64_t kHidden = 6;  // A of additive/concat/local-p; r of low-rank g
 
 enum class Kind { dot, scaled, general, low_rank, additive, additive_nobias, concat, cosine,
                   location, trilinear };
-constexpr Kind kAllKinds[] = {Kind::dot,      Kind::scaled,   Kind::general,
-                              Kind::low_rank, Kind::additive, Kind::additive_nobias,
-                              Kind::concat,   Kind::cosine,   Kind::location,
-                              Kind::trilinear};
+const std::vector<Kind> kAllKinds = {Kind::dot,      Kind::scaled,   Kind::general,
+                                     Kind::low_rank, Kind::additive, Kind::additive_nobias,
+                                     Kind::concat,   Kind::cosine,   Kind::location,
+                                     Kind::trilinear};
 
 const char* kind_name(Kind k) {
   static const char* names[] = {"dot",      "scaled_dot", "general",  "general_low_rank",
@@ -93,69 +84,6 @@ Score make_score(Kind kind, const Sizes& s, DType dtype, uint64_t seed) {
   return DotScore{};
 }
 
-// (name, tensor) for every defined tensor of a score or its gradient.
-std::vector<std::pair<std::string, Tensor>> score_tensors(const Score& score) {
-  std::vector<std::pair<std::string, Tensor>> out;
-  auto add = [&](const char* name, const Tensor& t) {
-    if (t.defined()) out.emplace_back(name, t);
-  };
-  std::visit(
-      [&](const auto& sc) {
-        using S = std::decay_t<decltype(sc)>;
-        if constexpr (std::is_same_v<S, GeneralScore>) {
-          add("weight", sc.weight);
-          add("u", sc.u);
-          add("v", sc.v);
-        } else if constexpr (std::is_same_v<S, AdditiveScore>) {
-          add("w_query", sc.w_query);
-          add("w_key", sc.w_key);
-          add("bias", sc.bias);
-          add("v", sc.v);
-        } else if constexpr (std::is_same_v<S, ConcatScore>) {
-          add("weight", sc.weight);
-          add("v", sc.v);
-        } else if constexpr (std::is_same_v<S, CosineScore>) {
-          add("tau", sc.tau);
-        } else if constexpr (std::is_same_v<S, LocationScore> ||
-                             std::is_same_v<S, TrilinearScore>) {
-          add("weight", sc.weight);
-        }
-      },
-      score);
-  return out;
-}
-
-// Reduction lengths. An output element sums Tk products of Dk-long scores; a gradient chains the
-// value product (Dv), the softmax row reduction (Tk) and the score backward over queries or keys
-// (Tq, Tk); a parameter gradient sums over every (b, h, i, j).
-struct Terms {
-  int64_t forward = 1, grad = 1, param = 1;
-};
-
-Terms terms_for(const Sizes& s) {
-  const int64_t width = std::max({s.Dq, s.Dk, s.Dv, kHidden});
-  Terms t;
-  t.forward = std::max(width, s.Tk);
-  t.grad = width + s.Tq + s.Tk;
-  t.param = std::max<int64_t>(1, s.B * s.Hq * s.Tq * s.Tk) + width;
-  return t;
-}
-
-::testing::AssertionResult compare_scores(const Score& actual, const Score& expected, Tolerance tol,
-                                          const std::string& what) {
-  if (actual.index() != expected.index())
-    return ::testing::AssertionFailure() << what << ": score kind differs";
-  const auto a = score_tensors(actual), e = score_tensors(expected);
-  if (a.size() != e.size())
-    return ::testing::AssertionFailure() << what << ": " << a.size() << " gradient fields, expected "
-                                         << e.size();
-  for (std::size_t f = 0; f < a.size(); ++f) {
-    auto r = all_close(a[f].second, e[f].second, tol, what + "." + e[f].first);
-    if (!r) return r;
-  }
-  return ::testing::AssertionSuccess();
-}
-
 struct Results {
   AttentionOutput out;
   AttentionGrads grads;
@@ -168,133 +96,92 @@ Results run_fast(const Inputs& in, const AttentionParams& p) {
   return r;
 }
 
-// Forward and backward of the fast path against the reference.
+// Forward and backward of the fast path against the reference. Tolerances: the reduction
+// lengths of attention_problem.h, with the additive scores' hidden width among the widths.
 void expect_matches_reference(const Sizes& s, const Inputs& in, const AttentionParams& p,
                               bool backward = true, double safety = 16.0) {
   const DType dtype = in.q.dtype();
-  const Terms terms = terms_for(s);
-  const Tolerance fwd = tolerance_for(dtype, terms.forward, safety);
-  const Tolerance grad = tolerance_for(dtype, terms.grad, safety);
-  const Tolerance par = tolerance_for(dtype, terms.param, safety);
+  const testing::ProblemTolerances tol =
+      testing::tolerances_for(dtype, testing::terms_for(s, kHidden), safety);
 
   const AttentionOutput fast = attention(in.q, in.k, in.v, p);
   const AttentionOutput ref = reference::attention(in.q, in.k, in.v, p);
   ASSERT_EQ(fast.out.dtype(), dtype);
-  EXPECT_TRUE(all_close(fast.out, ref.out, fwd, "out"));
-  EXPECT_TRUE(all_close(fast.lse, ref.lse, fwd, "lse"));
-  if (p.return_weights) {
-    EXPECT_TRUE(all_close(fast.weights, ref.weights, fwd, "weights"));
-    EXPECT_TRUE(all_close(fast.mean_weights, ref.mean_weights, fwd, "mean_weights"));
-  }
+  testing::expect_outputs_match(fast, ref, tol, p.return_weights);
   if (!backward) return;
 
   const AttentionGrads g = attention_backward(in.q, in.k, in.v, p, fast, in.dout);
   const AttentionGrads r = reference::attention_backward(in.q, in.k, in.v, p, ref, in.dout);
   ASSERT_EQ(g.dq.dtype(), dtype);
-  EXPECT_TRUE(all_close(g.dq, r.dq, grad, "dq"));
-  EXPECT_TRUE(all_close(g.dk, r.dk, grad, "dk"));
-  EXPECT_TRUE(all_close(g.dv, r.dv, grad, "dv"));
-  EXPECT_EQ(g.dbias.defined(), r.dbias.defined());
-  if (r.dbias.defined()) {
-    EXPECT_TRUE(all_close(g.dbias, r.dbias, par, "dbias"));
-  }
-  EXPECT_TRUE(compare_scores(g.dscore, r.dscore, par, "dscore"));
+  testing::expect_input_grads_match(g, r, tol);
+  EXPECT_TRUE(testing::compare_scores(g.dscore, r.dscore, tol.param, "dscore"));
   ASSERT_EQ(g.dhead_scores.size(), r.dhead_scores.size());
   for (std::size_t h = 0; h < r.dhead_scores.size(); ++h)
-    EXPECT_TRUE(compare_scores(g.dhead_scores[h], r.dhead_scores[h], par,
-                               "dhead_scores[" + std::to_string(h) + "]"));
+    EXPECT_TRUE(testing::compare_scores(g.dhead_scores[h], r.dhead_scores[h], tol.param,
+                                        "dhead_scores[" + std::to_string(h) + "]"));
   if (p.mask.local.kind == LocalKind::predictive) {
-    EXPECT_TRUE(all_close(g.dlocal.w_p, r.dlocal.w_p, par, "dlocal.w_p"));
-    EXPECT_TRUE(all_close(g.dlocal.v_p, r.dlocal.v_p, par, "dlocal.v_p"));
+    EXPECT_TRUE(all_close(g.dlocal.w_p, r.dlocal.w_p, tol.param, "dlocal.w_p"));
+    EXPECT_TRUE(all_close(g.dlocal.v_p, r.dlocal.v_p, tol.param, "dlocal.v_p"));
   }
 }
 
 std::string label(DType dtype, const Sizes& s) {
-  return std::string(dtype_name(dtype)) + " B" + std::to_string(s.B) + " Hq" +
-         std::to_string(s.Hq) + " Hkv" + std::to_string(s.Hkv) + " Tq" + std::to_string(s.Tq) +
-         " Tk" + std::to_string(s.Tk) + " D" + std::to_string(s.Dq) + "/" + std::to_string(s.Dk) +
-         "/" + std::to_string(s.Dv);
+  return std::string(dtype_name(dtype)) + " " + testing::sizes_label(s);
+}
+
+// Every dtype and every kind of `kinds` on sizes `s` against the reference: the kind's score
+// seeded score_seed, the masks `add_masks` sets, inputs seeded input_seed.
+void expect_kinds_match_reference(const Sizes& s, const std::vector<Kind>& kinds,
+                                  uint64_t score_seed, uint64_t input_seed,
+                                  const std::function<void(AttentionParams&)>& add_masks = {}) {
+  for (DType dtype : kDtypes)
+    for (Kind kind : kinds) {
+      SCOPED_TRACE(std::string(kind_name(kind)) + " " + label(dtype, s));
+      AttentionParams p;
+      p.score = make_score(kind, s, dtype, score_seed);
+      if (add_masks) add_masks(p);
+      expect_matches_reference(s, make_inputs(s, dtype, input_seed), p);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Scores.
 
 TEST(AttentionPaths, EveryScoreKindMatchesReference) {
-  Sizes s;
-  s.B = 2;
-  s.Hq = 4;
-  s.Hkv = 2;
-  s.Tq = 9;
-  s.Tk = 11;
-  s.Dq = s.Dk = 12;
-  s.Dv = 5;
-  for (DType dtype : kDtypes)
-    for (Kind kind : kAllKinds) {
-      SCOPED_TRACE(std::string(kind_name(kind)) + " " + label(dtype, s));
-      AttentionParams p;
-      p.score = make_score(kind, s, dtype, 100);
-      expect_matches_reference(s, make_inputs(s, dtype, 7), p);
-    }
+  expect_kinds_match_reference({.B = 2, .Hq = 4, .Hkv = 2, .Tq = 9, .Tk = 11, .Dq = 12, .Dk = 12,
+                                .Dv = 5},
+                               kAllKinds, 100, 7);
 }
 
 TEST(AttentionPaths, ScoresWithDifferentQueryAndKeyWidths) {
   // general, additive, concat and location accept Dq != Dk.
-  Sizes s;
-  s.B = 2;
-  s.Hq = 2;
-  s.Tq = 6;
-  s.Tk = 7;
-  s.Dq = 5;
-  s.Dk = 9;
-  s.Dv = 3;
-  for (DType dtype : kDtypes)
-    for (Kind kind : {Kind::general, Kind::low_rank, Kind::additive, Kind::concat,
-                      Kind::location}) {
-      SCOPED_TRACE(std::string(kind_name(kind)) + " " + label(dtype, s));
-      AttentionParams p;
-      p.score = make_score(kind, s, dtype, 200);
-      expect_matches_reference(s, make_inputs(s, dtype, 11), p);
-    }
+  expect_kinds_match_reference({.B = 2, .Hq = 2, .Tq = 6, .Tk = 7, .Dq = 5, .Dk = 9, .Dv = 3},
+                               {Kind::general, Kind::low_rank, Kind::additive, Kind::concat,
+                                Kind::location},
+                               200, 11);
 }
 
 TEST(AttentionPaths, ScoresUnderCausalWindow) {
   // The kernel works on blocks of query rows (about 2^16 / Tk rows) and only on the keys the
   // block's rows can see: with Tq = 300 and Tk = 513 there are three blocks, each with its own
   // key range, so every score kind must index keys (and location weights) from the range start.
-  Sizes s;
-  s.Hq = 2;
-  s.Hkv = 1;
-  s.Tq = 300;
-  s.Tk = 513;
-  s.Dq = s.Dk = 4;
-  s.Dv = 3;
-  for (DType dtype : kDtypes)
-    for (Kind kind : kAllKinds) {
-      SCOPED_TRACE(std::string(kind_name(kind)) + " " + label(dtype, s));
-      AttentionParams p;
-      p.score = make_score(kind, s, dtype, 300);
-      p.mask.causal = true;
-      p.mask.alignment = Alignment::bottom_right;
-      p.mask.window = Window{100, 0};
-      expect_matches_reference(s, make_inputs(s, dtype, 13), p);
-    }
+  expect_kinds_match_reference({.Hq = 2, .Hkv = 1, .Tq = 300, .Tk = 513, .Dq = 4, .Dk = 4,
+                                .Dv = 3},
+                               kAllKinds, 300, 13, [](AttentionParams& p) {
+                                 p.mask.causal = true;
+                                 p.mask.alignment = Alignment::bottom_right;
+                                 p.mask.window = Window{100, 0};
+                               });
 }
 
 TEST(AttentionPaths, ScoresThatReduceToADotProductAtFusedSizes) {
   // With Tq >= 16, float32 general and cosine scores transform q and k once and run the fused
   // dot-product kernels (src/attention_dot_form.cpp); the backward chains through the transform.
   // Zero rows in q and k take cosine's eps branch.
-  Sizes s;
-  s.B = 2;
-  s.Hq = 4;
-  s.Hkv = 2;
-  s.Tq = 40;
-  s.Tk = 57;
-  s.Dv = 6;
   for (DType dtype : kDtypes)
     for (Kind kind : {Kind::general, Kind::low_rank, Kind::cosine}) {
-      s.Dq = kind == Kind::cosine ? 8 : 5;
-      s.Dk = kind == Kind::cosine ? 8 : 9;
+      const int64_t dq = kind == Kind::cosine ? 8 : 5, dk = kind == Kind::cosine ? 8 : 9;
+      const Sizes s{.B = 2, .Hq = 4, .Hkv = 2, .Tq = 40, .Tk = 57, .Dq = dq, .Dk = dk, .Dv = 6};
       SCOPED_TRACE(std::string(kind_name(kind)) + " " + label(dtype, s));
       AttentionParams p;
       p.score = make_score(kind, s, dtype, 400);
@@ -309,14 +196,7 @@ TEST(AttentionPaths, ScoresThatReduceToADotProductAtFusedSizes) {
 }
 
 TEST(AttentionPaths, PerHeadScores) {
-  Sizes s;
-  s.B = 2;
-  s.Hq = 4;
-  s.Hkv = 2;
-  s.Tq = 7;
-  s.Tk = 8;
-  s.Dq = s.Dk = 6;
-  s.Dv = 4;
+  const Sizes s{.B = 2, .Hq = 4, .Hkv = 2, .Tq = 7, .Tk = 8, .Dq = 6, .Dk = 6, .Dv = 4};
   for (DType dtype : kDtypes) {
     SCOPED_TRACE(label(dtype, s));
     AttentionParams p;
@@ -337,11 +217,7 @@ TEST(AttentionPaths, SequenceLengthSweep) {
       {127, 128}, {128, 127}, {129, 129}, {128, 513}, {513, 129}, {513, 513}, {3, 513}};
   for (DType dtype : kDtypes)
     for (auto [tq, tk] : lengths) {
-      Sizes s;
-      s.Tq = tq;
-      s.Tk = tk;
-      s.Dq = s.Dk = 16;
-      s.Dv = 8;
+      const Sizes s{.Tq = tq, .Tk = tk, .Dq = 16, .Dk = 16, .Dv = 8};
       SCOPED_TRACE(label(dtype, s));
       AttentionParams p;
       p.mask.causal = tq > 100;  // causal on the large ones keeps the reference quick
@@ -353,25 +229,14 @@ TEST(AttentionPaths, SequenceLengthSweep) {
 TEST(AttentionPaths, HeadDimensionSweep) {
   for (DType dtype : kDtypes)
     for (int64_t dim : {1, 3, 59, 64, 128}) {
-      Sizes s;
-      s.Hq = 2;
-      s.Tq = 33;
-      s.Tk = 29;
-      s.Dq = s.Dk = dim;
-      s.Dv = dim == 59 ? 3 : dim;
+      const Sizes s{.Hq = 2, .Tq = 33, .Tk = 29, .Dq = dim, .Dk = dim, .Dv = dim == 59 ? 3 : dim};
       SCOPED_TRACE(label(dtype, s));
-      AttentionParams p;
-      expect_matches_reference(s, make_inputs(s, dtype, 23), p);
+      expect_matches_reference(s, make_inputs(s, dtype, 23), AttentionParams{});
     }
 }
 
 TEST(AttentionPaths, BatchWithDifferentLengths) {
-  Sizes s;
-  s.B = 3;
-  s.Hq = 2;
-  s.Hkv = 2;
-  s.Tq = 10;
-  s.Tk = 12;
+  const Sizes s{.B = 3, .Hq = 2, .Hkv = 2, .Tq = 10, .Tk = 12};
   for (DType dtype : kDtypes)
     for (bool causal : {false, true}) {
       SCOPED_TRACE(label(dtype, s) + (causal ? " causal" : ""));
@@ -385,39 +250,18 @@ TEST(AttentionPaths, BatchWithDifferentLengths) {
 }
 
 TEST(AttentionPaths, GroupedQueryHeads) {
-  for (DType dtype : kDtypes)
-    for (int64_t hkv : {1, 2, 4})
-      for (Kind kind : {Kind::scaled, Kind::additive, Kind::cosine, Kind::low_rank,
-                        Kind::trilinear}) {
-        Sizes s;
-        s.B = 2;
-        s.Hq = 4;
-        s.Hkv = hkv;
-        s.Tq = 6;
-        s.Tk = 9;
-        s.Dq = s.Dk = 8;
-        s.Dv = 5;
-        SCOPED_TRACE(std::string(kind_name(kind)) + " " + label(dtype, s));
-        AttentionParams p;
-        p.score = make_score(kind, s, dtype, 31);
-        p.mask.key_lengths = {9, 6};
-        expect_matches_reference(s, make_inputs(s, dtype, 37), p);
-      }
+  for (int64_t hkv : {1, 2, 4})
+    expect_kinds_match_reference(
+        {.B = 2, .Hq = 4, .Hkv = hkv, .Tq = 6, .Tk = 9, .Dq = 8, .Dk = 8, .Dv = 5},
+        {Kind::scaled, Kind::additive, Kind::cosine, Kind::low_rank, Kind::trilinear}, 31, 37,
+        [](AttentionParams& p) { p.mask.key_lengths = {9, 6}; });
 }
 
 // ---------------------------------------------------------------------------------------------
 // Masks.
 
 Sizes mask_sizes(int64_t tq, int64_t tk) {
-  Sizes s;
-  s.B = 2;
-  s.Hq = 2;
-  s.Hkv = 1;
-  s.Tq = tq;
-  s.Tk = tk;
-  s.Dq = s.Dk = 6;
-  s.Dv = 4;
-  return s;
+  return {.B = 2, .Hq = 2, .Hkv = 1, .Tq = tq, .Tk = tk, .Dq = 6, .Dk = 6, .Dv = 4};
 }
 
 TEST(AttentionPaths, CausalAlignmentsWithUnequalLengths) {
@@ -770,14 +614,7 @@ TEST(AttentionPaths, MixedParameterDtypesAreConverted) {
 
 TEST(AttentionPaths, RunsAreBitwiseReproducible) {
   for (DType dtype : kDtypes) {
-    Sizes s;
-    s.B = 3;
-    s.Hq = 4;
-    s.Hkv = 2;
-    s.Tq = 70;
-    s.Tk = 90;
-    s.Dq = s.Dk = 16;
-    s.Dv = 8;
+    const Sizes s{.B = 3, .Hq = 4, .Hkv = 2, .Tq = 70, .Tk = 90, .Dq = 16, .Dk = 16, .Dv = 8};
     SCOPED_TRACE(label(dtype, s));
     AttentionParams p = local_p_params(s, dtype, 6, 211);
     p.score = make_score(Kind::additive, s, dtype, 223);
@@ -789,22 +626,19 @@ TEST(AttentionPaths, RunsAreBitwiseReproducible) {
     // through the per-thread partials.
     expect_matches_reference(s, in, p);
     const Results a = run_fast(in, p), b = run_fast(in, p);
-    auto same = [](const Tensor& x, const Tensor& y) {
-      return x.numel() == y.numel() &&
-             std::memcmp(x.raw_data(), y.raw_data(), static_cast<std::size_t>(x.numel()) *
-                                                         dtype_size(x.dtype())) == 0;
-    };
-    EXPECT_TRUE(same(a.out.out, b.out.out));
-    EXPECT_TRUE(same(a.out.lse, b.out.lse));
-    EXPECT_TRUE(same(a.out.weights, b.out.weights));
-    EXPECT_TRUE(same(a.grads.dq, b.grads.dq));
-    EXPECT_TRUE(same(a.grads.dk, b.grads.dk));
-    EXPECT_TRUE(same(a.grads.dv, b.grads.dv));
-    EXPECT_TRUE(same(a.grads.dbias, b.grads.dbias));
-    EXPECT_TRUE(same(a.grads.dlocal.w_p, b.grads.dlocal.w_p));
+    using testing::bitwise_equal;
+    EXPECT_TRUE(bitwise_equal(a.out.out, b.out.out, "out"));
+    EXPECT_TRUE(bitwise_equal(a.out.lse, b.out.lse, "lse"));
+    EXPECT_TRUE(bitwise_equal(a.out.weights, b.out.weights, "weights"));
+    EXPECT_TRUE(bitwise_equal(a.grads.dq, b.grads.dq, "dq"));
+    EXPECT_TRUE(bitwise_equal(a.grads.dk, b.grads.dk, "dk"));
+    EXPECT_TRUE(bitwise_equal(a.grads.dv, b.grads.dv, "dv"));
+    EXPECT_TRUE(bitwise_equal(a.grads.dbias, b.grads.dbias, "dbias"));
+    EXPECT_TRUE(bitwise_equal(a.grads.dlocal.w_p, b.grads.dlocal.w_p, "dlocal.w_p"));
     const auto fa = score_tensors(a.grads.dscore), fb = score_tensors(b.grads.dscore);
     ASSERT_EQ(fa.size(), fb.size());
-    for (std::size_t f = 0; f < fa.size(); ++f) EXPECT_TRUE(same(fa[f].second, fb[f].second));
+    for (std::size_t f = 0; f < fa.size(); ++f)
+      EXPECT_TRUE(bitwise_equal(fa[f].second, fb[f].second, "dscore." + fa[f].first));
   }
 }
 

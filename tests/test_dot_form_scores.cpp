@@ -16,40 +16,29 @@
 //     the fused float32 backward, including trilinear's w1 whose gradient is exactly 0.
 //
 // Tolerances come from tolerance_for(float32, terms), terms = the longest reduction feeding an
-// element (see Terms).
+// element (see ReductionTerms in support/attention_problem.h).
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <string>
 #include <vector>
 
 #include "attn/attention.h"
 #include "attn/reference.h"
+#include "support/attention_problem.h"
 #include "support/test_support.h"
 
 namespace attn {
 namespace {
 
 using testing::all_close;
+using testing::make_inputs;
 using testing::random_tensor;
-using testing::tolerance_for;
 using testing::Tolerance;
-
-struct Sizes {
-  int64_t B = 1, Hq = 2, Hkv = 1, Tq = 16, Tk = 16, Dq = 8, Dk = 8, Dv = 6;
-};
-
-struct Inputs {
-  Tensor q, k, v, dout;
-};
-
-Inputs make_inputs(const Sizes& s, DType dtype, uint64_t seed) {
-  return {random_tensor({s.B, s.Hq, s.Tq, s.Dq}, dtype, seed),
-          random_tensor({s.B, s.Hkv, s.Tk, s.Dk}, dtype, seed + 1),
-          random_tensor({s.B, s.Hkv, s.Tk, s.Dv}, dtype, seed + 2),
-          random_tensor({s.B, s.Hq, s.Tq, s.Dv}, dtype, seed + 3)};
-}
+using Sizes = testing::AttentionSizes;
+using Inputs = testing::AttentionInputs;
 
 enum class Kind { trilinear, location };
 constexpr Kind kKinds[] = {Kind::trilinear, Kind::location};
@@ -69,55 +58,48 @@ const Tensor& score_weight(const Score& score) {
   return std::get<LocationScore>(score).weight;
 }
 
-// Reduction lengths: an output element sums Tk products of (D + 2)-wide scores; a gradient of q,
-// k or v chains the value product, the softmax row and the score backward over queries or keys;
-// a weight or bias gradient sums over every (b, h, i, j).
-struct Terms {
-  int64_t forward = 1, grad = 1, param = 1;
-};
-
-Terms terms_for(const Sizes& s) {
-  const int64_t width = std::max({s.Dq + 2, s.Dk, s.Dv});
-  return {std::max(width, s.Tk), width + s.Tq + s.Tk,
-          std::max<int64_t>(1, s.B * s.Hq * s.Tq * s.Tk) + width};
+// float32 tolerances from the reduction lengths of attention_problem.h: the dot form's scores
+// are D + 2 wide.
+testing::ProblemTolerances tolerances(const Sizes& s) {
+  return testing::tolerances_for(DType::f32, testing::terms_for(s, s.Dq + 2));
 }
 
-std::string label(const Sizes& s) {
-  return std::string("B") + std::to_string(s.B) + " Hq" + std::to_string(s.Hq) + " Hkv" +
-         std::to_string(s.Hkv) + " Tq" + std::to_string(s.Tq) + " Tk" + std::to_string(s.Tk) +
-         " D" + std::to_string(s.Dq) + "/" + std::to_string(s.Dk) + "/" + std::to_string(s.Dv);
-}
+std::string label(const Sizes& s) { return testing::sizes_label(s); }
 
 // float32 attention / attention_backward against the float64 reference.
 void expect_matches_reference(const Sizes& s, const Inputs& in, const AttentionParams& p) {
-  const Terms terms = terms_for(s);
-  const Tolerance fwd = tolerance_for(DType::f32, terms.forward);
-  const Tolerance grad = tolerance_for(DType::f32, terms.grad);
-  const Tolerance par = tolerance_for(DType::f32, terms.param);
+  const testing::ProblemTolerances tol = tolerances(s);
 
   const AttentionOutput fast = attention(in.q, in.k, in.v, p);
   const AttentionOutput ref = reference::attention(in.q, in.k, in.v, p);
-  EXPECT_TRUE(all_close(fast.out, ref.out, fwd, "out"));
-  EXPECT_TRUE(all_close(fast.lse, ref.lse, fwd, "lse"));
+  testing::expect_outputs_match(fast, ref, tol, /*weights=*/false);
 
   const AttentionGrads g = attention_backward(in.q, in.k, in.v, p, fast, in.dout);
   const AttentionGrads r = reference::attention_backward(in.q, in.k, in.v, p, ref, in.dout);
-  EXPECT_TRUE(all_close(g.dq, r.dq, grad, "dq"));
-  EXPECT_TRUE(all_close(g.dk, r.dk, grad, "dk"));
-  EXPECT_TRUE(all_close(g.dv, r.dv, grad, "dv"));
-  ASSERT_EQ(g.dbias.defined(), r.dbias.defined());
-  if (r.dbias.defined()) {
-    EXPECT_TRUE(all_close(g.dbias, r.dbias, par, "dbias"));
-  }
+  testing::expect_input_grads_match(g, r, tol);
   ASSERT_EQ(g.dscore.index(), p.score.index());
-  EXPECT_TRUE(all_close(score_weight(g.dscore), score_weight(r.dscore), par, "dweight"));
+  EXPECT_TRUE(testing::compare_scores(g.dscore, r.dscore, tol.param, "dscore"));
 
   // The backward rebuilds P from the lse it is given: the reference's (which holds trilinear's
   // row term w1.q_i) must serve as well as the fused forward's own.
   const AttentionGrads from_ref = attention_backward(in.q, in.k, in.v, p, ref, in.dout);
-  EXPECT_TRUE(all_close(from_ref.dq, r.dq, grad, "dq from the reference's forward"));
-  EXPECT_TRUE(all_close(score_weight(from_ref.dscore), score_weight(r.dscore), par,
+  EXPECT_TRUE(all_close(from_ref.dq, r.dq, tol.grad, "dq from the reference's forward"));
+  EXPECT_TRUE(all_close(score_weight(from_ref.dscore), score_weight(r.dscore), tol.param,
                         "dweight from the reference's forward"));
+}
+
+// Both kinds on sizes `s` against the reference: the kind's weight seeded score_seed, the masks
+// `add_masks` sets, inputs seeded input_seed; `note` ends the trace line.
+void expect_kinds_match_reference(const Sizes& s, uint64_t score_seed, uint64_t input_seed,
+                                  const std::function<void(AttentionParams&)>& add_masks = {},
+                                  const std::string& note = "") {
+  for (Kind kind : kKinds) {
+    SCOPED_TRACE(std::string(kind_name(kind)) + " " + label(s) + note);
+    AttentionParams p;
+    p.score = make_score(kind, s, DType::f32, score_seed);
+    if (add_masks) add_masks(p);
+    expect_matches_reference(s, make_inputs(s, DType::f32, input_seed), p);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -127,59 +109,27 @@ TEST(DotFormScores, LengthSweep) {
   // Every (Tq, Tk) from {1, 16, 127, 128, 129}: Tq < 16 runs the composed/decode paths, the rest
   // the fused kernels with partial tiles (48 query rows) and key blocks on both sides of 128.
   const int64_t lengths[] = {1, 16, 127, 128, 129};
-  for (Kind kind : kKinds)
-    for (int64_t tq : lengths)
-      for (int64_t tk : lengths) {
-        Sizes s;
-        s.Tq = tq;
-        s.Tk = tk;
-        s.Dq = s.Dk = 3;
-        s.Dv = 5;
-        SCOPED_TRACE(std::string(kind_name(kind)) + " " + label(s));
-        AttentionParams p;
-        p.score = make_score(kind, s, DType::f32, 10);
-        expect_matches_reference(s, make_inputs(s, DType::f32, 20), p);
-      }
+  for (int64_t tq : lengths)
+    for (int64_t tk : lengths)
+      expect_kinds_match_reference({.Hq = 2, .Tq = tq, .Tk = tk, .Dq = 3, .Dk = 3, .Dv = 5}, 10,
+                                   20);
 }
 
 TEST(DotFormScores, NoKeys) {
   // Tk = 0: every row is fully masked; out 0, lse -inf, every gradient 0.
-  for (Kind kind : kKinds)
-    for (int64_t tq : {16, 129}) {
-      Sizes s;
-      s.Tq = tq;
-      s.Tk = 0;
-      SCOPED_TRACE(std::string(kind_name(kind)) + " " + label(s));
-      AttentionParams p;
-      p.score = make_score(kind, s, DType::f32, 30);
-      expect_matches_reference(s, make_inputs(s, DType::f32, 40), p);
-    }
+  for (int64_t tq : {16, 129})
+    expect_kinds_match_reference({.Hq = 2, .Tq = tq, .Tk = 0, .Dq = 8, .Dk = 8, .Dv = 6}, 30, 40);
 }
 
 TEST(DotFormScores, HeadWidthSweep) {
-  for (Kind kind : kKinds)
-    for (int64_t width : {1, 3, 59, 64}) {
-      Sizes s;
-      s.Tq = 40;
-      s.Tk = 57;
-      s.Dq = s.Dk = width;
-      s.Dv = width == 59 ? 3 : 7;
-      SCOPED_TRACE(std::string(kind_name(kind)) + " " + label(s));
-      AttentionParams p;
-      p.score = make_score(kind, s, DType::f32, 50);
-      expect_matches_reference(s, make_inputs(s, DType::f32, 60), p);
-    }
+  for (int64_t width : {1, 3, 59, 64})
+    expect_kinds_match_reference(
+        {.Hq = 2, .Tq = 40, .Tk = 57, .Dq = width, .Dk = width, .Dv = width == 59 ? 3 : 7}, 50, 60);
 }
 
 TEST(DotFormScores, LocationWithDifferentKeyWidth) {
   // The location score never reads the keys, so Dk is free; dk must be all zero.
-  Sizes s;
-  s.B = 2;
-  s.Tq = 33;
-  s.Tk = 45;
-  s.Dq = 7;
-  s.Dk = 13;
-  s.Dv = 4;
+  const Sizes s{.B = 2, .Hq = 2, .Tq = 33, .Tk = 45, .Dq = 7, .Dk = 13, .Dv = 4};
   SCOPED_TRACE(label(s));
   AttentionParams p;
   p.score = make_score(Kind::location, s, DType::f32, 70);
@@ -194,56 +144,31 @@ TEST(DotFormScores, GroupedHeadsCausalAndLengths) {
   // Keys are per kv head; trilinear's w2.k_j term and location's keys must reach every query
   // head of the group, and dk / dweight sum over them. Batch 1 has no keys (fully masked rows),
   // batch 0 hides some queries.
-  for (Kind kind : kKinds)
-    for (int64_t hkv : {1, 2, 4})
-      for (Alignment alignment : {Alignment::top_left, Alignment::bottom_right}) {
-        Sizes s;
-        s.B = 2;
-        s.Hq = 4;
-        s.Hkv = hkv;
-        s.Tq = 37;
-        s.Tk = 50;
-        s.Dq = s.Dk = 5;
-        s.Dv = 6;
-        SCOPED_TRACE(std::string(kind_name(kind)) + " " + label(s) +
-                     (alignment == Alignment::top_left ? " top-left" : " bottom-right"));
-        AttentionParams p;
-        p.score = make_score(kind, s, DType::f32, 90);
-        p.mask.causal = true;
-        p.mask.alignment = alignment;
-        p.mask.key_lengths = {41, 0};
-        p.mask.query_lengths = {30, 37};
-        expect_matches_reference(s, make_inputs(s, DType::f32, 100), p);
-      }
+  for (int64_t hkv : {1, 2, 4})
+    for (Alignment alignment : {Alignment::top_left, Alignment::bottom_right})
+      expect_kinds_match_reference(
+          {.B = 2, .Hq = 4, .Hkv = hkv, .Tq = 37, .Tk = 50, .Dq = 5, .Dk = 5, .Dv = 6}, 90, 100,
+          [&](AttentionParams& p) {
+            p.mask.causal = true;
+            p.mask.alignment = alignment;
+            p.mask.key_lengths = {41, 0};
+            p.mask.query_lengths = {30, 37};
+          },
+          alignment == Alignment::top_left ? " top-left" : " bottom-right");
 }
 
 TEST(DotFormScores, WindowAndAlibi) {
-  for (Kind kind : kKinds) {
-    Sizes s;
-    s.Hq = 4;
-    s.Hkv = 2;
-    s.Tq = 64;
-    s.Tk = 80;
-    SCOPED_TRACE(std::string(kind_name(kind)) + " " + label(s));
-    AttentionParams p;
-    p.score = make_score(kind, s, DType::f32, 110);
+  const Sizes s{.Hq = 4, .Hkv = 2, .Tq = 64, .Tk = 80, .Dq = 8, .Dk = 8, .Dv = 6};
+  expect_kinds_match_reference(s, 110, 120, [&](AttentionParams& p) {
     p.mask.window = Window{20, 5};
     p.mask.alibi_slopes = alibi_slopes(s.Hq);
-    expect_matches_reference(s, make_inputs(s, DType::f32, 120), p);
-  }
+  });
 }
 
 TEST(DotFormScores, TrilinearWithUserBias) {
   // The user's bias is added to the trilinear score as given, and its gradient is reduced to its
   // own broadcast shape.
-  Sizes s;
-  s.B = 2;
-  s.Hq = 4;
-  s.Hkv = 2;
-  s.Tq = 24;
-  s.Tk = 29;
-  s.Dq = s.Dk = 6;
-  s.Dv = 5;
+  const Sizes s{.B = 2, .Hq = 4, .Hkv = 2, .Tq = 24, .Tk = 29, .Dq = 6, .Dk = 6, .Dv = 5};
   const Shape shapes[] = {{s.Tk}, {s.B, 1, 1, s.Tk}, {s.B, s.Hq, s.Tq, s.Tk}, {s.Hq, 1, 1},
                           {s.Tq, 1}};
   for (const Shape& shape : shapes) {
@@ -259,23 +184,13 @@ TEST(DotFormScores, TrilinearWithUserBias) {
 TEST(DotFormScores, RowsMaskedByAnInfiniteBias) {
   // A row whose every score is -inf through the bias counts as fully masked: out 0, lse -inf,
   // zero gradients, also for trilinear's row and column terms.
-  for (Kind kind : kKinds) {
-    Sizes s;
-    s.B = 2;
-    s.Hq = 2;
-    s.Tq = 20;
-    s.Tk = 18;
-    SCOPED_TRACE(std::string(kind_name(kind)) + " " + label(s));
-    AttentionParams p;
-    p.score = make_score(kind, s, DType::f32, 160);
-    Tensor bias = random_tensor({s.B, s.Hq, s.Tq, s.Tk}, DType::f32, 170);
-    for (int64_t j = 0; j < s.Tk; ++j) {
-      bias.set({1, 0, 3, j}, -std::numeric_limits<double>::infinity());
-      bias.set({0, 1, 19, j}, -std::numeric_limits<double>::infinity());
-    }
-    p.mask.bias = bias;
-    expect_matches_reference(s, make_inputs(s, DType::f32, 180), p);
+  const Sizes s{.B = 2, .Hq = 2, .Tq = 20, .Tk = 18, .Dq = 8, .Dk = 8, .Dv = 6};
+  Tensor bias = random_tensor({s.B, s.Hq, s.Tq, s.Tk}, DType::f32, 170);
+  for (int64_t j = 0; j < s.Tk; ++j) {
+    bias.set({1, 0, 3, j}, -std::numeric_limits<double>::infinity());
+    bias.set({0, 1, 19, j}, -std::numeric_limits<double>::infinity());
   }
+  expect_kinds_match_reference(s, 160, 180, [&](AttentionParams& p) { p.mask.bias = bias; });
 }
 
 TEST(DotFormScores, NaNKeyPaddingDoesNotLeak) {
@@ -283,45 +198,35 @@ TEST(DotFormScores, NaNKeyPaddingDoesNotLeak) {
   // read, so nothing may reach the outputs or any gradient (0 * NaN in trilinear's w2 gradient
   // sum would). The result must equal the reference run with zero padding.
   // (NaN in hidden query rows is left out: the flash backward itself lets it into dq, dk, dv.)
+  const Sizes s{.B = 2, .Hq = 4, .Hkv = 2, .Tq = 30, .Tk = 40, .Dq = 8, .Dk = 8, .Dv = 6};
+  // Batch 1's keys from 25 on (past its key length) set to `value` in k and v.
+  auto fill_hidden_keys = [&](Inputs& in, double value) {
+    for (int64_t h = 0; h < s.Hkv; ++h)
+      for (int64_t j = 25; j < s.Tk; ++j) {
+        for (int64_t c = 0; c < s.Dk; ++c) in.k.set({1, h, j, c}, value);
+        for (int64_t c = 0; c < s.Dv; ++c) in.v.set({1, h, j, c}, value);
+      }
+  };
+  const testing::ProblemTolerances tol = tolerances(s);
   for (Kind kind : kKinds) {
-    Sizes s;
-    s.B = 2;
-    s.Hq = 4;
-    s.Hkv = 2;
-    s.Tq = 30;
-    s.Tk = 40;
     SCOPED_TRACE(std::string(kind_name(kind)) + " " + label(s));
     AttentionParams p;
     p.score = make_score(kind, s, DType::f32, 175);
     p.mask.key_lengths = {40, 25};
     p.mask.query_lengths = {22, 30};
     Inputs zeroed = make_inputs(s, DType::f32, 185);
-    for (int64_t h = 0; h < s.Hkv; ++h)
-      for (int64_t j = 25; j < s.Tk; ++j) {
-        for (int64_t c = 0; c < s.Dk; ++c) zeroed.k.set({1, h, j, c}, 0.0);
-        for (int64_t c = 0; c < s.Dv; ++c) zeroed.v.set({1, h, j, c}, 0.0);
-      }
+    fill_hidden_keys(zeroed, 0.0);
     Inputs poisoned{zeroed.q, zeroed.k.clone(), zeroed.v.clone(), zeroed.dout};
-    const double nan = std::numeric_limits<double>::quiet_NaN();
-    for (int64_t h = 0; h < s.Hkv; ++h)
-      for (int64_t j = 25; j < s.Tk; ++j) {
-        for (int64_t c = 0; c < s.Dk; ++c) poisoned.k.set({1, h, j, c}, nan);
-        for (int64_t c = 0; c < s.Dv; ++c) poisoned.v.set({1, h, j, c}, nan);
-      }
-    const Terms terms = terms_for(s);
+    fill_hidden_keys(poisoned, std::numeric_limits<double>::quiet_NaN());
     const AttentionOutput fast = attention(poisoned.q, poisoned.k, poisoned.v, p);
     const AttentionOutput ref = reference::attention(zeroed.q, zeroed.k, zeroed.v, p);
-    EXPECT_TRUE(all_close(fast.out, ref.out, tolerance_for(DType::f32, terms.forward), "out"));
+    EXPECT_TRUE(all_close(fast.out, ref.out, tol.forward, "out"));
     const AttentionGrads g =
         attention_backward(poisoned.q, poisoned.k, poisoned.v, p, fast, poisoned.dout);
     const AttentionGrads r =
         reference::attention_backward(zeroed.q, zeroed.k, zeroed.v, p, ref, zeroed.dout);
-    const Tolerance grad = tolerance_for(DType::f32, terms.grad);
-    EXPECT_TRUE(all_close(g.dq, r.dq, grad, "dq"));
-    EXPECT_TRUE(all_close(g.dk, r.dk, grad, "dk"));
-    EXPECT_TRUE(all_close(g.dv, r.dv, grad, "dv"));
-    EXPECT_TRUE(all_close(score_weight(g.dscore), score_weight(r.dscore),
-                          tolerance_for(DType::f32, terms.param), "dweight"));
+    testing::expect_input_grads_match(g, r, tol);
+    EXPECT_TRUE(testing::compare_scores(g.dscore, r.dscore, tol.param, "dscore"));
   }
 }
 
@@ -375,16 +280,9 @@ Inputs location_dot_form(const Inputs& in, const Tensor& weight) {
 // Tq = 50 takes the flash kernels; Tq = 3 (a few decoder steps) the decode kernel, forward only
 // (the backward of so few rows is the composed path's).
 TEST(DotFormScores, FusedRouteEqualsTheDotFormsKernel) {
-  Sizes s;
-  s.B = 2;
-  s.Hq = 4;
-  s.Hkv = 2;
-  s.Tk = 70;
-  s.Dq = s.Dk = 9;
-  s.Dv = 5;
   const Tolerance exact{};
   for (int64_t tq : {50, 3}) {
-    s.Tq = tq;
+    const Sizes s{.B = 2, .Hq = 4, .Hkv = 2, .Tq = tq, .Tk = 70, .Dq = 9, .Dk = 9, .Dv = 5};
     for (Kind kind : kKinds) {
       SCOPED_TRACE(std::string(kind_name(kind)) + " " + label(s));
       Inputs in = make_inputs(s, DType::f32, 190);
@@ -426,15 +324,8 @@ TEST(DotFormScores, WeightGradientsMatchFiniteDifferences) {
   // The loss sum(out * dout) is evaluated by the float64 reference; the analytic gradient is the
   // fused float32 backward's. Trilinear's first third (w1) must come out 0: its row term cancels
   // in the softmax, so the loss does not depend on it.
-  Sizes s;
-  s.B = 2;
-  s.Hq = 4;
-  s.Hkv = 2;
-  s.Tq = 24;
-  s.Tk = 37;
-  s.Dq = s.Dk = 6;
-  s.Dv = 5;
-  const Tolerance tol = tolerance_for(DType::f32, terms_for(s).param);
+  const Sizes s{.B = 2, .Hq = 4, .Hkv = 2, .Tq = 24, .Tk = 37, .Dq = 6, .Dk = 6, .Dv = 5};
+  const Tolerance tol = tolerances(s).param;
   for (Kind kind : kKinds) {
     SCOPED_TRACE(std::string(kind_name(kind)) + " " + label(s));
     const Inputs in = make_inputs(s, DType::f32, 210);

@@ -11,7 +11,6 @@
 #include <omp.h>
 
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <string>
 #include <vector>
@@ -21,12 +20,13 @@
 #include "attn/reference.h"
 #include "kernels/flash_attention.h"
 #include "kernels/simd_target.h"
+#include "support/bitwise_equal.h"
 #include "support/fused_checks.h"
 #include "support/simd_targets.h"
 #include "support/test_support.h"
 
 // GCC 12 warns about members left to their default initialisers in designated initialisers
-// (GCC bug 96868); every member of Case below has a default.
+// (GCC bug 96868); every member of Case (FlashCase) has a default.
 #pragma GCC diagnostic ignored "-Wmissing-field-initializers"
 
 namespace {
@@ -38,24 +38,7 @@ using attn::kernels::FlashAttentionArgs;
 
 constexpr int64_t kUnbounded = attn::Window::unbounded;
 
-struct Case {
-  int64_t B = 1, Hq = 2, Hkv = 1, Tq = 0, Tk = 0, D = 0, Dv = 0;
-  double scale = 0.0;  // 0: 1 / sqrt(D)
-  std::vector<int64_t> key_lengths, query_lengths;
-  bool causal = false, bottom_right = false;
-  int64_t left = kUnbounded, right = kUnbounded;
-  Shape bias_shape;     // empty: no bias; right-aligned broadcast against [B, Hq, Tq, Tk]
-  double bias_range = 1.0;
-  bool alibi = false;
-  uint64_t seed = 1;
-
-  std::string str() const {
-    std::string s = attn::testing::sizes_str(*this) + attn::testing::interval_masks_str(*this);
-    if (!bias_shape.empty()) s += " bias" + attn::shape_str(bias_shape);
-    if (alibi) s += " alibi";
-    return s;
-  }
-};
+using Case = attn::testing::FlashCase;
 
 struct Inputs {
   Tensor q, k, v, bias;
@@ -73,10 +56,6 @@ Inputs make_inputs(const Case& c) {
   if (c.alibi)
     for (int64_t h = 0; h < c.Hq; ++h) in.slopes.push_back(std::ldexp(1.0f, -(int)(h + 1)));
   return in;
-}
-
-double scale_of(const Case& c) {
-  return c.scale != 0.0 ? c.scale : 1.0 / std::sqrt(static_cast<double>(std::max<int64_t>(c.D, 1)));
 }
 
 // The bias dimension sizes right-aligned to 4 (missing leading dimensions are 1).
@@ -103,7 +82,7 @@ Result run_kernel(const Case& c, const Inputs& in) {
   a.lse = r.lse.data<float>();
   a.batch = c.B, a.q_heads = c.Hq, a.kv_heads = c.Hkv, a.q_len = c.Tq, a.k_len = c.Tk;
   a.head_dim = c.D, a.value_dim = c.Dv;
-  a.scale = static_cast<float>(scale_of(c));
+  a.scale = static_cast<float>(c.scale_value());
   a.key_lengths = c.key_lengths.empty() ? nullptr : c.key_lengths.data();
   a.query_lengths = c.query_lengths.empty() ? nullptr : c.query_lengths.data();
   a.causal = c.causal, a.bottom_right = c.bottom_right;
@@ -134,7 +113,7 @@ Result run_reference(const Case& c, const Inputs& in) {
   const float* v = in.v.data<float>();
   double* out = r.out.data<double>();
   double* lse = r.lse.data<double>();
-  const double scale = scale_of(c);
+  const double scale = c.scale_value();
   const std::vector<int64_t> bd = bias_dims4(c.bias_shape);
   const int64_t G = c.Hq / c.Hkv;
   std::vector<double> s(static_cast<size_t>(c.Tk));
@@ -330,9 +309,8 @@ TEST_P(FlashAttentionTest, BitwiseReproducibleAcrossThreadCounts) {
   const Result single = run_kernel(c, in);
   omp_set_num_threads(threads);
   const Result again = run_kernel(c, in);
-  const size_t bytes = static_cast<size_t>(first.out.numel()) * sizeof(float);
-  EXPECT_EQ(std::memcmp(first.out.data<float>(), single.out.data<float>(), bytes), 0);
-  EXPECT_EQ(std::memcmp(first.out.data<float>(), again.out.data<float>(), bytes), 0);
+  EXPECT_TRUE(attn::testing::bitwise_equal(first.out, single.out, "out with one thread"));
+  EXPECT_TRUE(attn::testing::bitwise_equal(first.out, again.out, "out again"));
 }
 
 ATTN_INSTANTIATE_ON_EVERY_SIMD_TARGET(FlashAttentionTest);

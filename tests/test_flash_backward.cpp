@@ -20,7 +20,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <memory>
 #include <ostream>
@@ -34,12 +33,13 @@
 #include "kernels/attention_composed.h"
 #include "kernels/flash_backward.h"
 #include "kernels/simd_target.h"
+#include "support/bitwise_equal.h"
 #include "support/fused_checks.h"
 #include "support/simd_targets.h"
 #include "support/test_support.h"
 
 // GCC 12 warns about members left to their default initialisers in designated initialisers
-// (GCC bug 96868); every member of Case below has a default.
+// (GCC bug 96868); every member of Case (FlashCase) has a default.
 #pragma GCC diagnostic ignored "-Wmissing-field-initializers"
 
 namespace {
@@ -50,56 +50,19 @@ using attn::Tensor;
 
 constexpr int64_t kUnbounded = attn::Window::unbounded;
 
-struct Case {
-  int64_t B = 1, Hq = 2, Hkv = 1, Tq = 0, Tk = 0, D = 0, Dv = 0;
-  double scale = 0.0;  // 0: ScaledDotScore's default 1 / sqrt(D); < 0: DotScore (scale 1)
-  std::vector<int64_t> key_lengths, query_lengths;
-  bool causal = false, bottom_right = false;
-  int64_t left = kUnbounded, right = kUnbounded;
-  Shape bias_shape;  // empty: no bias; right-aligned broadcast against [B, Hq, Tq, Tk]
-  double bias_range = 1.0;
-  bool alibi = false;
-  uint64_t seed = 1;
-
-  std::string str() const {
-    std::string s = attn::testing::sizes_str(*this) + attn::testing::interval_masks_str(*this);
-    if (scale < 0.0) s += " dot";
-    if (!bias_shape.empty()) s += " bias" + attn::shape_str(bias_shape);
-    if (alibi) s += " alibi";
-    return s;
-  }
-
-  double scale_value() const {
-    if (scale < 0.0) return 1.0;
-    return scale != 0.0 ? scale : 1.0 / std::sqrt(static_cast<double>(std::max<int64_t>(D, 1)));
-  }
-};
-
-struct Problem {
-  Tensor q, k, v, dout;
-  attn::AttentionParams params;
-  attn::detail::AttentionDims dims;
-};
+using Case = attn::testing::FlashCase;
+using Problem = attn::testing::FusedProblem;
 
 Problem make_problem(const Case& c) {
-  Problem p;
-  p.q = attn::testing::random_tensor({c.B, c.Hq, c.Tq, c.D}, DType::f32, c.seed);
-  p.k = attn::testing::random_tensor({c.B, c.Hkv, c.Tk, c.D}, DType::f32, c.seed + 1);
-  p.v = attn::testing::random_tensor({c.B, c.Hkv, c.Tk, c.Dv}, DType::f32, c.seed + 2);
-  p.dout = attn::testing::random_tensor({c.B, c.Hq, c.Tq, c.Dv}, DType::f32, c.seed + 3);
-  if (c.scale < 0.0)
-    p.params.score = attn::DotScore{};
-  else
-    p.params.score = attn::ScaledDotScore{c.scale == 0.0 ? std::nullopt
-                                                         : std::optional<double>(c.scale)};
-  attn::Mask& m = p.params.mask;
-  attn::testing::set_interval_masks(c, m);
-  if (!c.bias_shape.empty())
-    m.bias = attn::testing::random_tensor(c.bias_shape, DType::f32, c.seed + 4, -c.bias_range,
-                                          c.bias_range);
-  if (c.alibi) m.alibi_slopes = attn::alibi_slopes(c.Hq);
-  p.dims = attn::detail::validate_attention("attention_backward", p.q, p.k, p.v, p.params);
-  return p;
+  return attn::testing::make_fused_problem(c, [&](attn::AttentionParams& params) {
+    if (c.scale < 0.0)
+      params.score = attn::DotScore{};
+    else
+      params.score = attn::ScaledDotScore{c.scale == 0.0 ? std::nullopt
+                                                       : std::optional<double>(c.scale)};
+    params.mask.bias = attn::testing::random_bias(c, c.bias_range);
+    if (c.alibi) params.mask.alibi_slopes = attn::alibi_slopes(c.Hq);
+  });
 }
 
 attn::AttentionGrads run_fused(const Problem& p, const attn::AttentionOutput& forward) {
@@ -246,20 +209,19 @@ TEST_P(FlashBackwardTest, RunToRunBitwiseIdentical) {
   const int threads = omp_get_max_threads();
   const attn::AttentionGrads first = run_fused(p, fwd);
   const attn::AttentionGrads second = run_fused(p, fwd);
+  using attn::testing::bitwise_equal;
   for (const auto& [a, b, name] : {std::tuple{first.dq, second.dq, "dq"},
                                    std::tuple{first.dk, second.dk, "dk"},
                                    std::tuple{first.dv, second.dv, "dv"},
                                    std::tuple{first.dbias, second.dbias, "dbias"}})
-    EXPECT_EQ(std::memcmp(a.data<float>(), b.data<float>(), a.numel() * sizeof(float)), 0)
+    EXPECT_TRUE(bitwise_equal(a, b, name))
         << name << " differs between two runs with " << threads << " threads";
   // dK and dV are owned by one work item each: identical for any thread count too.
   omp_set_num_threads(1);
   const attn::AttentionGrads single = run_fused(p, fwd);
   omp_set_num_threads(threads);
-  EXPECT_EQ(std::memcmp(single.dk.data<float>(), first.dk.data<float>(),
-                        first.dk.numel() * sizeof(float)), 0);
-  EXPECT_EQ(std::memcmp(single.dv.data<float>(), first.dv.data<float>(),
-                        first.dv.numel() * sizeof(float)), 0);
+  EXPECT_TRUE(bitwise_equal(single.dk, first.dk, "dk with one thread"));
+  EXPECT_TRUE(bitwise_equal(single.dv, first.dv, "dv with one thread"));
 }
 
 ATTN_INSTANTIATE_ON_EVERY_SIMD_TARGET(FlashBackwardTest);

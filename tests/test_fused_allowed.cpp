@@ -8,7 +8,6 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <string>
 #include <vector>
@@ -18,6 +17,7 @@
 #include "attn/reference.h"
 #include "kernels/flash_attention.h"
 #include "kernels/flash_backward.h"
+#include "support/bitwise_equal.h"
 #include "support/fused_checks.h"
 #include "support/simd_targets.h"
 #include "support/test_support.h"
@@ -28,7 +28,6 @@
 
 namespace {
 
-using attn::AttentionGrads;
 using attn::AttentionOutput;
 using attn::DType;
 using attn::Shape;
@@ -59,12 +58,6 @@ struct Case {
   double drop_scale() const { return 1.0 / (1.0 - dropout); }
 };
 
-struct Problem {
-  Tensor q, k, v, dout;
-  attn::AttentionParams params;
-  attn::detail::AttentionDims dims;
-};
-
 Tensor random_mask(const Case& c) {
   const Tensor u = attn::testing::random_tensor(c.allowed_shape, DType::f64, c.seed + 5, 0, 1);
   Tensor m = Tensor::empty(c.allowed_shape, DType::b8);
@@ -79,20 +72,14 @@ Tensor random_mask(const Case& c) {
   return m;
 }
 
-Problem make_problem(const Case& c) {
-  Problem p;
-  auto [q, k, v, dout] = attn::testing::random_qkv(c);
-  p.q = q, p.k = k, p.v = v, p.dout = dout;
-  p.params.score = attn::ScaledDotScore{};
-  attn::testing::set_interval_masks(c, p.params.mask);
-  p.params.mask.allowed = random_mask(c);
-  if (!c.bias_shape.empty())
-    p.params.mask.bias =
-        attn::testing::random_tensor(c.bias_shape, DType::f32, c.seed + 4, -1.0, 1.0);
-  p.params.dropout = {c.dropout, 77 + c.seed};
-  p.params.return_weights = true;
-  p.dims = attn::detail::validate_attention("attention", p.q, p.k, p.v, p.params);
-  return p;
+attn::testing::FusedProblem make_problem(const Case& c) {
+  return attn::testing::make_fused_problem(c, [&](attn::AttentionParams& params) {
+    params.score = attn::ScaledDotScore{};
+    params.mask.allowed = random_mask(c);
+    params.mask.bias = attn::testing::random_bias(c, 1.0);
+    params.dropout = {c.dropout, 77 + c.seed};
+    params.return_weights = true;
+  });
 }
 
 class FusedAllowedTest
@@ -100,17 +87,10 @@ class FusedAllowedTest
  protected:
   void check(const Case& c) {
     SCOPED_TRACE(target_label() + ": " + c.str());
-    const Problem p = make_problem(c);
+    const attn::testing::FusedProblem p = make_problem(c);
     ASSERT_TRUE(attn::kernels::flash_attention_supported(DType::f32, p.params));
     ASSERT_TRUE(attn::kernels::flash_backward_supported(DType::f32, p.params));
-    const AttentionOutput got = attn::kernels::flash_attention(p.dims, p.q, p.k, p.v, p.params);
-    const AttentionGrads got_g = attn::kernels::flash_attention_backward(
-        p.dims, p.q, p.k, p.v, p.params, got, p.dout);
-    const AttentionOutput want = attn::reference::attention(p.q, p.k, p.v, p.params);
-    const AttentionGrads want_g =
-        attn::reference::attention_backward(p.q, p.k, p.v, p.params, want, p.dout);
-    attn::testing::expect_forward_close(got, want, attn::testing::unit_input_bound(c));
-    attn::testing::expect_grads_close(got_g, want_g, attn::testing::unit_input_bound(c));
+    const auto [got, want, got_g, want_g] = attn::testing::expect_fused_matches_reference(c, p);
     // Entries the mask hides: weights exactly 0; rows it hides entirely: out and dq exactly 0.
     const std::vector<double> w = want.weights.to_vector(), gw = got.weights.to_vector();
     for (size_t e = 0; e < w.size(); ++e) {
@@ -173,13 +153,10 @@ ATTN_INSTANTIATE_ON_EVERY_SIMD_TARGET(FusedAllowedTest);
 TEST(FusedAllowedFrontEnd, DispatchesToFusedKernels) {
   const Case c{.Hq = 4, .Hkv = 2, .Tq = 64, .Tk = 100, .D = 32, .Dv = 16,
                .allowed_shape = {2, 1, 64, 100}, .causal = true};
-  const Problem p = make_problem(c);
+  const attn::testing::FusedProblem p = make_problem(c);
   const AttentionOutput front = attn::attention(p.q, p.k, p.v, p.params);
   const AttentionOutput fused = attn::kernels::flash_attention(p.dims, p.q, p.k, p.v, p.params);
-  ASSERT_EQ(front.out.numel(), fused.out.numel());
-  EXPECT_EQ(std::memcmp(front.out.data<float>(), fused.out.data<float>(),
-                        static_cast<size_t>(front.out.numel()) * sizeof(float)),
-            0);
+  EXPECT_TRUE(attn::testing::bitwise_equal(front.out, fused.out, "out"));
 }
 
 }  // namespace

@@ -20,6 +20,7 @@
 #include "kernels/dropout_mask.h"
 #include "kernels/flash_attention.h"
 #include "kernels/flash_backward.h"
+#include "support/bitwise_equal.h"
 #include "support/fused_checks.h"
 #include "support/simd_targets.h"
 #include "support/test_support.h"
@@ -57,34 +58,16 @@ struct Case {
   double drop_scale() const { return 1.0 / (1.0 - p); }
 };
 
-struct Problem {
-  Tensor q, k, v, dout;
-  AttentionParams params;
-  attn::detail::AttentionDims dims;
-};
+using attn::testing::FusedProblem;
+using attn::testing::fused_backward;
+using attn::testing::fused_forward;
 
-Problem make_problem(const Case& c) {
-  Problem p;
-  auto [q, k, v, dout] = attn::testing::random_qkv(c);
-  p.q = q, p.k = k, p.v = v, p.dout = dout;
-  p.params.score = attn::ScaledDotScore{};
-  attn::testing::set_interval_masks(c, p.params.mask);
-  if (!c.bias_shape.empty())
-    p.params.mask.bias =
-        attn::testing::random_tensor(c.bias_shape, DType::f32, c.seed + 4, -1.0, 1.0);
-  p.params.dropout = {c.p, 1000 + c.seed};
-  p.dims = attn::detail::validate_attention("attention", p.q, p.k, p.v, p.params);
-  return p;
-}
-
-// The fused glue, called directly so that every Tq runs on the fused kernels.
-AttentionOutput fused_forward(const Problem& p) {
-  EXPECT_TRUE(attn::kernels::flash_attention_supported(DType::f32, p.params));
-  return attn::kernels::flash_attention(p.dims, p.q, p.k, p.v, p.params);
-}
-AttentionGrads fused_backward(const Problem& p, const AttentionOutput& fwd) {
-  EXPECT_TRUE(attn::kernels::flash_backward_supported(DType::f32, p.params));
-  return attn::kernels::flash_attention_backward(p.dims, p.q, p.k, p.v, p.params, fwd, p.dout);
+FusedProblem make_problem(const Case& c) {
+  return attn::testing::make_fused_problem(c, [&](AttentionParams& params) {
+    params.score = attn::ScaledDotScore{};
+    params.mask.bias = attn::testing::random_bias(c, 1.0);
+    params.dropout = {c.p, 1000 + c.seed};
+  });
 }
 
 class FusedDropoutTest
@@ -92,14 +75,7 @@ class FusedDropoutTest
  protected:
   void check(const Case& c) {
     SCOPED_TRACE(target_label() + ": " + c.str());
-    const Problem p = make_problem(c);
-    const AttentionOutput got = fused_forward(p);
-    const AttentionGrads got_g = fused_backward(p, got);
-    const AttentionOutput want = attn::reference::attention(p.q, p.k, p.v, p.params);
-    const AttentionGrads want_g =
-        attn::reference::attention_backward(p.q, p.k, p.v, p.params, want, p.dout);
-    attn::testing::expect_forward_close(got, want, attn::testing::unit_input_bound(c));
-    attn::testing::expect_grads_close(got_g, want_g, attn::testing::unit_input_bound(c));
+    attn::testing::expect_fused_matches_reference(c, make_problem(c));
   }
 };
 
@@ -132,13 +108,11 @@ TEST_P(FusedDropoutTest, FullyMaskedRows) {
 // lse is the statistic before dropout: bitwise the same with and without it.
 TEST_P(FusedDropoutTest, LseUnaffected) {
   const Case c{.Hq = 2, .Tq = 129, .Tk = 129, .causal = true, .p = 0.5};
-  Problem p = make_problem(c);
+  FusedProblem p = make_problem(c);
   const AttentionOutput with = fused_forward(p);
   p.params.dropout = {};
   const AttentionOutput without = fused_forward(p);
-  EXPECT_EQ(std::memcmp(with.lse.data<float>(), without.lse.data<float>(),
-                        static_cast<size_t>(with.lse.numel()) * sizeof(float)),
-            0);
+  EXPECT_TRUE(attn::testing::bitwise_equal(with.lse, without.lse, "lse"));
 }
 
 // The keep pattern, element by element: with V the identity (Tk = Dv), out[i][j] is the dropped
@@ -147,7 +121,7 @@ TEST_P(FusedDropoutTest, LseUnaffected) {
 TEST_P(FusedDropoutTest, SameKeepPatternAsComposed) {
   const Case c{.B = 2, .Hq = 3, .Tq = 129, .Tk = 130, .D = 16, .Dv = 130, .causal = true,
                .bottom_right = true, .p = 0.5};
-  Problem p = make_problem(c);
+  FusedProblem p = make_problem(c);
   std::vector<float> eye(static_cast<size_t>(c.B * c.Tk * c.Tk), 0.0f);
   for (int64_t b = 0; b < c.B; ++b)
     for (int64_t j = 0; j < c.Tk; ++j) eye[static_cast<size_t>((b * c.Tk + j) * c.Tk + j)] = 1.0f;
@@ -214,20 +188,15 @@ TEST(DropoutMask, MatchesRandomH) {
 TEST(FusedDropoutFrontEnd, DispatchesToFusedKernels) {
   const Case c{.B = 2, .Hq = 4, .Hkv = 2, .Tq = 64, .Tk = 100, .D = 32, .Dv = 16,
                .causal = true, .p = 0.3};
-  const Problem p = make_problem(c);
+  const FusedProblem p = make_problem(c);
   const AttentionOutput front = attn::attention(p.q, p.k, p.v, p.params);
   const AttentionOutput fused = fused_forward(p);
   const AttentionGrads front_g =
       attn::attention_backward(p.q, p.k, p.v, p.params, front, p.dout);
   const AttentionGrads fused_g = fused_backward(p, fused);
-  const std::pair<const Tensor*, const Tensor*> pairs[] = {
-      {&front.out, &fused.out}, {&front_g.dk, &fused_g.dk}, {&front_g.dv, &fused_g.dv}};
-  for (auto [a, b] : pairs) {
-    ASSERT_EQ(a->numel(), b->numel());
-    EXPECT_EQ(std::memcmp(a->data<float>(), b->data<float>(),
-                          static_cast<size_t>(a->numel()) * sizeof(float)),
-              0);
-  }
+  EXPECT_TRUE(attn::testing::bitwise_equal(front.out, fused.out, "out"));
+  EXPECT_TRUE(attn::testing::bitwise_equal(front_g.dk, fused_g.dk, "dk"));
+  EXPECT_TRUE(attn::testing::bitwise_equal(front_g.dv, fused_g.dv, "dv"));
 }
 
 }  // namespace

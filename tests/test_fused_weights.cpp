@@ -12,7 +12,6 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <string>
 #include <vector>
@@ -23,6 +22,7 @@
 #include "attn/reference.h"
 #include "kernels/additive_attention.h"
 #include "kernels/flash_attention.h"
+#include "support/bitwise_equal.h"
 #include "support/fused_checks.h"
 #include "support/simd_targets.h"
 #include "support/test_support.h"
@@ -244,13 +244,10 @@ TEST(FusedWeightsFrontEnd, DispatchesToFusedKernels) {
     const Problem p = make_problem(c);
     const AttentionOutput front = attn::attention(p.q, p.k, p.v, p.params);
     const AttentionOutput fused = run_fused(c, p);
-    for (auto [a, b] : {std::pair{&front.out, &fused.out}, {&front.weights, &fused.weights},
-                        {&front.mean_weights, &fused.mean_weights}}) {
-      ASSERT_EQ(a->numel(), b->numel());
-      EXPECT_EQ(std::memcmp(a->data<float>(), b->data<float>(),
-                            static_cast<size_t>(a->numel()) * sizeof(float)),
-                0);
-    }
+    EXPECT_TRUE(attn::testing::bitwise_equal(front.out, fused.out, "out"));
+    EXPECT_TRUE(attn::testing::bitwise_equal(front.weights, fused.weights, "weights"));
+    EXPECT_TRUE(
+        attn::testing::bitwise_equal(front.mean_weights, fused.mean_weights, "mean_weights"));
   }
 }
 
@@ -266,12 +263,8 @@ TEST(FusedWeightsFrontEnd, OutputUnchangedByWeightsPass) {
     p.params.return_weights = false;
     const AttentionOutput without = run_fused(c, p);
     EXPECT_FALSE(without.weights.defined());
-    EXPECT_EQ(std::memcmp(with.out.data<float>(), without.out.data<float>(),
-                          static_cast<size_t>(with.out.numel()) * sizeof(float)),
-              0);
-    EXPECT_EQ(std::memcmp(with.lse.data<float>(), without.lse.data<float>(),
-                          static_cast<size_t>(with.lse.numel()) * sizeof(float)),
-              0);
+    EXPECT_TRUE(attn::testing::bitwise_equal(with.out, without.out, "out"));
+    EXPECT_TRUE(attn::testing::bitwise_equal(with.lse, without.lse, "lse"));
   }
 }
 

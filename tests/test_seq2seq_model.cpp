@@ -13,6 +13,7 @@
 #include "seq2seq/heatmap.h"
 #include "seq2seq/loss.h"
 #include "seq2seq/model.h"
+#include "support/decode_checks.h"
 #include "support/test_support.h"
 
 namespace {
@@ -242,15 +243,7 @@ TEST(Seq2SeqDecode, BeamOfOneIsGreedy) {
     const s2s::Seq2Seq model = s2s::Seq2Seq::create(model_config, 9);
     s2s::DecodeConfig config;
     config.max_length = 12;
-    for (const auto& pair : tiny_pairs(10, 11)) {
-      const s2s::Translation greedy = s2s::greedy_decode(model, {pair.source}, config)[0];
-      config.beam = 1;
-      const s2s::Translation beam = s2s::beam_decode(model, pair.source, config);
-      EXPECT_EQ(greedy.tokens, beam.tokens);
-      EXPECT_EQ(greedy.finished, beam.finished);
-      EXPECT_DOUBLE_EQ(greedy.log_prob, beam.log_prob);
-      EXPECT_EQ(greedy.alignment, beam.alignment);
-    }
+    attn::testing::expect_beam_of_one_is_greedy(model, tiny_pairs(10, 11), config);
   }
 }
 
@@ -275,16 +268,8 @@ TEST(Seq2SeqDecode, BeamHypothesisMatchesTeacherForcedLogProbWithTwoLayers) {
         const s2s::Batch batch = s2s::make_batch({{pair.source, best.tokens}}, {0});
         const s2s::ForwardResult f = model.forward(batch);
         const int64_t steps = static_cast<int64_t>(best.tokens.size()) + (best.finished ? 1 : 0);
-        double log_prob = 0.0;
-        for (int64_t t = 0; t < steps; ++t) {
-          const Tensor row = f.logits.select(0, t).select(0, 0);
-          const int64_t V = row.size(0);
-          double mx = row.get({0});
-          for (int64_t v = 1; v < V; ++v) mx = std::max(mx, row.get({v}));
-          double sum = 0.0;
-          for (int64_t v = 0; v < V; ++v) sum += std::exp(row.get({v}) - mx);
-          log_prob += row.get({batch.target_output[t]}) - mx - std::log(sum);
-        }
+        const double log_prob =
+            attn::testing::teacher_forced_log_prob(f.logits, batch.target_output, steps);
         // float32 logits through T steps: each step's log-probability carries the error of an
         // H-term reduction, and the search and the forward batch their GEMMs differently.
         const attn::testing::Tolerance tol = tolerance_for(DType::f32, model_config.hidden);

@@ -1,5 +1,7 @@
-// Error bounds and comparisons shared by the tests of the fused dot-product kernels (flash
-// forward and backward, with weights, dropout and boolean masks). Header-only.
+// Error bounds, comparisons and problem set-up shared by the tests of the fused dot-product
+// kernels (flash forward and backward, with weights, dropout and boolean masks): the bounds
+// below, random inputs of a case, the flash tests' case struct, a validated problem and the
+// fused glue run against the float64 reference. Header-only.
 //
 // Forward (error analysis of test_flash_attention.cpp): a score s = scale q.k + bias + alibi
 // carries an absolute error ~ u (sqrt(D) + |s|_max); a probability p_j changes by
@@ -15,10 +17,16 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <string>
+#include <vector>
 
+#include "attention_validate.h"
 #include "attn/attention.h"
+#include "attn/reference.h"
 #include "attn/tensor.h"
+#include "kernels/flash_attention.h"
+#include "kernels/flash_backward.h"
 #include "support/simd_targets.h"
 #include "support/test_support.h"
 
@@ -106,6 +114,93 @@ QkvTensors random_qkv(const Case& c) {
           random_tensor({c.B, c.Hkv, c.Tk, c.D}, DType::f32, c.seed + 1),
           random_tensor({c.B, c.Hkv, c.Tk, c.Dv}, DType::f32, c.seed + 2),
           random_tensor({c.B, c.Hq, c.Tq, c.Dv}, DType::f32, c.seed + 3)};
+}
+
+// The case's bias (fields bias_shape, seed): undefined when bias_shape is empty, else uniform
+// in [-range, range), seeded seed + 4 (after random_qkv's four tensors).
+template <class Case>
+Tensor random_bias(const Case& c, double range) {
+  if (c.bias_shape.empty()) return {};
+  return random_tensor(c.bias_shape, DType::f32, c.seed + 4, -range, range);
+}
+
+// A case of the flash kernels' tests (test_flash_attention, test_flash_backward): sizes, the
+// score's scale, interval masks, a broadcast bias and ALiBi.
+struct FlashCase {
+  int64_t B = 1, Hq = 2, Hkv = 1, Tq = 0, Tk = 0, D = 0, Dv = 0;
+  double scale = 0.0;  // 0: ScaledDotScore's default 1 / sqrt(D); < 0: DotScore (scale 1)
+  std::vector<int64_t> key_lengths, query_lengths;
+  bool causal = false, bottom_right = false;
+  int64_t left = Window::unbounded, right = Window::unbounded;
+  Shape bias_shape;  // empty: no bias; right-aligned broadcast against [B, Hq, Tq, Tk]
+  double bias_range = 1.0;
+  bool alibi = false;
+  uint64_t seed = 1;
+
+  std::string str() const {
+    std::string s = sizes_str(*this) + interval_masks_str(*this);
+    if (scale < 0.0) s += " dot";
+    if (!bias_shape.empty()) s += " bias" + shape_str(bias_shape);
+    if (alibi) s += " alibi";
+    return s;
+  }
+
+  double scale_value() const {
+    if (scale < 0.0) return 1.0;
+    return scale != 0.0 ? scale : 1.0 / std::sqrt(static_cast<double>(std::max<int64_t>(D, 1)));
+  }
+};
+
+// Inputs and parameters of a fused-kernel call, validated as the front-end would.
+struct FusedProblem {
+  Tensor q, k, v, dout;
+  AttentionParams params;
+  detail::AttentionDims dims;
+};
+
+// q, k, v, dout from random_qkv and the case's interval masks; `add_params` sets the score and
+// whatever else the test needs before the problem is validated.
+template <class Case>
+FusedProblem make_fused_problem(const Case& c,
+                                const std::function<void(AttentionParams&)>& add_params) {
+  FusedProblem p;
+  auto [q, k, v, dout] = random_qkv(c);
+  p.q = q, p.k = k, p.v = v, p.dout = dout;
+  set_interval_masks(c, p.params.mask);
+  add_params(p.params);
+  p.dims = detail::validate_attention("attention", p.q, p.k, p.v, p.params);
+  return p;
+}
+
+// The fused glue, called directly so that every Tq (also below the front-end's fused-path
+// threshold) runs on the fused kernels.
+inline AttentionOutput fused_forward(const FusedProblem& p) {
+  EXPECT_TRUE(kernels::flash_attention_supported(DType::f32, p.params));
+  return kernels::flash_attention(p.dims, p.q, p.k, p.v, p.params);
+}
+inline AttentionGrads fused_backward(const FusedProblem& p, const AttentionOutput& fwd) {
+  EXPECT_TRUE(kernels::flash_backward_supported(DType::f32, p.params));
+  return kernels::flash_attention_backward(p.dims, p.q, p.k, p.v, p.params, fwd, p.dout);
+}
+
+// A fused forward and backward and the float64 reference's, for further checks.
+struct FusedAndReference {
+  AttentionOutput got, want;
+  AttentionGrads got_grads, want_grads;
+};
+
+// Runs `p` on the fused kernels and on the reference and expects the forward (with weights when
+// requested) and the gradients within the bound of a case with unit inputs (unit_input_bound).
+template <class Case>
+FusedAndReference expect_fused_matches_reference(const Case& c, const FusedProblem& p) {
+  FusedAndReference r;
+  r.got = fused_forward(p);
+  r.got_grads = fused_backward(p, r.got);
+  r.want = reference::attention(p.q, p.k, p.v, p.params);
+  r.want_grads = reference::attention_backward(p.q, p.k, p.v, p.params, r.want, p.dout);
+  expect_forward_close(r.got, r.want, unit_input_bound(c));
+  expect_grads_close(r.got_grads, r.want_grads, unit_input_bound(c));
+  return r;
 }
 
 }  // namespace attn::testing
