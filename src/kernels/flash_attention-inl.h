@@ -404,7 +404,8 @@ void ProcessItem(const FlashAttentionArgs& a, Scratch& sc, int64_t b, int64_t kv
     tile.union_lo = a.k_len, tile.union_hi = 0, tile.inter_lo = 0, tile.inter_hi = a.k_len;
     tile.bias = a.bias.data == nullptr ? nullptr
                                        : a.bias.data + b * a.bias.stride_b +
-                                             tile.head * a.bias.stride_h + tile.row0 * a.bias.stride_q;
+                                             tile.head * a.bias.stride_h +
+                                             tile.row0 * a.bias.stride_q;
     const float* q = a.q + ((b * a.q_heads + tile.head) * a.q_len + tile.row0) * D;
     float* qt = sc.qt.get() + t * D * TR;
     float* lane_pos = sc.pos.get() + t * TR;
@@ -516,10 +517,10 @@ void FlashAttentionForward(const FlashAttentionArgs& a) {
     // Dynamic schedule over items in (batch, kv head, query block) order: a thread's next item
     // usually reads the K and V it has just read, still in its L2 at moderate Tk (and the two
     // threads read the same head from L3): measured 6% faster than head-interleaved order at
-    // d = 64, N = 2048, one thread, 2.5% at d = 128. Inside a head the last query blocks come first:
-    // under a causal mask they see the most keys, so the light blocks fill the tail. Each item is
-    // computed by one thread in a fixed order, so results do not depend on the thread count or
-    // the schedule.
+    // d = 64, N = 2048, one thread, 2.5% at d = 128. Inside a head the last query blocks come
+    // first: under a causal mask they see the most keys, so the light blocks fill the tail. Each
+    // item is computed by one thread in a fixed order, so results do not depend on the thread
+    // count or the schedule.
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t qb = q_blocks - 1 - item % q_blocks;
