@@ -630,13 +630,17 @@ void FlashBackward(const FlashBackwardArgs& a) {
     Scratch scratch(p);
     // Static round-robin: item -> thread is fixed for a given thread count, and each thread
     // adds its items into its own dQ partial in a fixed order, so the sums are reproducible.
-    // Consecutive items cost about the same (same key block, other heads), so round-robin also
-    // balances the causal triangle.
+    // Items run head by head, so a thread's next item streams the Q, dO and dQ partial of the
+    // head it has just worked on, partly still in its L2 (measured 7% faster than key-block-major
+    // order, d = 64 and 128, N = 2048, one thread). Under a causal mask a key block's cost falls
+    // with its index; every other head walks its blocks backwards so that round-robin hands each
+    // thread a balanced mix (with two threads: even blocks of one head, odd ones of the next).
 #pragma omp for schedule(static, 1)
     for (int64_t item = 0; item < items; ++item) {
-      const int64_t kb = item / (a.batch * a.kv_heads);
-      const int64_t kvh = item % a.kv_heads;
-      const int64_t b = item / a.kv_heads % a.batch;
+      const int64_t head = item / key_blocks, step = item % key_blocks;  // head = b * Hkv + kvh
+      const int64_t kb = head % 2 == 0 ? step : key_blocks - 1 - step;
+      const int64_t kvh = head % a.kv_heads;
+      const int64_t b = head / a.kv_heads;
       const int64_t j0 = kb * kKeyBlock;
       ProcessItem(a, p, scratch, b, kvh, j0, std::min(j0 + kKeyBlock, a.k_len), dq_part,
                   dbias_part);
