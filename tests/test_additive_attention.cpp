@@ -5,7 +5,11 @@
 // {0, 1, 2, 3, 127, 128, 129, 513}, A and D in {1, 3, 59, 64, 128}, grouped-query heads, causal
 // in both alignments, windows, key/query lengths, fully masked rows, ALiBi, additive bias masks
 // broadcast as [Tk], [B, 1, 1, Tk] and [B, H, Tq, Tk] (dbias against the oracle and against
-// finite differences), saturated and non-finite tanh arguments, and run-to-run determinism.
+// finite differences), boolean `allowed` masks in broadcast shapes (with fully masked rows),
+// dropout (against the oracle, and against the composed path on every target with the dropped
+// elements compared exactly), explicit score vectors v (zeros, odd counts, wide spreads that
+// move the split form's limit), saturated and non-finite tanh arguments, and run-to-run
+// determinism.
 //
 // Tolerances (forward error analysis, on top of tolerance_for's sqrt(terms) u summation bound):
 // the fused kernel evaluates tanh(y) = 1 - 2 / (2^x + 1) with a polynomial exp2 (rel. error
@@ -31,6 +35,7 @@
 #include "attn/attention.h"
 #include "attn/reference.h"
 #include "kernels/additive_attention.h"
+#include "kernels/attention_composed.h"
 #include "kernels/simd_target.h"
 #include "support/simd_targets.h"
 #include "support/test_support.h"
@@ -63,6 +68,14 @@ struct Case {
   bool alibi = false;
   Shape bias_shape;  // additive bias mask (broadcast against [B, Hq, Tq, Tk]); empty: none
   double weight_scale = 1.0;  // multiplies W_q, W_k: large values saturate the tanh
+  // The score's v when not empty ([A]); random otherwise. The split form's range and operand
+  // scale depend on the spread of |v| and drop units with v = 0 (kernel -inl.h, SplitScaleFor).
+  std::vector<float> score_v;
+  // Boolean `allowed` mask broadcast against [B, Hq, Tq, Tk]; empty: none. About a quarter of
+  // its elements are false, and when it has a Tq dimension every 7th query row is entirely
+  // false (fully masked rows).
+  Shape allowed_shape;
+  double dropout_p = 0.0;  // dropout on the probabilities (seed: the case's seed)
   uint64_t seed = 1;
 
   std::string str() const {
@@ -75,6 +88,9 @@ struct Case {
     if (alibi) s += " alibi";
     if (!bias_shape.empty()) s += " bias" + attn::shape_str(bias_shape);
     if (weight_scale != 1.0) s += " weight_scale=" + std::to_string(weight_scale);
+    if (!score_v.empty()) s += " explicit_v";
+    if (!allowed_shape.empty()) s += " allowed" + attn::shape_str(allowed_shape);
+    if (dropout_p > 0.0) s += " dropout=" + std::to_string(dropout_p);
     return s;
   }
 };
@@ -113,11 +129,30 @@ Inputs make_inputs(const Case& c) {
                                           param({c.A}, c.seed + 7, 1.0)};
       break;
   }
+  if (!c.score_v.empty()) {
+    Tensor sv = c.kind == ScoreKind::concat ? std::get<attn::ConcatScore>(in.params.score).v
+                                            : std::get<attn::AdditiveScore>(in.params.score).v;
+    EXPECT_EQ(sv.numel(), static_cast<int64_t>(c.score_v.size()));
+    std::memcpy(sv.data<float>(), c.score_v.data(), c.score_v.size() * sizeof(float));
+  }
   attn::Mask& m = in.params.mask;
   attn::testing::set_interval_masks(c, m);
   if (c.alibi) m.alibi_slopes = attn::alibi_slopes(c.Hq);
   if (!c.bias_shape.empty())
     m.bias = attn::testing::random_tensor(c.bias_shape, DType::f32, c.seed + 8, -2.0, 2.0);
+  if (!c.allowed_shape.empty()) {
+    m.allowed = Tensor::empty(c.allowed_shape, DType::b8);
+    bool* allowed = m.allowed.data<bool>();
+    const int64_t dims = static_cast<int64_t>(c.allowed_shape.size());
+    const int64_t tk = c.allowed_shape.back();
+    const bool has_q = dims >= 2 && c.allowed_shape[static_cast<size_t>(dims - 2)] > 1;
+    for (int64_t x = 0; x < m.allowed.numel(); ++x) {
+      const uint64_t h = (static_cast<uint64_t>(x) + c.seed) * 0x9E3779B97F4A7C15ull;
+      const bool dead_row = has_q && (x / tk) % 7 == 3;
+      allowed[x] = !dead_row && (h >> 40) % 4 != 0;
+    }
+  }
+  in.params.dropout = attn::Dropout{c.dropout_p, c.seed + 9};
   return in;
 }
 
@@ -368,13 +403,47 @@ TEST(AdditiveAttention, Alibi) {
            .bottom_right = true, .alibi = true});
 }
 
+// |v| in [0.25, 1] for A = 16 units, alternating signs: a spread of 2 binades, so the split
+// form's limit is L = floor((122 - 2) / 2) = 60 on |Qp'|, |Kp'| (kernel -inl.h, SplitScaleFor).
+std::vector<float> narrow_v(int64_t A) {
+  std::vector<float> v(static_cast<size_t>(A));
+  for (int64_t a = 0; a < A; ++a)
+    v[static_cast<size_t>(a)] = (a % 2 ? -1.0f : 1.0f) * (0.25f + 0.75f * static_cast<float>(a) / static_cast<float>(A));
+  return v;
+}
+
 TEST(AdditiveAttention, SplitFormNearItsLimit) {
-  // The kernels use 2^(Qp' + Kp') = 2^Qp' 2^Kp' while every |Qp'|, |Kp'| <= 63 (Qp' = 2 log2(e)
-  // Qp). Weights 10 / sqrt(D) with D = 4 and |q|, |k| <= 1 keep |Qp| <= 20.5, so |Qp'| <= 59:
-  // still the split form, with factors near 2^+-59 and many saturated units.
-  check({.Tq = 65, .Tk = 70, .D = 4, .A = 16, .Dv = 8, .weight_scale = 10.0});
+  // The kernels use 2^(Qp' + Kp') = 2^Qp' 2^Kp' while every |Qp'|, |Kp'| <= L (Qp' = 2 log2(e)
+  // Qp), L = 60 for narrow_v. Weights 10 / sqrt(D) with D = 4 and |q|, |k| <= 1 keep
+  // |Qp| <= 20.5, so |Qp'| <= 59.1: still the split form, with factors near 2^+-59, paired
+  // products near the scaled range's ends and many saturated units.
+  check({.Tq = 65, .Tk = 70, .D = 4, .A = 16, .Dv = 8, .weight_scale = 10.0,
+         .score_v = narrow_v(16)});
   check({.Tq = 65, .Tk = 70, .D = 2, .A = 16, .Dv = 8, .kind = ScoreKind::concat,
-         .weight_scale = 10.0});
+         .weight_scale = 10.0, .score_v = narrow_v(16)});
+}
+
+TEST(AdditiveAttention, ScoreVectorEdgeCases) {
+  // Units with v = 0 leave the split form's score loop (they add exactly 0), but their dv is
+  // still sum dS t; A odd leaves one unit without a partner for the shared reciprocal.
+  std::vector<float> with_zeros = narrow_v(7);
+  with_zeros[0] = with_zeros[3] = with_zeros[6] = 0.0f;
+  check({.Tq = 33, .Tk = 77, .D = 5, .A = 7, .Dv = 6, .score_v = with_zeros});
+  // Every v = 0: no unit at all, uniform weights.
+  check({.Tq = 9, .Tk = 20, .D = 3, .A = 4, .Dv = 5, .score_v = std::vector<float>(4, 0.0f)});
+  // |v| spread over 2^66 (one unit at 1e-20): the limit drops to L = 28 and the operands carry
+  // a large scale 2^-sigma; projections of O(1) stay in the split form.
+  std::vector<float> spread = narrow_v(6);
+  spread[2] = 1e-20f;
+  check({.Tq = 40, .Tk = 50, .D = 4, .A = 6, .Dv = 4, .score_v = spread});
+  // |v| spread over 2^80 (1e-20 and 1e4): L = 21, and the O(1) projections still fit it.
+  spread[4] = 1e4f;
+  check({.Tq = 40, .Tk = 50, .D = 4, .A = 6, .Dv = 4, .score_v = spread});
+  // |v| spread over 2^125 (2e-38, near the smallest normal float, and ~0.6): no split form at
+  // all (L < 0), the call runs the plain form.
+  spread = narrow_v(6);
+  spread[5] = 2e-38f;
+  check({.Tq = 40, .Tk = 50, .D = 4, .A = 6, .Dv = 4, .score_v = spread});
 }
 
 TEST(AdditiveAttention, SaturatedTanh) {
@@ -448,6 +517,91 @@ TEST(AdditiveAttention, Deterministic) {
   EXPECT_TRUE(same(first.out.lse, single.out.lse));
 }
 
+TEST(AdditiveAttention, AllowedMasks) {
+  // Broadcast shapes read in place; lengths 0, 1, 127, 128, 129, Tq != Tk, grouped heads, with
+  // the interval masks on top; fully masked rows (every 7th row of a mask with a Tq dimension)
+  // give exactly 0 output and gradients (checked in check()).
+  for (int64_t tk : {0, 1, 127, 128, 129}) {
+    check({.Tq = 37, .Tk = tk, .allowed_shape = {tk}});
+    check({.B = 2, .Hq = 4, .Hkv = 2, .Tq = 21, .Tk = tk, .allowed_shape = {2, 1, 21, tk}});
+  }
+  check({.Tq = 0, .Tk = 5, .allowed_shape = {1, 2, 0, 5}});
+  check({.Tq = 1, .Tk = 129, .allowed_shape = {1, 2, 1, 129}});
+  check({.B = 2, .Hq = 6, .Hkv = 2, .Tq = 129, .Tk = 70, .D = 5, .A = 9, .Dv = 7,
+         .allowed_shape = {2, 6, 129, 70}});
+  check({.Tq = 128, .Tk = 127, .causal = true, .bottom_right = true, .bias_shape = {127},
+         .allowed_shape = {128, 127}});
+  check({.Tq = 50, .Tk = 90, .left = 20, .right = 5, .alibi = true,
+         .allowed_shape = {1, 1, 50, 90}});
+  check({.Tq = 40, .Tk = 130, .kind = ScoreKind::concat, .key_lengths = {100},
+         .allowed_shape = {40, 130}});
+}
+
+TEST(AdditiveAttention, DropoutAgainstReference) {
+  // The reference draws the same keep decisions (attn::dropout_keep); out, lse (before dropout)
+  // and every gradient against float64, with the other masks on top.
+  check({.Tq = 65, .Tk = 129, .dropout_p = 0.3});
+  check({.B = 2, .Hq = 4, .Hkv = 2, .Tq = 127, .Tk = 128, .D = 6, .A = 11, .Dv = 5,
+         .causal = true, .dropout_p = 0.5});
+  check({.Tq = 1, .Tk = 1, .dropout_p = 0.2});
+  check({.Tq = 30, .Tk = 77, .kind = ScoreKind::concat, .bias_shape = {1, 1, 30, 77},
+         .allowed_shape = {30, 77}, .dropout_p = 0.25});
+}
+
+// Dropout, fused against the composed path (the fused kernel's fallback, which draws its keep
+// decisions from attn::dropout_keep) on every SIMD target: out, lse and every gradient within
+// the tolerance of check(), and the dropped elements the same bit for bit: with V_j = e_j (Tk
+// <= Dv), out[i, j] = P_ij keep_ij / (1 - p), which is 0 exactly where the element was dropped.
+class AdditiveDropout
+    : public attn::testing::EveryTargetTest<attn::kernels::additive_attention_target_name> {};
+
+TEST_P(AdditiveDropout, MatchesComposedPath) {
+  const Case cases[] = {
+      {.Tq = 1, .Tk = 1, .dropout_p = 0.4},
+      {.Tq = 129, .Tk = 64, .D = 5, .A = 9, .Dv = 64, .dropout_p = 0.3},
+      {.B = 2, .Hq = 4, .Hkv = 2, .Tq = 33, .Tk = 17, .Dv = 17, .causal = true,
+       .bottom_right = true, .dropout_p = 0.5},
+      {.Tq = 20, .Tk = 31, .Dv = 40, .kind = ScoreKind::concat, .allowed_shape = {20, 31},
+       .dropout_p = 0.1},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.str());
+    Inputs in = make_inputs(c);
+    float* v = in.v.data<float>();  // V_j = e_j for every (b, kv head)
+    for (int64_t row = 0; row < c.B * c.Hkv * c.Tk; ++row)
+      for (int64_t e = 0; e < c.Dv; ++e) v[row * c.Dv + e] = e == row % c.Tk ? 1.0f : 0.0f;
+    const attn::detail::AttentionDims dims =
+        attn::detail::validate_attention("attention", in.q, in.k, in.v, in.params);
+    const AttentionParams p = attn::detail::convert_params(in.params, DType::f32);
+    const AttentionOutput want =
+        attn::kernels::composed_attention_forward<float>(dims, in.q, in.k, in.v, p);
+    const AttentionGrads want_g = attn::kernels::composed_attention_backward<float>(
+        dims, in.q, in.k, in.v, p, want, in.dout);
+    const Fused got = run_fused(in);
+    const Bounds tol = bounds_for(c, in);
+    EXPECT_TRUE(all_close(got.out.out, want.out, tol.fwd, "out"));
+    EXPECT_TRUE(all_close(got.out.lse, want.lse, tol.fwd, "lse"));
+    EXPECT_TRUE(all_close(got.grads.dq, want_g.dq, tol.grad, "dq"));
+    EXPECT_TRUE(all_close(got.grads.dk, want_g.dk, tol.grad, "dk"));
+    EXPECT_TRUE(all_close(got.grads.dv, want_g.dv, tol.grad, "dv"));
+    EXPECT_TRUE(scores_close(got.grads.dscore, want_g.dscore, tol.param));
+    int64_t dropped = 0;
+    const float* got_out = got.out.out.data<float>();
+    const float* want_out = want.out.data<float>();
+    for (int64_t row = 0; row < c.B * c.Hq * c.Tq; ++row)
+      for (int64_t j = 0; j < c.Tk; ++j) {
+        const bool want_dropped = want_out[row * c.Dv + j] == 0.0f;
+        dropped += want_dropped;
+        ASSERT_EQ(got_out[row * c.Dv + j] == 0.0f, want_dropped) << "row " << row << " key " << j;
+      }
+    if (c.B * c.Hq * c.Tq * c.Tk > 100) {
+      EXPECT_GT(dropped, 0);  // the mask did something
+    }
+  }
+}
+
+ATTN_INSTANTIATE_ON_EVERY_SIMD_TARGET(AdditiveDropout);
+
 TEST(AdditiveAttention, SupportedPredicate) {
   Inputs in = make_inputs({.Tq = 4, .Tk = 4});
   AttentionParams p = in.params;
@@ -456,11 +610,11 @@ TEST(AdditiveAttention, SupportedPredicate) {
   p.mask.bias = Tensor::zeros({4});  // read in place through broadcast strides
   EXPECT_TRUE(attn::kernels::additive_attention_supported(DType::f32, p));
   p = in.params;
-  p.mask.allowed = Tensor::full({1}, 1.0, DType::b8);
-  EXPECT_FALSE(attn::kernels::additive_attention_supported(DType::f32, p));
+  p.mask.allowed = Tensor::full({1}, 1.0, DType::b8);  // read in place like the bias
+  EXPECT_TRUE(attn::kernels::additive_attention_supported(DType::f32, p));
   p = in.params;
-  p.dropout.p = 0.1;
-  EXPECT_FALSE(attn::kernels::additive_attention_supported(DType::f32, p));
+  p.dropout.p = 0.1;  // keep decisions regenerated from attn/random.h
+  EXPECT_TRUE(attn::kernels::additive_attention_supported(DType::f32, p));
   p = in.params;
   p.return_weights = true;  // weights come from a second pass of the fused kernel
   EXPECT_TRUE(attn::kernels::additive_attention_supported(DType::f32, p));

@@ -54,8 +54,7 @@ bool additive_attention_supported(DType dtype, const AttentionParams& params) {
                         std::holds_alternative<ConcatScore>(params.score);
   const Mask& mask = params.mask;
   return dtype == DType::f32 && additive && params.head_scores.empty() &&
-         !mask.allowed.defined() && mask.local.kind == LocalKind::none &&
-         params.dropout.p == 0.0;
+         mask.local.kind == LocalKind::none;
 }
 
 namespace {
@@ -151,6 +150,8 @@ Projections project(const detail::AttentionDims& d, const Tensor& q, const Tenso
     p.bias = mask.bias.contiguous();
     a.bias = broadcast_bias(p.bias, d);
   }
+  if (mask.allowed.defined()) a.allowed = broadcast_allowed(mask.allowed, d);
+  a.dropout = FlashDropout{params.dropout.p, params.dropout.seed};
   return p;
 }
 

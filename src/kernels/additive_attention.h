@@ -13,19 +13,23 @@
 // The SIMD kernels below take the projections pre-scaled by 2 log2(e): with x = 2 log2(e) y,
 //   tanh(y) = 1 - 2 r,  r = 1 / (2^x + 1)
 // so the score is s = sum_a v_a - 2 sum_a v_a r_a. Since 2^(Qp'_ia + Kp'_ja) = 2^Qp'_ia 2^Kp'_ja,
-// the exponentials are taken once per projection element (O(N A)), and each (i, j, a) costs one
-// FMA (d = eq ek + 1), a reciprocal estimate with one Newton step, and the FMA with v_a: 5 vector
-// operations, the kernel's whole cost. That split form needs every |Qp'|, |Kp'| <= 63 (tanh
-// arguments |y| <= 21.8, beyond which tanh is +-1 in float anyway); a call with larger or
-// non-finite projections uses the plain form, exp2 (degree-5 polynomial) of Qp' + Kp' per element.
+// the exponentials are taken once per projection element (O(N A)), and each (i, j, a) of the
+// scores costs one FMA (d = (eq ek + 1) / v_a, with 1 / v_a folded into the operands) and a
+// reciprocal shared by two hidden units with one Newton step: about 4 vector operations, the
+// kernel's whole cost (-inl.h, FoldedPairAccumulate, with measurements). That split form needs
+// every |Qp'|, |Kp'| <= L, with L = 63 narrowed by the spread of |v| (L ~ 56 .. 61 for |v|
+// spread over 2^10; tanh arguments |y| <= L / (2 log2 e) ~ 19 .. 21, beyond which tanh is +-1
+// in float anyway); a call with larger or non-finite projections, or a non-finite v, uses the
+// plain form, exp2 (degree-5 polynomial) of Qp' + Kp' per element.
 //
 // Masks supported by the kernels: key/query lengths, causal (both alignments), windows (the same
-// interval rule as the fused dot-product kernel, flash_attention.h), ALiBi slopes and an
-// additive bias read in place through broadcast strides (its gradient summed over the broadcast
-// dimensions). Fully masked rows give out = 0, lse = -inf and zero gradients. Returned weights
-// come from a second pass (see additive_attention_forward_kernel). Not supported (the front-end
-// falls back to the composed path): boolean `allowed` masks, local attention, dropout, per-head
-// scores.
+// interval rule as the fused dot-product kernel, flash_attention.h), ALiBi slopes, an additive
+// bias and a boolean `allowed` mask, both read in place through broadcast strides (the bias's
+// gradient summed over the broadcast dimensions), and dropout (keep decisions regenerated from
+// attn/random.h's counter-based hash, as on the composed path). Fully masked rows give out = 0,
+// lse = -inf and zero gradients. Returned weights come from a second pass (see
+// additive_attention_forward_kernel). Not supported (the front-end falls back to the composed
+// path): local attention, per-head scores.
 //
 // Threads: the forward runs OpenMP over (batch, query head, block of query rows), dynamic
 // schedule (each row is computed by one thread in a fixed order: bitwise identical for any
@@ -65,6 +69,12 @@ struct AdditiveAttentionArgs : ProblemSizes, IntervalMasks {
   // Added to s_ij (natural units) at bias[b, h, i, j] through broadcast strides; data nullptr:
   // none.
   FlashBias bias;
+  // Boolean mask (true = may attend) read in place through broadcast strides; data nullptr:
+  // none.
+  FlashAllowed allowed;
+  // Dropout on the probabilities, the keep decisions of attn::dropout_keep (h the query head):
+  // out uses P keep / (1 - p), lse and returned weights are those before dropout.
+  FlashDropout dropout;
 };
 
 // Forward: out [B, Hq, Tq, Dv], lse [B, Hq, Tq] (natural log; -inf and out = 0 for masked rows).
@@ -101,9 +111,9 @@ const char* additive_attention_target_name();
 // Glue for the front-end (src/attention.cpp).
 
 // True when the fused kernels compute exactly what attention() / attention_backward() specify:
-// float32, AdditiveScore or ConcatScore in params.score (no head_scores), no boolean `allowed`
-// mask, no local attention, no dropout (return_weights is supported). key/query lengths, causal
-// (both alignments), windows, ALiBi slopes and any broadcastable bias tensor are supported.
+// float32, AdditiveScore or ConcatScore in params.score (no head_scores), no local attention
+// (return_weights is supported). key/query lengths, causal (both alignments), windows, ALiBi
+// slopes, any broadcastable bias or `allowed` tensor and dropout are supported.
 bool additive_attention_supported(DType dtype, const AttentionParams& params);
 
 // Validated, contiguous float32 q, k, v and params converted to float32 (as the front-end's
