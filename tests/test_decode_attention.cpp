@@ -3,7 +3,8 @@
 // carries the target). Sweeps key lengths 0..4099, odd head dims, grouped-query heads, Tq in
 // {1, 2, 5, 16}, per-batch key/query lengths, causal masks (bottom-right: the new queries are the
 // last positions), windows, fully masked rows, float32 and bf16 caches read in place through
-// capacity strides, NaN inputs and bitwise determinism.
+// capacity strides, NaN inputs and bitwise determinism, and many (batch, kv head) pairs over
+// short caches (Tk 1..129: the one-split path whose items finish their own rows).
 //
 // Tolerance (forward error analysis, as in test_flash_attention): a score carries an absolute
 // error ~ u (sqrt(D) + |s|); the output moves by <= 2 max|ds| max|v|, and the sums over Tk keys
@@ -301,6 +302,58 @@ TEST_P(DecodeAttentionTest, BitwiseReproducibleAcrossRunsAndThreadCounts) {
     const size_t bytes = static_cast<size_t>(first.out.numel()) * sizeof(float);
     EXPECT_EQ(std::memcmp(first.out.data<float>(), single.out.data<float>(), bytes), 0);
     EXPECT_EQ(std::memcmp(first.out.data<float>(), again.out.data<float>(), bytes), 0);
+    const size_t lse_bytes = static_cast<size_t>(first.lse.numel()) * sizeof(float);
+    EXPECT_EQ(std::memcmp(first.lse.data<float>(), single.lse.data<float>(), lse_bytes), 0);
+  }
+}
+
+// Many (batch, kv head) pairs over short caches: the one-split path, where each work item
+// finishes its own output rows (no merge pass). A seq2seq decoder step is B = 64, Tq = 1,
+// Tk = 50; here smaller batches with the same shape of work, every row-group size of the
+// register blocks (R = G * Tq from 1 to 7: groups of 4, 2 and single rows), key lengths that
+// leave rows fully masked, and key counts around the 64-key blocks.
+TEST_P(DecodeAttentionTest, ManyRowsShortCaches) {
+  struct Heads {
+    int64_t hq, hkv, tq;
+  };
+  const Heads heads[] = {{8, 8, 1}, {8, 4, 1}, {6, 2, 1}, {4, 1, 1}, {4, 4, 2}, {6, 2, 2},
+                         {7, 1, 1}, {4, 4, 5}};
+  const int64_t dims[] = {32, 256, 59, 1};
+  int n = 0;
+  for (int64_t tk : {1, 8, 49, 50, 127, 128, 129}) {
+    const Heads h = heads[n % 8];
+    const int64_t d = dims[n % 4];
+    ++n;
+    const int64_t B = d == 256 ? 6 : 16;
+    ASSERT_EQ(attn::kernels::decode_attention_split(B, h.hkv, tk).count, 1);
+    // Lengths: full, one key, none (fully masked rows), and in between.
+    std::vector<int64_t> lengths(static_cast<size_t>(B));
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t pick[] = {tk, 1, 0, tk / 2, tk - 1};
+      lengths[static_cast<size_t>(b)] = std::max<int64_t>(0, pick[b % 5]);
+    }
+    check({.B = B, .Hq = h.hq, .Hkv = h.hkv, .Tq = h.tq, .Tk = tk, .D = d,
+           .key_lengths = lengths, .causal = n % 2 == 0, .seed = static_cast<uint64_t>(n)});
+  }
+  // The decoder step itself, B = 64 and d = 32 or 256, causal bottom-right (all keys).
+  check({.B = 64, .Hq = 8, .Hkv = 8, .Tq = 1, .Tk = 50, .D = 32, .causal = true});
+  check({.B = 64, .Hq = 1, .Hkv = 1, .Tq = 1, .Tk = 50, .D = 256, .causal = true});
+}
+
+TEST_P(DecodeAttentionTest, ManyRowsBitwiseReproducibleAcrossThreadCounts) {
+  for (KvType kv : {KvType::f32, KvType::bf16}) {
+    const Case c{.B = 32, .Hq = 8, .Hkv = 4, .Tq = 1, .Tk = 50, .D = 32,
+                 .key_lengths = std::vector<int64_t>(32, 50), .kv = kv};
+    SCOPED_TRACE(c.str());
+    ASSERT_EQ(attn::kernels::decode_attention_split(c.B, c.Hkv, c.Tk).count, 1);
+    const Inputs in = make_inputs(c);
+    const int threads = omp_get_max_threads();
+    const Result first = run_kernel(c, in);
+    omp_set_num_threads(1);
+    const Result single = run_kernel(c, in);
+    omp_set_num_threads(threads);
+    const size_t bytes = static_cast<size_t>(first.out.numel()) * sizeof(float);
+    EXPECT_EQ(std::memcmp(first.out.data<float>(), single.out.data<float>(), bytes), 0);
     const size_t lse_bytes = static_cast<size_t>(first.lse.numel()) * sizeof(float);
     EXPECT_EQ(std::memcmp(first.lse.data<float>(), single.lse.data<float>(), lse_bytes), 0);
   }

@@ -5,7 +5,8 @@
 // float64 oracle attn::reference::attention on every Highway target: Tq in {1, 3, 16}, Tk in
 // {1, 8, 127, 128, 129, 1000} (and 4099, split over the keys), odd head dims, grouped-query
 // heads, key lengths including 0 and 1, query lengths, causal in both alignments, windows, and
-// float32 and bf16 caches (bf16 against the reference on the bf16-rounded K and V). Masked
+// float32 and bf16 caches (bf16 against the reference on the bf16-rounded K and V), and many
+// (batch, kv head) pairs over short caches (the one-split path, B up to 64). Masked
 // weights and fully masked rows must be exactly 0, every element must be written, and the
 // weights pass must leave out and lse bitwise unchanged. The Tensor-level glue also returns
 // mean_weights, and attention() with return_weights at Tq = 1 dispatches to it.
@@ -216,6 +217,26 @@ TEST_P(DecodeWeightsTest, LengthsCausalWindows) {
   // Bottom-right with Tq > key length: the first rows see no key at all.
   check({.B = 2, .Hq = 4, .Hkv = 2, .Tq = 16, .Tk = 127, .D = 64, .key_lengths = {127, 7},
          .causal = true});
+}
+
+// Many (batch, kv head) pairs over short caches (the one-split path, items finishing their own
+// rows): a seq2seq decoder step drawing its alignment, Tk around the 64-key blocks, key
+// lengths 0 and 1, grouped heads with several queries (row groups of 4, 2 and 1).
+TEST_P(DecodeWeightsTest, ManyRowsShortCaches) {
+  int n = 0;
+  for (int64_t tk : {1, 8, 49, 50, 127, 128, 129}) {
+    ++n;
+    const int64_t B = 12;
+    std::vector<int64_t> lengths(static_cast<size_t>(B));
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t pick[] = {tk, 0, 1, tk / 2};
+      lengths[static_cast<size_t>(b)] = pick[b % 4];
+    }
+    ASSERT_EQ(attn::kernels::decode_attention_split(B, 2, tk).count, 1);
+    check({.B = B, .Hq = 6, .Hkv = 2, .Tq = n % 2 == 0 ? 2 : 1, .Tk = tk, .D = 32,
+           .key_lengths = lengths, .causal = n % 3 == 0, .seed = static_cast<uint64_t>(n)});
+  }
+  check({.B = 64, .Hq = 1, .Hkv = 1, .Tq = 1, .Tk = 50, .D = 256, .causal = true});
 }
 
 ATTN_INSTANTIATE_ON_EVERY_SIMD_TARGET(DecodeWeightsTest);

@@ -9,19 +9,31 @@
 // A work item is (batch, kv head, key split) and owns R = G * Tq rows: every query of every
 // query head sharing that kv head. It walks its keys in blocks of kKeyBlock (K and V blocks of
 // 32 KiB each at D = Dv = 128 fp32, L1/L2-resident), so each K and V row comes from memory once
-// and is re-read from cache for the other rows and column groups. K rows are prefetched
-// kPrefetchKeys ahead and a block's V rows while its scores compute. Register blocks: 4 rows x 4
-// keys (bf16: 4 x 2) of partial dot products for the scores, 4 rows x 4 vectors of output
-// columns for P V. (Measured on the 2-core Xeon, 1 thread: key blocks of 32, 64 and 128 and
-// prefetch distances of 32 and 96 keys all ran within the run-to-run noise.)
+// and is re-read from cache for the other rows and column groups. Register blocks: 4 rows x 4
+// keys of partial dot products for the scores (then 2 x 4, then 1 x 8 for the rows left over),
+// 4 rows x 4 vectors (2 rows or 1 row: x 8) of output columns for P V. No software prefetch:
+// the K and V rows of a head are contiguous streams the hardware prefetchers follow (measured
+// on the 2-core Xeon, 1 thread: key blocks of 16, 32 and 64 keys, and prefetching K 96 keys
+// ahead plus a block's V rows during its scores, all ran within the run-to-run noise from L3
+// and DRAM, while the prefetch loops took 16% of the samples of an L2-resident run).
+//
+// Where the time goes (perf, 1 thread, B = 1, Hq = 8, d = 128): with 4 query heads per kv head
+// (GQA) every cache element feeds 4 FMAs, 64 vector FMAs per key against a 512-byte bf16 key
+// and value: with the bf16 widening (16 shift/and per key), the horizontal sums and the exp,
+// about 50 cycles per key of the two FMA ports at the ~2.6 GHz this core holds under AVX-512,
+// i.e. at most ~27 GB/s of bf16 cache against a ~28-31 GB/s plain read from L3. The measured
+// ~17-19 GB/s (L2-resident or not) is compute-bound; float32 GQA computes at ~40 GB/s from L2
+// but reaches ~20 GB/s from L3, where demand misses and the FMAs do not overlap fully.
 //
 // bf16 K/V: one vector of 2N bf16 is widened to two float32 vectors with a shift and a mask (a
 // bf16 is the upper half of a float32, so widening is exact): even elements to one, odd
 // elements to the other. No lane crossing is needed because q is stored in the same even/odd
 // order once per item, and the output accumulators live in that order until the merge. Highway
 // 1.0.3 has no vdpbf16ps path (its bf16 ReorderWidenMulAccumulate is this same shift/mask and
-// FMA), and the dot instruction would round q to bf16 as well; decode is bound by the cache read,
-// not by FMAs, so the exact widening costs nothing measurable.
+// FMA), and the dot instruction would round q (scores) or p (P V) to bf16, 2^-9 relative, far
+// outside the float32-level tolerances the tests derive; splitting q into three bf16 parts to
+// stay exact takes 3 dot instructions per 32 elements and row, more than 2 FMAs plus a widening
+// shared by the rows.
 
 #if defined(ATTN_KERNELS_DECODE_ATTENTION_INL_H_) == defined(HWY_TARGET_TOGGLE)
 #ifdef ATTN_KERNELS_DECODE_ATTENTION_INL_H_
@@ -54,13 +66,16 @@ using VF = hn::Vec<DF>;
 
 constexpr int64_t kKeyBlock = 64;   // keys per block: a multiple of every vector length
 constexpr size_t kRowGroup = 4;     // query rows per register block
-// Keys per register block of the scores with 4 rows: 4 x 4 accumulators plus the widened keys
-// must stay within the 32 vector registers (GCC spilled the 4 x 4 bf16 block: 8 key vectors).
+// Keys per register block of the scores with 4 rows: 4 x 4 accumulators and the (widened)
+// keys fit the 32 registers of AVX-512 (with the loops fully unrolled by pragma: left to
+// itself GCC 12 kept the accumulator array in memory, storing all 16 vectors on every chunk).
+// With 16 registers a bf16 key pair (4 widened vectors) is the most that fits.
 template <typename T>
-constexpr size_t kKeyGroup = sizeof(T) == 4 ? 4 : 2;
+constexpr size_t kKeyGroup = (HWY_TARGET <= HWY_AVX3 || sizeof(T) == 4) ? 4 : 2;
 constexpr size_t kSingleRowKeys = 8;  // keys per register block when one row is left
 constexpr size_t kColVecs = 4;      // float32 vectors of output columns per register block
-constexpr int64_t kPrefetchKeys = 96;  // K rows requested this far ahead of the scores
+// A single row has only its own accumulators to hide the 4-cycle FMA latency: 8 vectors.
+constexpr size_t kSingleRowColVecs = 8;
 
 // How one chunk of a K or V row (the elements covered by one SIMD load) becomes float32
 // vectors. The chunk spans kVecs * N elements.
@@ -154,17 +169,6 @@ HWY_INLINE void SumLanes(DF df, const VF (&acc)[kCount], float* HWY_RESTRICT out
   for (; x < kCount; ++x) out[x] = hn::GetLane(hn::SumOfLanes(df, acc[x]));
 }
 
-// Requests rows [j0, j1) of a K or V head into L2, one prefetch per cache line.
-template <typename T>
-HWY_INLINE void PrefetchRows(const T* base, int64_t stride_t, int64_t width, int64_t j0,
-                             int64_t j1) {
-  const int64_t row_bytes = width * static_cast<int64_t>(sizeof(T));
-  for (int64_t j = j0; j < j1; ++j) {
-    const char* row = reinterpret_cast<const char*>(base + j * stride_t);
-    for (int64_t line = 0; line < row_bytes; line += 64) __builtin_prefetch(row + line, 0, 2);
-  }
-}
-
 // Scores of rows [r, r + RR) against keys [j, j + KR), masked to -inf outside each row's
 // interval, into s[row][j - jb].
 template <typename T, size_t RR, size_t KR>
@@ -175,44 +179,80 @@ HWY_INLINE void ScoreBlock(DF df, Scratch& sc, size_t r, const T* HWY_RESTRICT k
   const int64_t W = static_cast<int64_t>(V) * N;
   const int64_t full = D / W * W;
   const T* HWY_RESTRICT krow[KR];
+#pragma GCC unroll 16
   for (size_t kk = 0; kk < KR; ++kk) krow[kk] = k + (j + static_cast<int64_t>(kk)) * k_stride;
   const float* HWY_RESTRICT qrow[RR];
+#pragma GCC unroll 16
   for (size_t rr = 0; rr < RR; ++rr) qrow[rr] = sc.q_rows[r + rr];
 
   VF acc[RR * KR];  // [row][key]
+#pragma GCC unroll 16
   for (size_t x = 0; x < RR * KR; ++x) acc[x] = hn::Zero(df);
   for (int64_t c = 0; c < full; c += W) {
     VF kv[KR][V];
+#pragma GCC unroll 16
     for (size_t kk = 0; kk < KR; ++kk) Chunk<T>::Load(df, krow[kk] + c, kv[kk]);
+#pragma GCC unroll 16
     for (size_t rr = 0; rr < RR; ++rr)
+#pragma GCC unroll 16
       for (size_t v = 0; v < V; ++v) {
         const VF qv = hn::LoadU(df, qrow[rr] + c + static_cast<int64_t>(v) * N);
+#pragma GCC unroll 16
         for (size_t kk = 0; kk < KR; ++kk)
           acc[rr * KR + kk] = hn::MulAdd(qv, kv[kk][v], acc[rr * KR + kk]);
       }
   }
   float sums[RR * KR];
   SumLanes(df, acc, sums);
+  if (HWY_UNLIKELY(full < D)) {  // features after the last full chunk (odd D), scalar
+    for (size_t rr = 0; rr < RR; ++rr)
+      for (size_t kk = 0; kk < KR; ++kk)
+        for (int64_t d = full; d < D; ++d)
+          sums[rr * KR + kk] += qrow[rr][d] * Chunk<T>::Scalar(krow[kk][d]);
+  }
   const float inf = std::numeric_limits<float>::infinity();
+  const int64_t j_end = j + static_cast<int64_t>(KR);
+#pragma GCC unroll 16
   for (size_t rr = 0; rr < RR; ++rr) {
     const KeyInterval iv = sc.intervals[r + rr];
-    float* HWY_RESTRICT srow = sc.s_rows[r + rr];
+    float* HWY_RESTRICT srow = sc.s_rows[r + rr] + (j - jb);
+    if (HWY_LIKELY(iv.lo <= j && j_end <= iv.hi)) {
+      // Every key visible (all but the blocks at a mask edge): a plain copy, no per-key
+      // compare and select (those were a tenth of the instructions at 4 rows).
+#pragma GCC unroll 16
+      for (size_t kk = 0; kk < KR; ++kk) srow[kk] = sums[rr * KR + kk];
+      continue;
+    }
+#pragma GCC unroll 16
     for (size_t kk = 0; kk < KR; ++kk) {
-      float s = sums[rr * KR + kk];
-      for (int64_t d = full; d < D; ++d) s += qrow[rr][d] * Chunk<T>::Scalar(krow[kk][d]);
       const int64_t key = j + static_cast<int64_t>(kk);
-      srow[key - jb] = (key >= iv.lo && key < iv.hi) ? s : -inf;
+      srow[kk] = (key >= iv.lo && key < iv.hi) ? sums[rr * KR + kk] : -inf;
     }
   }
 }
 
+// Scores of rows [r, r + RR) against the keys [jb, je) of one block: KR keys per register
+// block, then one at a time.
+template <typename T, size_t RR, size_t KR>
+HWY_INLINE void ScoreRows(DF df, Scratch& sc, size_t r, const T* HWY_RESTRICT k,
+                          int64_t k_stride, int64_t D, int64_t jb, int64_t je) {
+  int64_t j = jb;
+  for (; j + static_cast<int64_t>(KR) <= je; j += static_cast<int64_t>(KR))
+    ScoreBlock<T, RR, KR>(df, sc, r, k, k_stride, D, j, jb);
+  for (; j < je; ++j) ScoreBlock<T, RR, 1>(df, sc, r, k, k_stride, D, j, jb);
+}
+
 // o[row][columns of chunks starting at element c] += sum_{j in [jb, je)} p[row][j - jb] * v_j,
-// for rows [r, r + RR) and CG chunks (CG * kVecs float32 vectors per row).
+// for rows [r, r + RR) and CG chunks (CG * kVecs float32 vectors per row). Each accumulator
+// takes one FMA per key, so fewer than 8 of them leave the FMA pipes waiting on the 4-cycle
+// latency: small blocks (one row, Dv = 32) alternate between two sets over the keys, added at
+// the end (a fixed order: still deterministic).
 template <typename T, size_t RR, size_t CG>
 HWY_INLINE void AccumulateBlock(DF df, Scratch& sc, size_t r, const T* HWY_RESTRICT v,
                                 int64_t v_stride, int64_t c, int64_t jb, int64_t je) {
   constexpr size_t V = Chunk<T>::kVecs;
   constexpr size_t NV = CG * V;
+  constexpr size_t KI = RR * NV >= 8 ? 1 : 2;  // accumulator sets, alternating keys
   const size_t N = hn::Lanes(df);
   const int64_t W = static_cast<int64_t>(V * N);
   float* HWY_RESTRICT orow[RR];
@@ -221,21 +261,65 @@ HWY_INLINE void AccumulateBlock(DF df, Scratch& sc, size_t r, const T* HWY_RESTR
     orow[rr] = sc.o_rows[r + rr] + c;
     prow[rr] = sc.s_rows[r + rr];
   }
-  VF acc[RR][NV];
+  VF acc[KI][RR][NV];
+#pragma GCC unroll 16
   for (size_t rr = 0; rr < RR; ++rr)
-    for (size_t x = 0; x < NV; ++x) acc[rr][x] = hn::LoadU(df, orow[rr] + x * N);
+#pragma GCC unroll 16
+    for (size_t x = 0; x < NV; ++x) {
+      acc[0][rr][x] = hn::LoadU(df, orow[rr] + x * N);
+      if constexpr (KI == 2) acc[1][rr][x] = hn::Zero(df);
+    }
   const T* HWY_RESTRICT vcol = v + c;
-  for (int64_t j = jb; j < je; ++j) {
+  const auto step = [&](size_t set, int64_t j) HWY_ATTR {
     VF vv[NV];
     const T* HWY_RESTRICT vrow = vcol + j * v_stride;
+#pragma GCC unroll 16
     for (size_t cg = 0; cg < CG; ++cg) Chunk<T>::Load(df, vrow + cg * W, vv + cg * V);
+#pragma GCC unroll 16
     for (size_t rr = 0; rr < RR; ++rr) {
       const VF p = hn::Set(df, prow[rr][j - jb]);
-      for (size_t x = 0; x < NV; ++x) acc[rr][x] = hn::MulAdd(p, vv[x], acc[rr][x]);
+#pragma GCC unroll 16
+      for (size_t x = 0; x < NV; ++x) acc[set][rr][x] = hn::MulAdd(p, vv[x], acc[set][rr][x]);
+    }
+  };
+  int64_t j = jb;
+  if constexpr (KI == 2) {
+    for (; j + 2 <= je; j += 2) {
+      step(0, j);
+      step(1, j + 1);
     }
   }
+  for (; j < je; ++j) step(0, j);
+#pragma GCC unroll 16
   for (size_t rr = 0; rr < RR; ++rr)
-    for (size_t x = 0; x < NV; ++x) hn::StoreU(acc[rr][x], df, orow[rr] + x * N);
+#pragma GCC unroll 16
+    for (size_t x = 0; x < NV; ++x) {
+      VF sum = acc[0][rr][x];
+      if constexpr (KI == 2) sum = hn::Add(sum, acc[1][rr][x]);
+      hn::StoreU(sum, df, orow[rr] + x * N);
+    }
+}
+
+// o[rows r..r+RR) += P V over the keys [jb, je) of one block, for the full chunks of the
+// columns [0, full_dv): register blocks of CG chunks while they fit, then halves of that
+// (so that Dv = 32 or 64 still takes one block per row, not one per chunk).
+template <typename T, size_t RR, size_t CG>
+HWY_INLINE void AccumulateChunks(DF df, Scratch& sc, size_t r, const T* HWY_RESTRICT v,
+                                 int64_t v_stride, int64_t c, int64_t full_dv, int64_t jb,
+                                 int64_t je) {
+  const int64_t W = static_cast<int64_t>(Chunk<T>::kVecs * hn::Lanes(df));
+  const int64_t group_cols = static_cast<int64_t>(CG) * W;
+  for (; c + group_cols <= full_dv; c += group_cols)
+    AccumulateBlock<T, RR, CG>(df, sc, r, v, v_stride, c, jb, je);
+  if constexpr (CG > 1) {
+    if (c < full_dv) AccumulateChunks<T, RR, CG / 2>(df, sc, r, v, v_stride, c, full_dv, jb, je);
+  }
+}
+
+template <typename T, size_t RR, size_t kVecs>
+HWY_INLINE void AccumulateRows(DF df, Scratch& sc, size_t r, const T* HWY_RESTRICT v,
+                               int64_t v_stride, int64_t full_dv, int64_t jb, int64_t je) {
+  AccumulateChunks<T, RR, kVecs / Chunk<T>::kVecs>(df, sc, r, v, v_stride, 0, full_dv, jb, je);
 }
 
 // Online-softmax update of one row for the key block in s[0, n): new running max, rescale of
@@ -355,40 +439,17 @@ void ProcessItem(const DecodeAttentionArgs& a, const Problem& pb, Scratch& sc, i
   for (int64_t jb = lo; jb < hi; jb += kKeyBlock) {
     const int64_t je = std::min(jb + kKeyBlock, hi);
 
-    // 1. Scores, 4 rows x 4 keys (or 1 row x 8 keys) per register block. The first pass over
-    // the keys requests K rows kPrefetchKeys ahead and the block's V rows, spread over the
-    // loop, so that both stream in while the FMAs and horizontal sums run (one burst of
-    // prefetches per block stalled on the full miss queue instead).
-    const auto prefetch = [&](int64_t j0, int64_t j1) {
-      PrefetchRows(k, a.k.stride_t, D, std::min(j0 + kPrefetchKeys, hi),
-                   std::min(j1 + kPrefetchKeys, hi));
-      PrefetchRows(v, a.v.stride_t, Dv, j0, j1);
-    };
+    // 1. Scores, in register blocks of 4 rows x kKeyGroup keys, then 2 rows x 4 keys, then
+    // 1 row x 8 keys for the rows left over. No software prefetch: K and V rows of a head are
+    // contiguous streams that the hardware prefetchers follow; requesting every line ahead
+    // cost 16% of the instructions of an L2-resident run and gained nothing measurable from
+    // L3 or DRAM.
     size_t r = 0;
-    for (; r + kRowGroup <= rows; r += kRowGroup) {
-      int64_t j = jb;
-      for (; j + static_cast<int64_t>(kKeyGroup<T>) <= je; j += kKeyGroup<T>) {
-        if (r == 0) prefetch(j, j + static_cast<int64_t>(kKeyGroup<T>));
-        ScoreBlock<T, kRowGroup, kKeyGroup<T>>(df, sc, r, k, a.k.stride_t, D, j, jb);
-      }
-      for (; j < je; ++j) {
-        if (r == 0) prefetch(j, j + 1);
-        ScoreBlock<T, kRowGroup, 1>(df, sc, r, k, a.k.stride_t, D, j, jb);
-      }
-    }
-    const bool first_pass = r == 0;
-    for (; r < rows; ++r) {
-      const bool fetch = first_pass && r == 0;
-      int64_t j = jb;
-      for (; j + static_cast<int64_t>(kSingleRowKeys) <= je; j += kSingleRowKeys) {
-        if (fetch) prefetch(j, j + static_cast<int64_t>(kSingleRowKeys));
-        ScoreBlock<T, 1, kSingleRowKeys>(df, sc, r, k, a.k.stride_t, D, j, jb);
-      }
-      for (; j < je; ++j) {
-        if (fetch) prefetch(j, j + 1);
-        ScoreBlock<T, 1, 1>(df, sc, r, k, a.k.stride_t, D, j, jb);
-      }
-    }
+    for (; r + kRowGroup <= rows; r += kRowGroup)
+      ScoreRows<T, kRowGroup, kKeyGroup<T>>(df, sc, r, k, a.k.stride_t, D, jb, je);
+    for (; r + 2 <= rows; r += 2) ScoreRows<T, 2, 4>(df, sc, r, k, a.k.stride_t, D, jb, je);
+    for (; r < rows; ++r)
+      ScoreRows<T, 1, kSingleRowKeys>(df, sc, r, k, a.k.stride_t, D, jb, je);
     if (a.weights != nullptr)
       for (size_t rr = 0; rr < rows; ++rr)
         std::copy_n(sc.s_rows[rr], je - jb, weights_row(static_cast<int64_t>(rr)) + jb);
@@ -404,26 +465,17 @@ void ProcessItem(const DecodeAttentionArgs& a, const Problem& pb, Scratch& sc, i
     if (!any_active) continue;
 
     // 3. o += P V: column groups outer so the V block is re-read from L1/L2, never DRAM.
-    constexpr size_t kCG = kColVecs / static_cast<size_t>(V);
-    const int64_t group_cols = static_cast<int64_t>(kCG) * W;
-    for (r = 0; r < rows; r += kRowGroup) {
-      if (r + kRowGroup <= rows) {
-        int64_t c = 0;
-        for (; c + group_cols <= full_dv; c += group_cols)
-          AccumulateBlock<T, kRowGroup, kCG>(df, sc, r, v, a.v.stride_t, c, jb, je);
-        for (; c < full_dv; c += W)
-          AccumulateBlock<T, kRowGroup, 1>(df, sc, r, v, a.v.stride_t, c, jb, je);
-        continue;
-      }
-      for (size_t rr = r; rr < rows; ++rr) {
-        if (!sc.active[rr]) continue;
-        int64_t c = 0;
-        for (; c + group_cols <= full_dv; c += group_cols)
-          AccumulateBlock<T, 1, kCG>(df, sc, rr, v, a.v.stride_t, c, jb, je);
-        for (; c < full_dv; c += W)
-          AccumulateBlock<T, 1, 1>(df, sc, rr, v, a.v.stride_t, c, jb, je);
-      }
-    }
+    // Row groups as for the scores: a group of RR rows reads each V chunk once for all RR.
+    // Fully masked rows in a group still multiply their zero probabilities (harmless: 0 * v
+    // adds 0); single rows skip them.
+    r = 0;
+    for (; r + kRowGroup <= rows; r += kRowGroup)
+      AccumulateRows<T, kRowGroup, kColVecs>(df, sc, r, v, a.v.stride_t, full_dv, jb, je);
+    for (; r + 2 <= rows; r += 2)
+      AccumulateRows<T, 2, kSingleRowColVecs>(df, sc, r, v, a.v.stride_t, full_dv, jb, je);
+    for (; r < rows; ++r)
+      if (sc.active[r])
+        AccumulateRows<T, 1, kSingleRowColVecs>(df, sc, r, v, a.v.stride_t, full_dv, jb, je);
     // Columns after the last full chunk (odd Dv), scalar.
     if (full_dv < Dv) {
       for (size_t rr = 0; rr < rows; ++rr) {
@@ -476,26 +528,26 @@ HWY_INLINE void NormaliseWeightsRow(DF df, float* HWY_RESTRICT w, int64_t Tk, fl
 // M = max_s m_s, L = sum_s l_s e^(m_s - M), out = sum_s o_s e^(m_s - M) / L, lse = M + log L.
 // With weights requested, the row's raw scores (stored there by the items) become
 // probabilities in place: P = e^(s - M) / L, the output's own normalisation.
+// The row's partials of split s are part.{m, l}[first + s * R] and part.o + (first + s * R) Dv.
+// With one split, e^(m - M) = 1 exactly: out = o / l, bit for bit what the merge gives.
 template <typename T>
 void MergeRow(const DecodeAttentionArgs& a, const Problem& pb, const Partials& part,
-              int64_t b, int64_t head, int64_t i, float* HWY_RESTRICT acc) {
+              int64_t first, int64_t b, int64_t head, int64_t i, float* HWY_RESTRICT acc) {
   const DF df;
   const int64_t N = static_cast<int64_t>(hn::Lanes(df));
   const int64_t W = static_cast<int64_t>(Chunk<T>::kVecs) * N;
   const int64_t Dv = pb.Dv;
-  const int64_t kvh = head / pb.G, r = (head % pb.G) * a.q_len + i;
-  const int64_t first_item = (b * a.kv_heads + kvh) * pb.splits;
   const float inf = std::numeric_limits<float>::infinity();
   float M = -inf;
   for (int64_t s = 0; s < pb.splits; ++s) {
-    const int64_t at = (first_item + s) * pb.R + r;
+    const int64_t at = first + s * pb.R;
     if (part.l[at] == 0.0f) continue;  // no visible key in this split
     M = std::isnan(part.m[at]) || std::isnan(M) ? M + part.m[at] : std::max(M, part.m[at]);
   }
   float L = 0.0f;
   std::fill_n(acc, Dv, 0.0f);
   for (int64_t s = 0; s < pb.splits; ++s) {
-    const int64_t at = (first_item + s) * pb.R + r;
+    const int64_t at = first + s * pb.R;
     if (part.l[at] == 0.0f) continue;
     const float w = std::exp(part.m[at] - M);
     L += w * part.l[at];
@@ -529,11 +581,6 @@ void Run(const DecodeAttentionArgs& a) {
   pb.split_keys = split.keys;
   const int64_t items = a.batch * a.kv_heads * pb.splits;
   const int64_t out_rows = a.batch * a.q_heads * a.q_len;
-  // Partials: a few KiB per item (R rows of Dv + 2 floats), against the split's hundreds of
-  // KiB of K and V: the merge traffic is negligible.
-  std::vector<float> m(static_cast<size_t>(items * pb.R)), l(m.size());
-  std::vector<float> o(static_cast<size_t>(items * pb.R * pb.Dv));
-  const Partials part{m.data(), l.data(), o.data()};
 
   // Threads only when there is enough to read: below ~128 KiB of K and V (a few microseconds)
   // waking a second thread costs more than it saves. Results do not depend on it.
@@ -541,7 +588,38 @@ void Run(const DecodeAttentionArgs& a) {
                           static_cast<double>(pb.D + pb.Dv) *
                           (a.kv_type == KvType::bf16 ? 2.0 : 4.0);
   constexpr double kMinParallelBytes = 128.0 * 1024.0;
-#pragma omp parallel if (items > 1 && kv_bytes >= kMinParallelBytes)
+  const bool parallel = items > 1 && kv_bytes >= kMinParallelBytes;
+
+  if (pb.splits == 1) {
+    // Many (batch, kv head) pairs, e.g. a seq2seq decoder step (B = 64, Tk = 50): each item
+    // owns whole output rows, so it finishes them itself from per-thread partials (the same
+    // arithmetic as the one-split merge: identical bits) and no second pass, no barrier
+    // between passes and no [items, R, Dv] buffer are needed.
+#pragma omp parallel if (parallel)
+    {
+      FlushDenormals ftz;
+      Scratch scratch(pb.R, pb.D);
+      hwy::AlignedFreeUniquePtr<float[]> own = hwy::AllocateAligned<float>(
+          static_cast<size_t>(pb.R * (2 + pb.Dv) + std::max<int64_t>(1, pb.Dv)));
+      const Partials mine{own.get(), own.get() + pb.R, own.get() + 2 * pb.R};
+      float* acc = mine.o + pb.R * pb.Dv;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t item = 0; item < items; ++item) {
+        const int64_t kvh = item % a.kv_heads, b = item / a.kv_heads;
+        ProcessItem<T>(a, pb, scratch, b, kvh, 0, mine, 0);
+        for (int64_t r = 0; r < pb.R; ++r)
+          MergeRow<T>(a, pb, mine, r, b, kvh * pb.G + r / a.q_len, r % a.q_len, acc);
+      }
+    }
+    return;
+  }
+
+  // Partials: a few KiB per item (R rows of Dv + 2 floats), against the split's hundreds of
+  // KiB of K and V: the merge traffic is negligible.
+  std::vector<float> m(static_cast<size_t>(items * pb.R)), l(m.size());
+  std::vector<float> o(static_cast<size_t>(items * pb.R * pb.Dv));
+  const Partials part{m.data(), l.data(), o.data()};
+#pragma omp parallel if (parallel)
   {
     FlushDenormals ftz;
     Scratch scratch(pb.R, pb.D);
@@ -558,7 +636,9 @@ void Run(const DecodeAttentionArgs& a) {
       const int64_t i = row % a.q_len;
       const int64_t head = row / a.q_len % a.q_heads;
       const int64_t b = row / a.q_len / a.q_heads;
-      MergeRow<T>(a, pb, part, b, head, i, acc.data());
+      const int64_t kvh = head / pb.G, r = (head % pb.G) * a.q_len + i;
+      const int64_t first = (b * a.kv_heads + kvh) * pb.splits * pb.R + r;
+      MergeRow<T>(a, pb, part, first, b, head, i, acc.data());
     }
   }
 }

@@ -22,9 +22,13 @@
 // Work split: OpenMP over (batch, kv head, key split). The split length depends only on the
 // problem sizes (never on the thread count), so that B = 1, Hkv = 1 still yields enough items
 // for every core, and the per-split (max, sum, accumulator) partials are merged by log-sum-exp
-// in a fixed order afterwards: results are bitwise identical from run to run AND across thread
-// counts. Softmax and every accumulation are float32; bf16 K/V are widened to float32 exactly
-// (a bf16 is the top half of a float32), so only the cache rounding itself costs accuracy.
+// in a fixed order afterwards. With many (batch, kv head) pairs and short caches (a seq2seq
+// decoder step: B = 64, Tk = 50) there is one split per pair: each item then finishes its own
+// output rows (out = o / l, lse, weights) with the one-split merge's arithmetic, with no
+// partials buffer and no second pass. Either way results are bitwise identical from run to
+// run AND across thread counts. Softmax and every accumulation are float32; bf16 K/V are
+// widened to float32 exactly (a bf16 is the top half of a float32), so only the cache
+// rounding itself costs accuracy.
 //
 // The SIMD code is compiled for every Highway target and picked at run time
 // (HWY_DYNAMIC_DISPATCH); ATTN_SIMD_TARGET caps the choice (see simd_target.h).
@@ -93,11 +97,15 @@ DecodeSplit decode_attention_split(int64_t batch, int64_t kv_heads, int64_t k_le
 // ---------------------------------------------------------------------------------------------
 // Glue for the front-end (src/attention.cpp).
 
-// The decode kernel is used from this many keys on. Measured with bench_decode's BM_Crossover
-// (Tq = 1, B = 1, Hq = 8, 2-core Xeon): at Tk = 8 it took 2.8 us (d = 64) and 3.1 us (d = 128)
-// against 3.2 us for the composed path, and it stayed ahead at every larger Tk measured on an
-// unloaded core; below 8 keys nothing was measured, so the composed path keeps them.
-constexpr int64_t kDecodeMinKeys = 8;
+// The decode kernel is used from this many keys on, i.e. always when Tq is small. Measured with
+// bench_decode's BM_Crossover (Tq = 1, Sapphire Rapids Xeon, 2 cores, best call of each path
+// over 0.2 s, decode / composed): B = 1, Hq = 8 (serial: below the threading threshold):
+// 0.85-0.94 at Tk = 1, 0.73-0.84 at Tk = 4, 0.73-0.83 at Tk = 8, 0.76-0.86 at Tk = 16 (d = 64
+// and 128); seq2seq decoder steps, B = 64, Tk = 50, 1 thread: 0.97-0.99 at H = 1, d = 256 (both
+// paths then read the 6.5 MB of K and V at the L3 rate, ~27 GB/s) and 0.80-0.81 at H = 8,
+// d = 32; drawing the weights as well, 0.98-1.00 and 0.87-0.88. No shape measured was faster on
+// the composed path, so there is no lower bound beyond one key.
+constexpr int64_t kDecodeMinKeys = 1;
 constexpr int64_t kDecodeMaxQueries = 16;
 
 // True when the decode kernel computes exactly what attention() specifies and is the fastest
