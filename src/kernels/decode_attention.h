@@ -98,7 +98,7 @@ DecodeSplit decode_attention_split(int64_t batch, int64_t kv_heads, int64_t k_le
 // Glue for the front-end (src/attention.cpp).
 
 // The decode kernel is used from this many keys on, i.e. always when Tq is small. Measured with
-// bench_decode's BM_Crossover (Tq = 1, Sapphire Rapids Xeon, 2 cores, best call of each path
+// bench_decode's BM_Crossover (Tq = 1, the 2-core Xeon of BENCHMARKS.md, best call of each path
 // over 0.2 s, decode / composed): B = 1, Hq = 8 (serial: below the threading threshold):
 // 0.85-0.94 at Tk = 1, 0.73-0.84 at Tk = 4, 0.73-0.83 at Tk = 8, 0.76-0.86 at Tk = 16 (d = 64
 // and 128); seq2seq decoder steps, B = 64, Tk = 50, 1 thread: 0.97-0.99 at H = 1, d = 256 (both
