@@ -211,7 +211,8 @@ void materialised_forward(const Problem& p, std::vector<float>& e, std::vector<f
                 score.w_key.data<float>(), d, 0.0f, kp.data(), A);
     // tanh(query[:, None] + key[None]) as [Tq, Tk, A].
 #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < n; ++i) tanh_row(e.data() + i * n * A, qp.data() + i * A, kp.data(), n, A);
+    for (int64_t i = 0; i < n; ++i)
+      tanh_row(e.data() + i * n * A, qp.data() + i * A, kp.data(), n, A);
     // scores = reduce_sum(v * tanh(..), axis=-1): [Tq * Tk, A] x [A].
     cblas_sgemv(CblasRowMajor, CblasNoTrans, n * n, A, 1.0f, e.data(), A,
                 score.v.data<float>(), 1, 0.0f, s.data(), 1);

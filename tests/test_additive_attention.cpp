@@ -8,8 +8,8 @@
 // finite differences), boolean `allowed` masks in broadcast shapes (with fully masked rows),
 // dropout (against the oracle, and against the composed path on every target with the dropped
 // elements compared exactly), explicit score vectors v (zeros, odd counts, wide spreads that
-// move the split form's limit), saturated and non-finite tanh arguments, and run-to-run
-// determinism.
+// move the split form's limit), saturated and non-finite tanh arguments, a misaligned V, and
+// run-to-run determinism.
 //
 // Tolerances (forward error analysis, on top of tolerance_for's sqrt(terms) u summation bound):
 // the fused kernel evaluates tanh(y) = 1 - 2 / (2^x + 1) with a polynomial exp2 (rel. error
@@ -25,6 +25,7 @@
 #include <omp.h>
 
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -408,7 +409,8 @@ TEST(AdditiveAttention, Alibi) {
 std::vector<float> narrow_v(int64_t A) {
   std::vector<float> v(static_cast<size_t>(A));
   for (int64_t a = 0; a < A; ++a)
-    v[static_cast<size_t>(a)] = (a % 2 ? -1.0f : 1.0f) * (0.25f + 0.75f * static_cast<float>(a) / static_cast<float>(A));
+    v[static_cast<size_t>(a)] =
+        (a % 2 ? -1.0f : 1.0f) * (0.25f + 0.75f * static_cast<float>(a) / static_cast<float>(A));
   return v;
 }
 
@@ -515,6 +517,34 @@ TEST(AdditiveAttention, Deterministic) {
   omp_set_num_threads(threads);
   EXPECT_TRUE(same(first.out.out, single.out.out));
   EXPECT_TRUE(same(first.out.lse, single.out.lse));
+}
+
+// V with whole-vector rows (Dv = 16) but one float off alignment, a view into a larger buffer:
+// the forward copies it instead of reading it in place (kernel _forward-inl.h). Same inputs,
+// so the same bits as the aligned V on every target, forward and backward.
+TEST(AdditiveAttention, MisalignedValues) {
+  const Case c{.B = 2, .Hq = 2, .Hkv = 1, .Tq = 70, .Tk = 90, .D = 8, .A = 16, .Dv = 16,
+               .causal = true};
+  const Inputs in = make_inputs(c);
+  std::vector<float> storage(static_cast<size_t>(in.v.numel() + 1));
+  std::memcpy(storage.data() + 1, in.v.data<float>(),
+              static_cast<size_t>(in.v.numel()) * sizeof(float));
+  Inputs shifted = in;
+  shifted.v = Tensor::wrap(storage.data() + 1, in.v.shape());
+  ASSERT_NE(reinterpret_cast<uintptr_t>(shifted.v.data<float>()) % 64, 0u);
+  auto same = [](const Tensor& x, const Tensor& y) {
+    return x.numel() == y.numel() &&
+           std::memcmp(x.data<float>(), y.data<float>(),
+                       static_cast<size_t>(x.numel()) * sizeof(float)) == 0;
+  };
+  attn::testing::for_each_simd_target(attn::kernels::additive_attention_target_name, [&](auto&) {
+    const Fused aligned = run_fused(in);
+    const Fused off = run_fused(shifted);
+    EXPECT_TRUE(same(aligned.out.out, off.out.out));
+    EXPECT_TRUE(same(aligned.out.lse, off.out.lse));
+    EXPECT_TRUE(same(aligned.grads.dq, off.grads.dq));
+    EXPECT_TRUE(same(aligned.grads.dv, off.grads.dv));
+  });
 }
 
 TEST(AdditiveAttention, AllowedMasks) {

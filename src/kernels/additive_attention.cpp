@@ -1,8 +1,11 @@
 // Dispatch and front-end glue of the fused additive / concat attention; the SIMD bodies are in
-// additive_attention-inl.h, compiled here once per Highway target.
+// additive_attention-inl.h (shared), _forward-inl.h and _backward-inl.h, compiled here once
+// per Highway target.
 //
-// The glue owns the GEMMs (OpenBLAS, called outside the kernels' OpenMP regions, so it may use
-// its own threads):
+// The glue owns the GEMMs, called outside the kernels' OpenMP regions on single-threaded
+// OpenBLAS (its spinning workers would take the cores the kernels need, blas_threads.h). The
+// GEMMs are split into fixed chunks of rows over our OpenMP threads (project_chunk,
+// run_parallel):
 //   forward   1. Qp' = 2 log2(e) (Q W_q^T + b)   2. Kp' = 2 log2(e) K W_k^T   3. fused kernel
 //   backward  1.-2. the same projections         3. fused kernel -> dQp, dKp, dv, dV
 //             4. dQ = dQp W_q, dW_q = dQp^T Q, db = sum_rows dQp      (differentiates 1.)
@@ -13,10 +16,13 @@
 
 #include "hwy/highway.h"
 #include "kernels/additive_attention-inl.h"
+#include "kernels/additive_attention_backward-inl.h"
+#include "kernels/additive_attention_forward-inl.h"
 
 #if HWY_ONCE
 #include <cblas.h>
 
+#include <algorithm>
 #include <cmath>
 #include <variant>
 #include <vector>
@@ -98,7 +104,8 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alp
   if (m == 0 || n == 0) return;
   if (k == 0) {
     for (int64_t r = 0; r < m; ++r)
-      for (int64_t col = 0; col < n; ++col) c[r * ldc + col] = beta == 0.0f ? 0.0f : beta * c[r * ldc + col];
+      for (int64_t col = 0; col < n; ++col)
+        c[r * ldc + col] = beta == 0.0f ? 0.0f : beta * c[r * ldc + col];
     return;
   }
   cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
@@ -106,6 +113,78 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alp
               static_cast<blasint>(n), static_cast<blasint>(k), alpha, a,
               static_cast<blasint>(lda), b, static_cast<blasint>(ldb), beta, c,
               static_cast<blasint>(ldc));
+}
+
+// Rows per projection GEMM call. Fixed, not per thread, so that every row comes out the same
+// for any thread count (BLAS may pick its kernel by the problem's size); 256 rows of A = 128
+// keep each call large enough for the GEMM kernel's full speed.
+constexpr int64_t kProjectionChunk = 256;
+
+// One projection: dst[r] = 2 log2(e) (src[r] W^T + bias), rows of S floats (columns >= A zero).
+struct ProjectionRows {
+  int64_t rows = 0, width = 0;  // rows of src, and their width (Dq or Dk)
+  const float* src = nullptr;   // [rows, width]
+  const float* w = nullptr;     // [A, ld_w]
+  int64_t ld_w = 0;
+  const float* bias = nullptr;  // [A] or nullptr
+  float* dst = nullptr;         // [rows, S]
+};
+
+// Rows [r0, r0 + kProjectionChunk) of a projection. Called from an OpenMP loop over chunks:
+// the GEMMs run in parallel on single-threaded OpenBLAS (the caller's SingleThreadedBlas), and
+// each thread first writes, so page-faults in, the rows it computes; nothing else touches the
+// buffers before (no zero fill of the whole buffer).
+void project_chunk(const ProjectionRows& p, int64_t A, int64_t S, int64_t r0) {
+  const int64_t n = std::min(kProjectionChunk, p.rows - r0);
+  float* dst = p.dst + r0 * S;
+  // The bias first, then the GEMM accumulates onto it; the pad columns zero.
+  for (int64_t r = 0; r < n; ++r) {
+    float* row = dst + r * S;
+    if (p.bias != nullptr)
+      for (int64_t e = 0; e < A; ++e) row[e] = kTwoLog2e * p.bias[e];
+    std::fill(row + A, row + S, 0.0f);
+  }
+  gemm(false, true, n, A, p.width, kTwoLog2e, p.src + r0 * p.width, p.width, p.w, p.ld_w,
+       p.bias != nullptr ? 1.0f : 0.0f, dst, S);
+}
+
+// One GEMM C = op(A) op(B) (beta 0), row-major as in gemm().
+struct GemmCall {
+  bool trans_a = false;  // op(A) = A^T: A is [k, m]
+  int64_t m = 0, n = 0, k = 0;
+  const float* a = nullptr;
+  int64_t lda = 0;
+  const float* b = nullptr;  // [k, n]
+  int64_t ldb = 0;
+  float* c = nullptr;  // [m, n]
+  int64_t ldc = 0;
+};
+
+// Rows of dW_q or dW_k per call (A rows in all): a few calls per weight gradient, each a full
+// reduction over the query or key rows.
+constexpr int64_t kWeightChunk = 32;
+
+// Appends g split into calls of at most `rows` rows of C. The split is fixed, not per thread,
+// so every element comes from the same call for any thread count.
+void split_rows(const GemmCall& g, int64_t rows, std::vector<GemmCall>& calls) {
+  for (int64_t r0 = 0; r0 < g.m; r0 += rows) {
+    GemmCall part = g;
+    part.m = std::min(rows, g.m - r0);
+    part.a = g.a + (g.trans_a ? r0 : r0 * g.lda);
+    part.c = g.c + r0 * g.ldc;
+    calls.push_back(part);
+  }
+}
+
+// The calls over the OpenMP threads, each on single-threaded OpenBLAS (the caller's
+// SingleThreadedBlas).
+void run_parallel(const std::vector<GemmCall>& calls) {
+  const int64_t count = static_cast<int64_t>(calls.size());
+#pragma omp parallel for schedule(dynamic, 1) if (count > 1)
+  for (int64_t x = 0; x < count; ++x) {
+    const GemmCall& g = calls[static_cast<size_t>(x)];
+    gemm(g.trans_a, false, g.m, g.n, g.k, 1.0f, g.a, g.lda, g.b, g.ldb, 0.0f, g.c, g.ldc);
+  }
 }
 
 // Scaled, padded projections and the kernel arguments that point into them.
@@ -124,17 +203,18 @@ Projections project(const detail::AttentionDims& d, const Tensor& q, const Tenso
   const int64_t q_rows = d.B * d.Hq * d.Tq, k_rows = d.B * d.Hkv * d.Tk;
   p.q = hwy::AllocateAligned<float>(static_cast<size_t>(std::max<int64_t>(1, q_rows * S)));
   p.k = hwy::AllocateAligned<float>(static_cast<size_t>(std::max<int64_t>(1, k_rows * S)));
-  std::fill_n(p.q.get(), q_rows * S, 0.0f);
-  std::fill_n(p.k.get(), k_rows * S, 0.0f);
-  // 1. Qp' = 2 log2(e) (Q W_q^T + b): the bias first, then the GEMM accumulates onto it.
-  if (w.bias != nullptr)
-    for (int64_t r = 0; r < q_rows; ++r)
-      for (int64_t e = 0; e < A; ++e) p.q[static_cast<size_t>(r * S + e)] = kTwoLog2e * w.bias[e];
-  gemm(false, true, q_rows, A, d.Dq, kTwoLog2e, q.data<float>(), d.Dq, w.wq, w.ld_wq, 1.0f,
-       p.q.get(), S);
-  // 2. Kp' = 2 log2(e) K W_k^T.
-  gemm(false, true, k_rows, A, d.Dk, kTwoLog2e, k.data<float>(), d.Dk, w.wk, w.ld_wk, 0.0f,
-       p.k.get(), S);
+  // 1. Qp' = 2 log2(e) (Q W_q^T + b).  2. Kp' = 2 log2(e) K W_k^T.
+  const ProjectionRows qp{q_rows, d.Dq, q.data<float>(), w.wq, w.ld_wq, w.bias, p.q.get()};
+  const ProjectionRows kp{k_rows, d.Dk, k.data<float>(), w.wk, w.ld_wk, nullptr, p.k.get()};
+  const int64_t q_chunks = (q_rows + kProjectionChunk - 1) / kProjectionChunk;
+  const int64_t k_chunks = (k_rows + kProjectionChunk - 1) / kProjectionChunk;
+#pragma omp parallel for schedule(static) if (q_chunks + k_chunks > 1)
+  for (int64_t c = 0; c < q_chunks + k_chunks; ++c) {
+    if (c < q_chunks)
+      project_chunk(qp, A, S, c * kProjectionChunk);
+    else
+      project_chunk(kp, A, S, (c - q_chunks) * kProjectionChunk);
+  }
 
   AdditiveAttentionArgs& a = p.args;
   a.q_proj = p.q.get(), a.k_proj = p.k.get(), a.proj_stride = S;
@@ -160,8 +240,8 @@ Projections project(const detail::AttentionDims& d, const Tensor& q, const Tenso
 AttentionOutput additive_attention_forward(const detail::AttentionDims& dims, const Tensor& q,
                                            const Tensor& k, const Tensor& v,
                                            const AttentionParams& params) {
-  // The projection GEMMs are small next to the kernel; multithreaded OpenBLAS would leave its
-  // workers spinning on the cores the kernel's OpenMP threads need.
+  // The projection GEMMs run split over our OpenMP threads (project_chunk); OpenBLAS's own
+  // threads would leave workers spinning on the cores the kernel's OpenMP threads need.
   const detail::SingleThreadedBlas one_blas_thread;
   const AdditiveWeights w = weights_of(params.score, dims);
   const Projections p = project(dims, q, k, v, params, w);
@@ -227,14 +307,24 @@ AttentionGrads additive_attention_backward(const detail::AttentionDims& dims, co
     dwq_ptr = dw.data<float>(), dwk_ptr = dw.data<float>() + dims.Dq;
     ld_dw = dims.Dq + dims.Dk;
   }
-  gemm(false, false, q_rows, dims.Dq, A, 1.0f, dqp.get(), S, w.wq, w.ld_wq, 0.0f,
-       grads.dq.data<float>(), dims.Dq);
-  gemm(true, false, A, dims.Dq, q_rows, 1.0f, dqp.get(), S, q.data<float>(), dims.Dq, 0.0f,
-       dwq_ptr, ld_dw != 0 ? ld_dw : dims.Dq);
-  gemm(false, false, k_rows, dims.Dk, A, 1.0f, dkp.get(), S, w.wk, w.ld_wk, 0.0f,
-       grads.dk.data<float>(), dims.Dk);
-  gemm(true, false, A, dims.Dk, k_rows, 1.0f, dkp.get(), S, k.data<float>(), dims.Dk, 0.0f,
-       dwk_ptr, ld_dw != 0 ? ld_dw : dims.Dk);
+  // Split into independent calls over our threads: dQ, dK by rows; dW_q, dW_k by their A rows
+  // (each element still one reduction over all query or key rows).
+  std::vector<GemmCall> calls;
+  split_rows({.m = q_rows, .n = dims.Dq, .k = A, .a = dqp.get(), .lda = S, .b = w.wq,
+              .ldb = w.ld_wq, .c = grads.dq.data<float>(), .ldc = dims.Dq},
+             kProjectionChunk, calls);
+  split_rows({.trans_a = true, .m = A, .n = dims.Dq, .k = q_rows, .a = dqp.get(), .lda = S,
+              .b = q.data<float>(), .ldb = dims.Dq, .c = dwq_ptr,
+              .ldc = ld_dw != 0 ? ld_dw : dims.Dq},
+             kWeightChunk, calls);
+  split_rows({.m = k_rows, .n = dims.Dk, .k = A, .a = dkp.get(), .lda = S, .b = w.wk,
+              .ldb = w.ld_wk, .c = grads.dk.data<float>(), .ldc = dims.Dk},
+             kProjectionChunk, calls);
+  split_rows({.trans_a = true, .m = A, .n = dims.Dk, .k = k_rows, .a = dkp.get(), .lda = S,
+              .b = k.data<float>(), .ldb = dims.Dk, .c = dwk_ptr,
+              .ldc = ld_dw != 0 ? ld_dw : dims.Dk},
+             kWeightChunk, calls);
+  run_parallel(calls);
 
   if (std::holds_alternative<AdditiveScore>(params.score)) {
     const auto& s = std::get<AdditiveScore>(params.score);
@@ -246,8 +336,10 @@ AttentionGrads additive_attention_backward(const detail::AttentionDims& dims, co
       d.bias = Tensor::empty(s.bias.shape(), DType::f32);
       std::vector<double> db(static_cast<size_t>(A), 0.0);
       for (int64_t r = 0; r < q_rows; ++r)
-        for (int64_t e = 0; e < A; ++e) db[static_cast<size_t>(e)] += dqp[static_cast<size_t>(r * S + e)];
-      for (int64_t e = 0; e < A; ++e) d.bias.data<float>()[e] = static_cast<float>(db[static_cast<size_t>(e)]);
+        for (int64_t e = 0; e < A; ++e)
+          db[static_cast<size_t>(e)] += dqp[static_cast<size_t>(r * S + e)];
+      for (int64_t e = 0; e < A; ++e)
+        d.bias.data<float>()[e] = static_cast<float>(db[static_cast<size_t>(e)]);
     }
     d.v = Tensor::from(dsv, s.v.shape());
     grads.dscore = d;

@@ -31,11 +31,13 @@
 // additive_attention_forward_kernel). Not supported (the front-end falls back to the composed
 // path): local attention, per-head scores.
 //
-// Threads: the forward runs OpenMP over (batch, query head, block of query rows), dynamic
-// schedule (each row is computed by one thread in a fixed order: bitwise identical for any
-// thread count). The backward runs over (batch, kv head, key block) with a static schedule; dKp
-// and dV rows have one writer, dQp, dv and dbias go to per-thread partials summed in thread order:
-// bitwise identical run to run at a fixed thread count (not across thread counts).
+// Threads: the GEMMs run in fixed chunks of rows over the OpenMP threads (the same rows per
+// GEMM call for any thread count). The forward's packing passes and work items share one
+// OpenMP region; the items are (batch, query head, block of query rows), dynamic schedule (each
+// row is computed by one thread in a fixed order: bitwise identical for any thread count). The
+// backward runs over (batch, kv head, key block) with a static schedule; dKp and dV rows have
+// one writer, dQp, dv and dbias go to per-thread partials summed in thread order: bitwise
+// identical run to run at a fixed thread count (not across thread counts).
 // The SIMD code is compiled for every Highway target and picked at run time
 // (HWY_DYNAMIC_DISPATCH); ATTN_SIMD_TARGET caps the choice (simd_target.h).
 #pragma once
