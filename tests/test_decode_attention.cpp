@@ -4,14 +4,18 @@
 // {1, 2, 5, 16}, per-batch key/query lengths, causal masks (bottom-right: the new queries are the
 // last positions), windows, fully masked rows, float32 and bf16 caches read in place through
 // capacity strides, NaN inputs and bitwise determinism, and many (batch, kv head) pairs over
-// short caches (Tk 1..129: the one-split path whose items finish their own rows).
+// short caches (Tk 1..129: the one-split path whose items finish their own rows). ALiBi slopes
+// and additive biases (shapes [Tk], [B, 1, 1, Tk], [B, Hq, Tq, Tk], [Hq, 1, 1], read in place
+// through broadcast strides), rows masked by a -inf bias, and attention() routing such calls to
+// the decode kernel.
 //
 // Tolerance (forward error analysis, as in test_flash_attention): a score carries an absolute
 // error ~ u (sqrt(D) + |s|); the output moves by <= 2 max|ds| max|v|, and the sums over Tk keys
 // and D features add ~ u sqrt(D + Tk). That is the error of a plain float32 implementation. The
 // bf16 cache is compared against the float64 reference on the bf16-rounded K and V, within twice
 // that bound: rounding the cache is the caller's choice, the kernel must add no more than a
-// plain float32 implementation would on the same rounded inputs.
+// plain float32 implementation would on the same rounded inputs. With ALiBi the |s| of that
+// bound only counts keys that carry weight: see alibi_score_bound.
 #include <gtest/gtest.h>
 #include <omp.h>
 
@@ -25,6 +29,7 @@
 #include "attn/attention.h"
 #include "attn/reference.h"
 #include "kernels/decode_attention.h"
+#include "kernels/fused_args.h"
 #include "kernels/simd_target.h"
 #include "support/simd_targets.h"
 #include "support/test_support.h"
@@ -52,6 +57,8 @@ struct Case {
   int64_t extra_capacity = 0;  // cache rows beyond Tk (filled with NaN: must never be read)
   int64_t row_padding = 0;     // elements between cache rows (NaN too)
   uint64_t seed = 1;
+  Shape bias_shape;    // empty: no bias; else uniform in [-1, 1), right-aligned broadcast
+  bool alibi = false;  // the standard slopes attn::alibi_slopes(Hq)
 
   int64_t dv() const { return Dv == 0 ? D : Dv; }
   double scale() const { return 1.0 / std::sqrt(static_cast<double>(D)); }
@@ -65,6 +72,8 @@ struct Case {
     if (extra_capacity || row_padding)
       s += " capacity+" + std::to_string(extra_capacity) + " row_pad=" +
            std::to_string(row_padding);
+    if (!bias_shape.empty()) s += " bias" + attn::shape_str(bias_shape);
+    if (alibi) s += " alibi";
     return s;
   }
 };
@@ -115,6 +124,8 @@ Tensor as_stored(const Case& c, const Tensor& dense) {
 struct Inputs {
   Tensor q, k, v;  // dense float32; k and v as stored (bf16-rounded for a bf16 cache)
   Cache kc, vc;
+  Tensor bias;                // float32 of c.bias_shape, or undefined
+  std::vector<double> slopes;  // ALiBi slopes (powers of two for Hq = 8: exact in float32)
 };
 
 Inputs make_inputs(const Case& c) {
@@ -127,12 +138,21 @@ Inputs make_inputs(const Case& c) {
   in.vc = make_cache(c, v, c.dv());
   in.k = as_stored(c, k);
   in.v = as_stored(c, v);
+  if (!c.bias_shape.empty())
+    in.bias = attn::testing::random_tensor(c.bias_shape, DType::f32, c.seed + 3);
+  if (c.alibi) in.slopes = attn::alibi_slopes(c.Hq);
   return in;
 }
 
 struct Result {
   Tensor out, lse;
 };
+
+// The problem's dims, for the bias's broadcast strides.
+attn::detail::AttentionDims dims_of(const Case& c) {
+  return {.B = c.B, .Hq = c.Hq, .Hkv = c.Hkv, .Tq = c.Tq, .Tk = c.Tk, .Dq = c.D, .Dk = c.D,
+          .Dv = c.dv()};
+}
 
 Result run_kernel(const Case& c, const Inputs& in) {
   Result r;
@@ -147,26 +167,46 @@ Result run_kernel(const Case& c, const Inputs& in) {
   a.lse = r.lse.data<float>();
   attn::testing::set_kernel_problem(c, a);
   a.scale = static_cast<float>(c.scale());
+  if (in.bias.defined()) a.bias = attn::kernels::broadcast_bias(in.bias, dims_of(c));
+  const std::vector<float> slopes(in.slopes.begin(), in.slopes.end());
+  if (!slopes.empty()) a.alibi_slopes = slopes.data();
   attn::kernels::decode_attention_forward(a);
   return r;
 }
 
-attn::AttentionParams params_of(const Case& c) {
+attn::AttentionParams params_of(const Case& c, const Inputs& in) {
   attn::AttentionParams p;
   p.score = attn::ScaledDotScore{c.scale()};
   attn::testing::set_interval_masks(c, p.mask);
+  p.mask.bias = in.bias;
+  p.mask.alibi_slopes = in.slopes;
   return p;
 }
 
 Result run_reference(const Case& c, const Inputs& in) {
-  const attn::AttentionOutput ref = attn::reference::attention(in.q, in.k, in.v, params_of(c));
+  const attn::AttentionOutput ref =
+      attn::reference::attention(in.q, in.k, in.v, params_of(c, in));
   return {ref.out, ref.lse};
 }
 
-// The plain-float32 error bound above; inputs are uniform in [-1, 1), so |s| <= scale * D.
+// The largest |ALiBi term| of a key that carries weight. A key whose penalty exceeds the row's
+// smallest by more than 2 max|scale q.k + bias| + 64 has p < e^-64, so its (larger) score error
+// moves nothing. In every case here a row with a visible key has one within Tq positions of
+// pos(i) (causal keeps the keys up to pos(i); otherwise pos(i) lies inside the keys or at most
+// Tq before key 0), so the smallest penalty is at most slope * Tq; every standard slope is < 1.
+double alibi_score_bound(const Case& c, double max_abs_rest) {
+  if (!c.alibi) return 0.0;
+  const double all_keys = static_cast<double>(c.Tk + c.Tq);
+  return std::min(all_keys, static_cast<double>(c.Tq) + 2.0 * max_abs_rest + 64.0);
+}
+
+// The plain-float32 error bound above; inputs (and bias) are uniform in [-1, 1), so
+// |scale q.k| <= scale * D and |bias| <= 1.
 attn::testing::Tolerance tolerance(const Case& c) {
   const double u = attn::testing::unit_roundoff(DType::f32);
-  const double max_abs_score = c.scale() * static_cast<double>(c.D);
+  const double max_abs_rest =
+      c.scale() * static_cast<double>(c.D) + (c.bias_shape.empty() ? 0.0 : 1.0);
+  const double max_abs_score = max_abs_rest + alibi_score_bound(c, max_abs_rest);
   attn::testing::Tolerance tol = attn::testing::tolerance_for(DType::f32, c.D + c.Tk + 1);
   tol.atol += 32.0 * u * max_abs_score;
   tol.rtol = tol.atol;
@@ -359,6 +399,69 @@ TEST_P(DecodeAttentionTest, ManyRowsBitwiseReproducibleAcrossThreadCounts) {
   }
 }
 
+// ALiBi (BLOOM/MPT-style decoding): the penalty slope_h |pos(i) - j| follows pos(i), so both
+// alignments with and without causal, Tq != Tk, plain and grouped heads, key lengths (Tk = 1
+// gives a batch row with no key: fully masked rows), Tk around the 64-key blocks, and caches
+// split over the keys (the merge then combines penalised partials).
+TEST_P(DecodeAttentionTest, Alibi) {
+  uint64_t n = 0;
+  for (int64_t hkv : {8, 2})
+    for (int64_t tq : {1, 3, 16})
+      for (int64_t tk : {1, 50, 127, 128, 129})
+        for (bool causal : {false, true})
+          for (bool bottom_right : {false, true})
+            check({.B = 2, .Hq = 8, .Hkv = hkv, .Tq = tq, .Tk = tk, .D = 32,
+                   .key_lengths = {tk, tk / 3}, .causal = causal, .bottom_right = bottom_right,
+                   .seed = ++n, .alibi = true});
+  ASSERT_GT(attn::kernels::decode_attention_split(1, 2, 4099).count, 1);
+  check({.Hq = 8, .Hkv = 2, .Tq = 3, .Tk = 4099, .D = 64, .causal = true, .alibi = true});
+  // Top-left, not causal: the one query sits at position 0, the penalty grows over the cache.
+  check({.Hq = 8, .Hkv = 8, .Tq = 1, .Tk = 4099, .D = 64, .bottom_right = false,
+         .alibi = true});
+}
+
+// Additive biases read in place through broadcast strides: a key-padding row [Tk], per batch
+// [B, 1, 1, Tk], full [B, Hq, Tq, Tk] and a per-head scalar [Hq, 1, 1]; plain and grouped heads,
+// one-split and split caches; then bias and ALiBi together.
+TEST_P(DecodeAttentionTest, BiasBroadcastShapes) {
+  const int64_t B = 2, Hq = 8, Tq = 3;
+  for (int64_t tk : {50, 129, 1100}) {
+    const Shape shapes[] = {{tk}, {B, 1, 1, tk}, {B, Hq, Tq, tk}, {Hq, 1, 1}};
+    for (const Shape& shape : shapes)
+      for (int64_t hkv : {8, 2})
+        check({.B = B, .Hq = Hq, .Hkv = hkv, .Tq = Tq, .Tk = tk, .D = 64,
+               .key_lengths = {tk, tk / 2}, .causal = true, .bias_shape = shape});
+  }
+  check({.B = 2, .Hq = 8, .Hkv = 2, .Tq = 1, .Tk = 1100, .D = 64, .bias_shape = {2, 1, 1, 1100},
+         .alibi = true});
+  check({.B = 2, .Hq = 8, .Hkv = 2, .Tq = 16, .Tk = 129, .D = 64, .causal = true,
+         .bottom_right = false, .bias_shape = {2, 8, 16, 129}, .alibi = true});
+}
+
+// A -inf bias masks its keys; a row with -inf on every key is fully masked: out 0 and lse -inf,
+// as in the reference (and no NaN from -inf - -inf in the online softmax or the merge).
+TEST_P(DecodeAttentionTest, RowsMaskedByBias) {
+  const float inf = std::numeric_limits<float>::infinity();
+  for (int64_t tk : {129, 1100})
+    for (KvType kv : {KvType::f32, KvType::bf16}) {
+      const Case c{.B = 2, .Hq = 4, .Hkv = 2, .Tq = 2, .Tk = tk, .D = 32, .kv = kv,
+                   .bias_shape = {2, 4, 2, tk}, .alibi = true};
+      SCOPED_TRACE(target_label() + ": " + c.str());
+      Inputs in = make_inputs(c);
+      float* bias = in.bias.data<float>();
+      const auto row_bias = [&](int64_t b, int64_t h, int64_t i) {
+        return bias + ((b * c.Hq + h) * c.Tq + i) * c.Tk;
+      };
+      const int64_t fully_masked_row = (0 * c.Hq + 1) * c.Tq + 0;  // batch 0, head 1, query 0
+      std::fill_n(row_bias(0, 1, 0), tk, -inf);
+      for (int64_t j = 0; j < tk; j += 2) row_bias(1, 3, 1)[j] = -inf;  // every other key
+      std::fill_n(row_bias(1, 0, 0) + 5, tk - 5, -inf);                 // only keys 0..4
+      const Result want = run_reference(c, in);
+      ASSERT_TRUE(std::isinf(want.lse.data<double>()[fully_masked_row]));
+      expect_matches(c, run_kernel(c, in), want);
+    }
+}
+
 ATTN_INSTANTIATE_ON_EVERY_SIMD_TARGET(DecodeAttentionTest);
 
 // ---------------------------------------------------------------------------------------------
@@ -483,14 +586,53 @@ TEST(DecodeAttentionGlue, SupportedPredicate) {
   EXPECT_TRUE(rejects([](attn::AttentionParams& p) {
     p.mask.allowed = Tensor::full({1}, 1.0, DType::b8);
   }));
-  EXPECT_TRUE(rejects([](attn::AttentionParams& p) { p.mask.bias = Tensor::zeros({1}); }));
-  EXPECT_TRUE(rejects([](attn::AttentionParams& p) { p.mask.alibi_slopes = {0.5}; }));
+  // An additive bias and ALiBi are applied by the kernel (tests above).
+  EXPECT_FALSE(rejects([](attn::AttentionParams& p) { p.mask.bias = Tensor::zeros({1}); }));
+  EXPECT_FALSE(rejects([](attn::AttentionParams& p) { p.mask.alibi_slopes = {0.5}; }));
   EXPECT_TRUE(rejects([](attn::AttentionParams& p) {
     p.mask.local.kind = attn::LocalKind::monotonic;
   }));
   EXPECT_TRUE(rejects([](attn::AttentionParams& p) { p.dropout.p = 0.1; }));
   // Weights on request are computed by the kernel (tests/test_decode_weights.cpp).
   EXPECT_FALSE(rejects([](attn::AttentionParams& p) { p.return_weights = true; }));
+}
+
+// Decoder steps with ALiBi and/or a bias take the decode kernel: attention() returns bitwise what
+// the decode glue computes, which matches the oracle.
+TEST(DecodeAttentionGlue, AlibiAndBiasRouteToDecodeKernel) {
+  const int64_t B = 2, Hq = 8, Hkv = 2, Tk = 300, D = 64;
+  const auto same_bits = [](const Tensor& a, const Tensor& b) {
+    return a.shape() == b.shape() &&
+           std::memcmp(a.data<float>(), b.data<float>(),
+                       static_cast<size_t>(a.numel()) * sizeof(float)) == 0;
+  };
+  for (int64_t Tq : {1, 3})
+    for (int variant = 0; variant < 3; ++variant) {
+      const bool alibi = variant != 1, bias = variant != 0;
+      const Tensor q = attn::testing::random_tensor({B, Hq, Tq, D}, DType::f32, 31);
+      const Tensor k = attn::testing::random_tensor({B, Hkv, Tk, D}, DType::f32, 32);
+      const Tensor v = attn::testing::random_tensor({B, Hkv, Tk, D}, DType::f32, 33);
+      attn::AttentionParams params;
+      params.score = attn::ScaledDotScore{};
+      params.mask.causal = true;
+      params.mask.alignment = attn::Alignment::bottom_right;
+      params.mask.key_lengths = {300, 170};
+      if (alibi) params.mask.alibi_slopes = attn::alibi_slopes(Hq);
+      if (bias) params.mask.bias = attn::testing::random_tensor({B, 1, 1, Tk}, DType::f32, 34);
+      SCOPED_TRACE("Tq=" + std::to_string(Tq) + (alibi ? " alibi" : "") + (bias ? " bias" : ""));
+      const attn::detail::AttentionDims dims =
+          attn::detail::validate_attention("attention", q, k, v, params);
+      ASSERT_TRUE(attn::kernels::decode_attention_supported(DType::f32, dims, params));
+      const attn::AttentionOutput front = attn::attention(q, k, v, params);
+      const attn::AttentionOutput direct = attn::kernels::decode_attention(dims, q, k, v, params);
+      EXPECT_TRUE(same_bits(front.out, direct.out));
+      EXPECT_TRUE(same_bits(front.lse, direct.lse));
+      const attn::AttentionOutput want = attn::reference::attention(q, k, v, params);
+      const Case c{.B = B, .Hq = Hq, .Hkv = Hkv, .Tq = Tq, .Tk = Tk, .D = D,
+                   .bias_shape = bias ? Shape{B, 1, 1, Tk} : Shape{}, .alibi = alibi};
+      EXPECT_TRUE(attn::testing::all_close(direct.out, want.out, tolerance(c), "out"));
+      EXPECT_TRUE(attn::testing::all_close(direct.lse, want.lse, tolerance(c), "lse"));
+    }
 }
 
 }  // namespace

@@ -9,12 +9,15 @@
 // (batch, kv head) pairs over short caches (the one-split path, B up to 64). Masked
 // weights and fully masked rows must be exactly 0, every element must be written, and the
 // weights pass must leave out and lse bitwise unchanged. The Tensor-level glue also returns
-// mean_weights, and attention() with return_weights at Tq = 1 dispatches to it.
+// mean_weights, and attention() with return_weights at Tq = 1 dispatches to it. With ALiBi and
+// additive biases (broadcast shapes, -inf entries) the weights include them, as in the
+// reference.
 //
 // Tolerance (as in test_decode_attention.cpp): a score carries an absolute error
 // ~ u (sqrt(D) + |s|); a probability p_j moves by p_j (ds_j - sum p ds) <= 2 p_j max|ds|, and
 // the sums over Tk keys and D features add ~ u sqrt(D + Tk): the error of a plain float32
-// implementation. A bf16 cache is allowed twice that on the same rounded inputs.
+// implementation. A bf16 cache is allowed twice that on the same rounded inputs. With ALiBi the
+// |s| counts only keys that carry weight (alibi_score_bound, as in test_decode_attention.cpp).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -28,6 +31,7 @@
 #include "attn/attention.h"
 #include "attn/reference.h"
 #include "kernels/decode_attention.h"
+#include "kernels/fused_args.h"
 #include "support/simd_targets.h"
 #include "support/test_support.h"
 
@@ -51,6 +55,8 @@ struct Case {
   int64_t left = kUnbounded, right = kUnbounded;
   KvType kv = KvType::f32;
   uint64_t seed = 1;
+  attn::Shape bias_shape;  // empty: no bias; else uniform in [-1, 1), right-aligned broadcast
+  bool alibi = false;      // the standard slopes attn::alibi_slopes(Hq)
 
   int64_t dv() const { return Dv == 0 ? D : Dv; }
   double scale() const { return 1.0 / std::sqrt(static_cast<double>(D)); }
@@ -60,6 +66,8 @@ struct Case {
                     " Tk=" + std::to_string(Tk) + " D=" + std::to_string(D) +
                     " Dv=" + std::to_string(dv());
     s += kv == KvType::bf16 ? " bf16" : " f32";
+    if (!bias_shape.empty()) s += " bias" + attn::shape_str(bias_shape);
+    if (alibi) s += " alibi";
     return s + attn::testing::interval_masks_str(*this);
   }
 };
@@ -69,6 +77,8 @@ struct Case {
 struct Inputs {
   Tensor q, k, v;
   std::vector<uint16_t> k_bf16, v_bf16;
+  Tensor bias;                 // float32 of c.bias_shape, or undefined
+  std::vector<double> slopes;  // ALiBi slopes, or empty
 };
 
 Tensor stored_values(const Case& c, const Tensor& dense, std::vector<uint16_t>& bits) {
@@ -90,6 +100,9 @@ Inputs make_inputs(const Case& c) {
   in.v = stored_values(
       c, attn::testing::random_tensor({c.B, c.Hkv, c.Tk, c.dv()}, DType::f32, c.seed + 2),
       in.v_bf16);
+  if (!c.bias_shape.empty())
+    in.bias = attn::testing::random_tensor(c.bias_shape, DType::f32, c.seed + 3);
+  if (c.alibi) in.slopes = attn::alibi_slopes(c.Hq);
   return in;
 }
 
@@ -120,6 +133,13 @@ Result run_kernel(const Case& c, const Inputs& in, bool with_weights) {
   }
   attn::testing::set_kernel_problem(c, a);
   a.scale = static_cast<float>(c.scale());
+  if (in.bias.defined()) {
+    const attn::detail::AttentionDims dims{.B = c.B, .Hq = c.Hq, .Hkv = c.Hkv, .Tq = c.Tq,
+                                           .Tk = c.Tk, .Dq = c.D, .Dk = c.D, .Dv = c.dv()};
+    a.bias = attn::kernels::broadcast_bias(in.bias, dims);
+  }
+  const std::vector<float> slopes(in.slopes.begin(), in.slopes.end());
+  if (!slopes.empty()) a.alibi_slopes = slopes.data();
   attn::kernels::decode_attention_forward(a);
   return r;
 }
@@ -132,9 +152,29 @@ attn::AttentionParams params_of(const Case& c) {
   return p;
 }
 
+// params_of plus the inputs' bias and ALiBi slopes.
+attn::AttentionParams params_of(const Case& c, const Inputs& in) {
+  attn::AttentionParams p = params_of(c);
+  p.mask.bias = in.bias;
+  p.mask.alibi_slopes = in.slopes;
+  return p;
+}
+
+// The largest |ALiBi term| of a key that carries weight: a key whose penalty exceeds the row's
+// smallest by more than 2 max|scale q.k + bias| + 64 has p < e^-64, and every row here with a
+// visible key has one within Tq positions of pos(i); every standard slope is < 1.
+double alibi_score_bound(const Case& c, double max_abs_rest) {
+  if (!c.alibi) return 0.0;
+  const double all_keys = static_cast<double>(c.Tk + c.Tq);
+  return std::min(all_keys, static_cast<double>(c.Tq) + 2.0 * max_abs_rest + 64.0);
+}
+
 attn::testing::Tolerance tolerance(const Case& c) {
   const double u = attn::testing::unit_roundoff(DType::f32);
-  const double max_abs_score = c.scale() * static_cast<double>(c.D);  // inputs in [-1, 1)
+  // Inputs and bias in [-1, 1).
+  const double max_abs_rest =
+      c.scale() * static_cast<double>(c.D) + (c.bias_shape.empty() ? 0.0 : 1.0);
+  const double max_abs_score = max_abs_rest + alibi_score_bound(c, max_abs_rest);
   attn::testing::Tolerance tol = attn::testing::tolerance_for(DType::f32, c.D + c.Tk + 1);
   tol.atol += 32.0 * u * max_abs_score;
   tol.rtol = tol.atol;
@@ -170,8 +210,8 @@ class DecodeWeightsTest
       SCOPED_TRACE(target_label() + ": " + c.str());
       const Inputs in = make_inputs(c);
       const Result got = run_kernel(c, in, /*with_weights=*/true);
-      const attn::AttentionOutput want = attn::reference::attention(in.q, in.k, in.v,
-                                                                    params_of(c));
+      const attn::AttentionOutput want =
+          attn::reference::attention(in.q, in.k, in.v, params_of(c, in));
       const auto tol = tolerance(c);
       EXPECT_TRUE(attn::testing::all_close(got.weights, want.weights, tol, "weights"));
       EXPECT_TRUE(masked_weights_zero(got.weights, want.weights));
@@ -237,6 +277,54 @@ TEST_P(DecodeWeightsTest, ManyRowsShortCaches) {
            .key_lengths = lengths, .causal = n % 3 == 0, .seed = static_cast<uint64_t>(n)});
   }
   check({.B = 64, .Hq = 1, .Hkv = 1, .Tq = 1, .Tk = 50, .D = 256, .causal = true});
+}
+
+// Weights with ALiBi and additive biases: the probabilities include both (stored raw scores
+// carry them), broadcast bias shapes, both alignments, key lengths with fully masked rows,
+// one-split and split caches.
+TEST_P(DecodeWeightsTest, AlibiAndBias) {
+  uint64_t n = 0;
+  for (int64_t tq : {1, 3, 16})
+    for (int64_t tk : {1, 50, 129})
+      for (bool bottom_right : {false, true})
+        check({.B = 2, .Hq = 8, .Hkv = 2, .Tq = tq, .Tk = tk, .D = 32,
+               .key_lengths = {tk, tk / 3}, .causal = true, .bottom_right = bottom_right,
+               .seed = ++n, .alibi = true});
+  for (int64_t tk : {50, 1100}) {
+    const attn::Shape shapes[] = {{tk}, {2, 1, 1, tk}, {2, 8, 3, tk}, {8, 1, 1}};
+    for (const attn::Shape& shape : shapes)
+      check({.B = 2, .Hq = 8, .Hkv = 8, .Tq = 3, .Tk = tk, .D = 64, .key_lengths = {tk, tk / 2},
+             .seed = ++n, .bias_shape = shape, .alibi = tk == 50});
+  }
+  ASSERT_GT(attn::kernels::decode_attention_split(1, 2, 4099).count, 1);
+  check({.Hq = 8, .Hkv = 2, .Tq = 1, .Tk = 4099, .D = 16, .causal = true,
+         .bias_shape = {4099}, .alibi = true});
+}
+
+// A -inf bias on every key of a row: its weights are all exactly 0 (and out 0, lse -inf); a
+// -inf bias on single keys gives exactly 0 weights there.
+TEST_P(DecodeWeightsTest, BiasMasksKeysAndRows) {
+  const float inf = std::numeric_limits<float>::infinity();
+  for (KvType kv : {KvType::f32, KvType::bf16}) {
+    const Case c{.B = 1, .Hq = 4, .Hkv = 2, .Tq = 2, .Tk = 129, .D = 32, .kv = kv,
+                 .bias_shape = {1, 4, 2, 129}};
+    SCOPED_TRACE(target_label() + ": " + c.str());
+    Inputs in = make_inputs(c);
+    float* bias = in.bias.data<float>();
+    std::fill_n(bias + 2 * c.Tk, c.Tk, -inf);                            // head 1, query 0
+    for (int64_t j = 0; j < c.Tk; j += 3) bias[5 * c.Tk + j] = -inf;  // head 2, query 1
+    const Result got = run_kernel(c, in, /*with_weights=*/true);
+    const attn::AttentionOutput want =
+        attn::reference::attention(in.q, in.k, in.v, params_of(c, in));
+    EXPECT_TRUE(attn::testing::all_close(got.weights, want.weights, tolerance(c), "weights"));
+    EXPECT_TRUE(attn::testing::all_close(got.out, want.out, tolerance(c), "out"));
+    EXPECT_TRUE(masked_weights_zero(got.weights, want.weights));
+    const float* w = got.weights.data<float>();
+    for (int64_t j = 0; j < c.Tk; ++j) ASSERT_EQ(w[2 * c.Tk + j], 0.0f) << j;
+    for (int64_t j = 0; j < c.Tk; j += 3) ASSERT_EQ(w[5 * c.Tk + j], 0.0f) << j;
+    EXPECT_TRUE(std::isinf(got.lse.data<float>()[2]));
+    for (int64_t e = 0; e < c.dv(); ++e) ASSERT_EQ(got.out.data<float>()[2 * c.dv() + e], 0.0f);
+  }
 }
 
 ATTN_INSTANTIATE_ON_EVERY_SIMD_TARGET(DecodeWeightsTest);

@@ -121,22 +121,28 @@ HWY_INLINE int64_t ArrangedIndex(int64_t e, int64_t full, int64_t N) {
   return c + (within % V) * N + within / V;
 }
 
-// Per-thread buffers, sized once per call.
+// Per-thread buffers, sized once per call (the bias and ALiBi rows only when the call has them).
 struct Scratch {
-  Scratch(int64_t rows, int64_t head_dim)
+  Scratch(int64_t rows, int64_t head_dim, bool bias_or_alibi)
       : q(hwy::AllocateAligned<float>(static_cast<size_t>(std::max<int64_t>(1, rows * head_dim)))),
         s(hwy::AllocateAligned<float>(static_cast<size_t>(std::max<int64_t>(1, rows) * kKeyBlock))),
         q_rows(static_cast<size_t>(rows)),
         s_rows(static_cast<size_t>(rows)),
         o_rows(static_cast<size_t>(rows)),
         intervals(static_cast<size_t>(rows)),
-        active(static_cast<size_t>(rows)) {}
+        active(static_cast<size_t>(rows)),
+        bias_rows(bias_or_alibi ? static_cast<size_t>(rows) : 0),
+        slopes(bias_or_alibi ? static_cast<size_t>(rows) : 0) {}
   hwy::AlignedFreeUniquePtr<float[]> q;  // [R][D] scaled queries, chunk-arranged
   hwy::AlignedFreeUniquePtr<float[]> s;  // [R][kKeyBlock] scores, then probabilities
   std::vector<const float*> q_rows;
   std::vector<float*> s_rows, o_rows;
   std::vector<KeyInterval> intervals;
   std::vector<char> active;  // row saw a visible key in the current block
+  // Bias and ALiBi (only when the call has them): the row's bias at key 0 (nullptr: no bias)
+  // and its head's slope (0: no ALiBi).
+  std::vector<const float*> bias_rows;
+  std::vector<float> slopes;
 };
 
 // Per-split partial results: running max m, sum l (relative to m) and the unnormalised output
@@ -322,6 +328,26 @@ HWY_INLINE void AccumulateRows(DF df, Scratch& sc, size_t r, const T* HWY_RESTRI
   AccumulateChunks<T, RR, kVecs / Chunk<T>::kVecs>(df, sc, r, v, v_stride, 0, full_dv, jb, je);
 }
 
+// Bias and ALiBi of one row for the keys [jb, je) of a block: s += bias[j] - slope |pos - j|
+// (natural units, as the scores), on the row's visible keys only, so masked keys stay exactly
+// -inf whatever the bias holds there (a +inf bias must not turn them into NaN). A separate pass
+// over the block's R x 64 scores, against the D multiply-adds each score took: calls without
+// bias and ALiBi never enter it. The distance |pos - j| is exact in float32 below 2^24 keys.
+HWY_INLINE void AddBiasAlibiRow(const Scratch& sc, size_t r, int64_t bias_stride_k, int64_t jb,
+                                int64_t je) {
+  const KeyInterval iv = sc.intervals[r];
+  const int64_t lo = std::max(jb, iv.lo), hi = std::min(je, iv.hi);
+  float* HWY_RESTRICT srow = sc.s_rows[r] - jb;  // indexed by key
+  const float* HWY_RESTRICT bias = sc.bias_rows[r];
+  if (bias != nullptr)
+    for (int64_t j = lo; j < hi; ++j) srow[j] += bias[j * bias_stride_k];
+  const float slope = sc.slopes[r];
+  if (slope != 0.0f) {
+    const float pos = static_cast<float>(iv.pos);
+    for (int64_t j = lo; j < hi; ++j) srow[j] -= slope * std::abs(pos - static_cast<float>(j));
+  }
+}
+
 // Online-softmax update of one row for the key block in s[0, n): new running max, rescale of
 // l and o when it grew, probabilities in place. Returns false when the row has seen no visible
 // key yet (its probabilities stay all zero and P V can skip it).
@@ -431,6 +457,17 @@ void ProcessItem(const DecodeAttentionArgs& a, const Problem& pb, Scratch& sc, i
     sc.s_rows[static_cast<size_t>(r)] = sc.s.get() + r * kKeyBlock;
     sc.o_rows[static_cast<size_t>(r)] = o + r * Dv;
   }
+  const bool bias_or_alibi = a.bias.data != nullptr || a.alibi_slopes != nullptr;
+  if (bias_or_alibi) {
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t head = kvh * pb.G + r / a.q_len, i = r % a.q_len;
+      sc.bias_rows[static_cast<size_t>(r)] =
+          a.bias.data == nullptr ? nullptr
+                                 : a.bias.data + b * a.bias.stride_b + head * a.bias.stride_h +
+                                       i * a.bias.stride_q;
+      sc.slopes[static_cast<size_t>(r)] = a.alibi_slopes == nullptr ? 0.0f : a.alibi_slopes[head];
+    }
+  }
 
   const T* k = static_cast<const T*>(a.k.data) + b * a.k.stride_b + kvh * a.k.stride_h;
   const T* v = static_cast<const T*>(a.v.data) + b * a.v.stride_b + kvh * a.v.stride_h;
@@ -450,6 +487,8 @@ void ProcessItem(const DecodeAttentionArgs& a, const Problem& pb, Scratch& sc, i
     for (; r + 2 <= rows; r += 2) ScoreRows<T, 2, 4>(df, sc, r, k, a.k.stride_t, D, jb, je);
     for (; r < rows; ++r)
       ScoreRows<T, 1, kSingleRowKeys>(df, sc, r, k, a.k.stride_t, D, jb, je);
+    if (bias_or_alibi)  // before the weights copy: the stored raw scores include them
+      for (size_t rr = 0; rr < rows; ++rr) AddBiasAlibiRow(sc, rr, a.bias.stride_k, jb, je);
     if (a.weights != nullptr)
       for (size_t rr = 0; rr < rows; ++rr)
         std::copy_n(sc.s_rows[rr], je - jb, weights_row(static_cast<int64_t>(rr)) + jb);
@@ -580,14 +619,20 @@ void Run(const DecodeAttentionArgs& a) {
   pb.splits = split.count;
   pb.split_keys = split.keys;
   const int64_t items = a.batch * a.kv_heads * pb.splits;
+  const bool bias_or_alibi = a.bias.data != nullptr || a.alibi_slopes != nullptr;
   const int64_t out_rows = a.batch * a.q_heads * a.q_len;
 
-  // Threads only when there is enough to read: below ~128 KiB of K and V (a few microseconds)
-  // waking a second thread costs more than it saves. Results do not depend on it.
+  // Threads only when there is enough to read. Inside a model the decoder step runs between
+  // multi-threaded BLAS calls whose OpenBLAS workers keep spinning for a while, so a parallel
+  // region over a few microseconds of work waits for a descheduled thread at its barrier:
+  // training the demo's GRU translator (B = 64, Tq = 1, Tk ~ 10, 640 KiB of K and V per step)
+  // took 25.7 s per epoch with a 128 KiB threshold against 8.4 s on the composed path, which runs
+  // such calls serially. Below 4 MiB (~150 us at one core's L3 rate) the call stays on the
+  // calling thread. Results do not depend on it.
   const double kv_bytes = static_cast<double>(a.batch * a.kv_heads * a.k_len) *
                           static_cast<double>(pb.D + pb.Dv) *
                           (a.kv_type == KvType::bf16 ? 2.0 : 4.0);
-  constexpr double kMinParallelBytes = 128.0 * 1024.0;
+  constexpr double kMinParallelBytes = 4.0 * 1024.0 * 1024.0;
   const bool parallel = items > 1 && kv_bytes >= kMinParallelBytes;
 
   if (pb.splits == 1) {
@@ -598,7 +643,7 @@ void Run(const DecodeAttentionArgs& a) {
 #pragma omp parallel if (parallel)
     {
       FlushDenormals ftz;
-      Scratch scratch(pb.R, pb.D);
+      Scratch scratch(pb.R, pb.D, bias_or_alibi);
       hwy::AlignedFreeUniquePtr<float[]> own = hwy::AllocateAligned<float>(
           static_cast<size_t>(pb.R * (2 + pb.Dv) + std::max<int64_t>(1, pb.Dv)));
       const Partials mine{own.get(), own.get() + pb.R, own.get() + 2 * pb.R};
@@ -622,7 +667,7 @@ void Run(const DecodeAttentionArgs& a) {
 #pragma omp parallel if (parallel)
   {
     FlushDenormals ftz;
-    Scratch scratch(pb.R, pb.D);
+    Scratch scratch(pb.R, pb.D, bias_or_alibi);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t split_index = item % pb.splits;

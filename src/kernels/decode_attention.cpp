@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <variant>
+#include <vector>
 
 #include "kernels/fused_args.h"
 #include "kernels/simd_target.h"
@@ -46,8 +47,7 @@ bool decode_attention_supported(DType dtype, const detail::AttentionDims& dims,
                          std::holds_alternative<ScaledDotScore>(params.score);
   const Mask& mask = params.mask;
   return dtype == DType::f32 && dot_score && params.head_scores.empty() &&
-         !mask.allowed.defined() && !mask.bias.defined() && mask.alibi_slopes.empty() &&
-         mask.local.kind == LocalKind::none && params.dropout.p == 0.0 &&
+         !mask.allowed.defined() && mask.local.kind == LocalKind::none && params.dropout.p == 0.0 &&
          dims.Tq <= kDecodeMaxQueries && dims.Tk >= kDecodeMinKeys;
 }
 
@@ -67,6 +67,9 @@ AttentionOutput decode_attention(const detail::AttentionDims& dims, const Tensor
   args.scale = dot_scale(params.score, dims);
   const Mask& mask = params.mask;
   fill_interval_masks(args, dims, mask);
+  if (mask.bias.defined()) args.bias = broadcast_bias(mask.bias, dims);  // float32 (converted)
+  const std::vector<float> slopes(mask.alibi_slopes.begin(), mask.alibi_slopes.end());
+  if (!slopes.empty()) args.alibi_slopes = slopes.data();
   if (params.return_weights) {
     result.weights = Tensor::empty({dims.B, dims.Hq, dims.Tq, dims.Tk}, DType::f32);
     args.weights = result.weights.data<float>();

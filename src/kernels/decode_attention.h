@@ -17,7 +17,8 @@
 // Query i of batch b may attend key j when j < key_len[b], i < query_len[b] and, with
 // pos(i) = i + offset_b (offset_b = key_len[b] - query_len[b] bottom-right, i.e. the Tq new
 // queries are the last Tq positions; 0 top-left), causal: j <= pos(i); window:
-// pos(i) - left <= j <= pos(i) + right. Scores are scale * q.k.
+// pos(i) - left <= j <= pos(i) + right. Scores are scale * q.k + bias[b, h, i, j]
+// - alibi_slope[h] * |pos(i) - j| (natural units; bias and ALiBi optional, as in attention.h).
 //
 // Work split: OpenMP over (batch, kv head, key split). The split length depends only on the
 // problem sizes (never on the thread count), so that B = 1, Hkv = 1 still yields enough items
@@ -41,6 +42,7 @@
 #include "attention_validate.h"
 #include "attn/attention.h"
 #include "kernels/bf16.h"
+#include "kernels/flash_attention.h"  // FlashBias
 #include "kernels/kernel_problem.h"
 
 namespace attn::kernels {
@@ -68,6 +70,14 @@ struct DecodeAttentionArgs : ProblemSizes, IntervalMasks {
   // store their raw scores there and the split merge turns each row into e^(s - M) / L with
   // the row's merged max M and sum L (the output's own normalisation): no second read of K.
   float* weights = nullptr;
+
+  // Optional additive bias (natural units), broadcastable to [B, Hq, Tq, Tk] and read in place
+  // through its strides (0 along broadcast dimensions): a [Tk] padding bias is never expanded
+  // per head or row. A -inf bias masks a key; a row with -inf on every key is fully masked.
+  FlashBias bias;
+  // Optional ALiBi slopes [q_heads]: the score of query i and key j drops by
+  // slope[h] * |pos(i) - j|, pos(i) as above (so it follows the causal alignment).
+  const float* alibi_slopes = nullptr;
 
   int64_t head_dim = 0, value_dim = 0;
   float scale = 1.0f;
@@ -110,8 +120,8 @@ constexpr int64_t kDecodeMaxQueries = 16;
 
 // True when the decode kernel computes exactly what attention() specifies and is the fastest
 // path: float32, DotScore or ScaledDotScore (no head_scores), no boolean `allowed` mask, no
-// bias, no ALiBi, no local attention, no dropout; Tq <= 16 and Tk >= kDecodeMinKeys.
-// Key/query lengths, causal (both alignments), windows and return_weights are supported.
+// local attention, no dropout; Tq <= 16 and Tk >= kDecodeMinKeys. Key/query lengths, causal
+// (both alignments), windows, an additive bias, ALiBi slopes and return_weights are supported.
 bool decode_attention_supported(DType dtype, const detail::AttentionDims& dims,
                                 const AttentionParams& params);
 
