@@ -378,7 +378,11 @@ SafetensorsFile SafetensorsFile::load(const std::string& path) {
 
 std::string atomic_temp_prefix(const std::string& path) {
   const std::filesystem::path target(path);
-  return (target.parent_path() / ("." + target.filename().string() + ".tmp-")).string();
+  // Built by appending: GCC 12 flags `"." + std::string` with a false -Wrestrict warning.
+  std::string name = ".";
+  name += target.filename().string();
+  name += ".tmp-";
+  return (target.parent_path() / name).string();
 }
 
 void write_file_atomically(const std::string& path, std::span<const std::byte> bytes, const std::string& op) {
