@@ -38,6 +38,7 @@
 #include "kernels/additive_attention.h"
 #include "kernels/attention_composed.h"
 #include "kernels/simd_target.h"
+#include "support/bitwise_equal.h"
 #include "support/simd_targets.h"
 #include "support/test_support.h"
 
@@ -494,29 +495,24 @@ TEST(AdditiveAttention, Deterministic) {
   const Case c{.B = 2, .Hq = 4, .Hkv = 2, .Tq = 150, .Tk = 190, .D = 16, .A = 32, .Dv = 16,
                .causal = true};
   const Inputs in = make_inputs(c);
-  auto same = [](const Tensor& x, const Tensor& y) {
-    return x.numel() == y.numel() &&
-           std::memcmp(x.data<float>(), y.data<float>(),
-                       static_cast<size_t>(x.numel()) * sizeof(float)) == 0;
-  };
   const int threads = omp_get_max_threads();
   const Fused first = run_fused(in);
   const Fused again = run_fused(in);
-  EXPECT_TRUE(same(first.out.out, again.out.out));
-  EXPECT_TRUE(same(first.grads.dq, again.grads.dq));
-  EXPECT_TRUE(same(first.grads.dk, again.grads.dk));
-  EXPECT_TRUE(same(first.grads.dv, again.grads.dv));
+  EXPECT_TRUE(attn::testing::bitwise_equal(first.out.out, again.out.out, "out"));
+  EXPECT_TRUE(attn::testing::bitwise_equal(first.grads.dq, again.grads.dq, "dq"));
+  EXPECT_TRUE(attn::testing::bitwise_equal(first.grads.dk, again.grads.dk, "dk"));
+  EXPECT_TRUE(attn::testing::bitwise_equal(first.grads.dv, again.grads.dv, "dv"));
   const auto& d1 = std::get<attn::AdditiveScore>(first.grads.dscore);
   const auto& d2 = std::get<attn::AdditiveScore>(again.grads.dscore);
-  EXPECT_TRUE(same(d1.w_query, d2.w_query));
-  EXPECT_TRUE(same(d1.w_key, d2.w_key));
-  EXPECT_TRUE(same(d1.bias, d2.bias));
-  EXPECT_TRUE(same(d1.v, d2.v));
+  EXPECT_TRUE(attn::testing::bitwise_equal(d1.w_query, d2.w_query, "w_query"));
+  EXPECT_TRUE(attn::testing::bitwise_equal(d1.w_key, d2.w_key, "w_key"));
+  EXPECT_TRUE(attn::testing::bitwise_equal(d1.bias, d2.bias, "bias"));
+  EXPECT_TRUE(attn::testing::bitwise_equal(d1.v, d2.v, "v"));
   omp_set_num_threads(1);
   const Fused single = run_fused(in);
   omp_set_num_threads(threads);
-  EXPECT_TRUE(same(first.out.out, single.out.out));
-  EXPECT_TRUE(same(first.out.lse, single.out.lse));
+  EXPECT_TRUE(attn::testing::bitwise_equal(first.out.out, single.out.out, "out"));
+  EXPECT_TRUE(attn::testing::bitwise_equal(first.out.lse, single.out.lse, "lse"));
 }
 
 // V with whole-vector rows (Dv = 16) but one float off alignment, a view into a larger buffer:
@@ -532,18 +528,13 @@ TEST(AdditiveAttention, MisalignedValues) {
   Inputs shifted = in;
   shifted.v = Tensor::wrap(storage.data() + 1, in.v.shape());
   ASSERT_NE(reinterpret_cast<uintptr_t>(shifted.v.data<float>()) % 64, 0u);
-  auto same = [](const Tensor& x, const Tensor& y) {
-    return x.numel() == y.numel() &&
-           std::memcmp(x.data<float>(), y.data<float>(),
-                       static_cast<size_t>(x.numel()) * sizeof(float)) == 0;
-  };
   attn::testing::for_each_simd_target(attn::kernels::additive_attention_target_name, [&](auto&) {
     const Fused aligned = run_fused(in);
     const Fused off = run_fused(shifted);
-    EXPECT_TRUE(same(aligned.out.out, off.out.out));
-    EXPECT_TRUE(same(aligned.out.lse, off.out.lse));
-    EXPECT_TRUE(same(aligned.grads.dq, off.grads.dq));
-    EXPECT_TRUE(same(aligned.grads.dv, off.grads.dv));
+    EXPECT_TRUE(attn::testing::bitwise_equal(aligned.out.out, off.out.out, "out"));
+    EXPECT_TRUE(attn::testing::bitwise_equal(aligned.out.lse, off.out.lse, "lse"));
+    EXPECT_TRUE(attn::testing::bitwise_equal(aligned.grads.dq, off.grads.dq, "dq"));
+    EXPECT_TRUE(attn::testing::bitwise_equal(aligned.grads.dv, off.grads.dv, "dv"));
   });
 }
 

@@ -31,6 +31,7 @@
 #include "kernels/decode_attention.h"
 #include "kernels/fused_args.h"
 #include "kernels/simd_target.h"
+#include "support/bitwise_equal.h"
 #include "support/simd_targets.h"
 #include "support/test_support.h"
 
@@ -325,25 +326,31 @@ TEST_P(DecodeAttentionTest, NanStaysInItsRow) {
   }
 }
 
+// The kernel's bits on all threads, again, and on one thread must be the same: the split and
+// the merge order depend only on the problem sizes.
+void expect_same_bits_on_one_thread(const Case& c, const Inputs& in) {
+  using attn::testing::bitwise_equal;
+  const int threads = omp_get_max_threads();
+  const Result first = run_kernel(c, in);
+  const Result again = run_kernel(c, in);
+  omp_set_num_threads(1);
+  const Result single = run_kernel(c, in);
+  omp_set_num_threads(threads);
+  EXPECT_TRUE(bitwise_equal(first.out, again.out, "out, second run"));
+  EXPECT_TRUE(bitwise_equal(first.lse, again.lse, "lse, second run"));
+  EXPECT_TRUE(bitwise_equal(first.out, single.out, "out, one thread"));
+  EXPECT_TRUE(bitwise_equal(first.lse, single.lse, "lse, one thread"));
+}
+
 TEST_P(DecodeAttentionTest, BitwiseReproducibleAcrossRunsAndThreadCounts) {
   for (KvType kv : {KvType::f32, KvType::bf16}) {
-    const Case c{.B = 1, .Hq = 8, .Hkv = 1, .Tq = 2, .Tk = 9000, .D = 64, .causal = true,
+    // Over 4 MiB of K and V even as bf16, so that the kernel runs threaded.
+    const Case c{.B = 1, .Hq = 8, .Hkv = 1, .Tq = 2, .Tk = 18000, .D = 64, .causal = true,
                  .kv = kv};
     SCOPED_TRACE(c.str());
     // The case must really be split, or the merge order is not exercised.
     ASSERT_GT(attn::kernels::decode_attention_split(c.B, c.Hkv, c.Tk).count, 1);
-    const Inputs in = make_inputs(c);
-    const int threads = omp_get_max_threads();
-    const Result first = run_kernel(c, in);
-    omp_set_num_threads(1);
-    const Result single = run_kernel(c, in);
-    omp_set_num_threads(threads);
-    const Result again = run_kernel(c, in);
-    const size_t bytes = static_cast<size_t>(first.out.numel()) * sizeof(float);
-    EXPECT_EQ(std::memcmp(first.out.data<float>(), single.out.data<float>(), bytes), 0);
-    EXPECT_EQ(std::memcmp(first.out.data<float>(), again.out.data<float>(), bytes), 0);
-    const size_t lse_bytes = static_cast<size_t>(first.lse.numel()) * sizeof(float);
-    EXPECT_EQ(std::memcmp(first.lse.data<float>(), single.lse.data<float>(), lse_bytes), 0);
+    expect_same_bits_on_one_thread(c, make_inputs(c));
   }
 }
 
@@ -382,20 +389,12 @@ TEST_P(DecodeAttentionTest, ManyRowsShortCaches) {
 
 TEST_P(DecodeAttentionTest, ManyRowsBitwiseReproducibleAcrossThreadCounts) {
   for (KvType kv : {KvType::f32, KvType::bf16}) {
-    const Case c{.B = 32, .Hq = 8, .Hkv = 4, .Tq = 1, .Tk = 50, .D = 32,
-                 .key_lengths = std::vector<int64_t>(32, 50), .kv = kv};
+    // Over 4 MiB of K and V even as bf16, so that the kernel runs threaded.
+    const Case c{.B = 128, .Hq = 8, .Hkv = 4, .Tq = 1, .Tk = 50, .D = 64,
+                 .key_lengths = std::vector<int64_t>(128, 50), .kv = kv};
     SCOPED_TRACE(c.str());
     ASSERT_EQ(attn::kernels::decode_attention_split(c.B, c.Hkv, c.Tk).count, 1);
-    const Inputs in = make_inputs(c);
-    const int threads = omp_get_max_threads();
-    const Result first = run_kernel(c, in);
-    omp_set_num_threads(1);
-    const Result single = run_kernel(c, in);
-    omp_set_num_threads(threads);
-    const size_t bytes = static_cast<size_t>(first.out.numel()) * sizeof(float);
-    EXPECT_EQ(std::memcmp(first.out.data<float>(), single.out.data<float>(), bytes), 0);
-    const size_t lse_bytes = static_cast<size_t>(first.lse.numel()) * sizeof(float);
-    EXPECT_EQ(std::memcmp(first.lse.data<float>(), single.lse.data<float>(), lse_bytes), 0);
+    expect_same_bits_on_one_thread(c, make_inputs(c));
   }
 }
 
@@ -601,11 +600,6 @@ TEST(DecodeAttentionGlue, SupportedPredicate) {
 // the decode glue computes, which matches the oracle.
 TEST(DecodeAttentionGlue, AlibiAndBiasRouteToDecodeKernel) {
   const int64_t B = 2, Hq = 8, Hkv = 2, Tk = 300, D = 64;
-  const auto same_bits = [](const Tensor& a, const Tensor& b) {
-    return a.shape() == b.shape() &&
-           std::memcmp(a.data<float>(), b.data<float>(),
-                       static_cast<size_t>(a.numel()) * sizeof(float)) == 0;
-  };
   for (int64_t Tq : {1, 3})
     for (int variant = 0; variant < 3; ++variant) {
       const bool alibi = variant != 1, bias = variant != 0;
@@ -625,8 +619,8 @@ TEST(DecodeAttentionGlue, AlibiAndBiasRouteToDecodeKernel) {
       ASSERT_TRUE(attn::kernels::decode_attention_supported(DType::f32, dims, params));
       const attn::AttentionOutput front = attn::attention(q, k, v, params);
       const attn::AttentionOutput direct = attn::kernels::decode_attention(dims, q, k, v, params);
-      EXPECT_TRUE(same_bits(front.out, direct.out));
-      EXPECT_TRUE(same_bits(front.lse, direct.lse));
+      EXPECT_TRUE(attn::testing::bitwise_equal(front.out, direct.out, "out"));
+      EXPECT_TRUE(attn::testing::bitwise_equal(front.lse, direct.lse, "lse"));
       const attn::AttentionOutput want = attn::reference::attention(q, k, v, params);
       const Case c{.B = B, .Hq = Hq, .Hkv = Hkv, .Tq = Tq, .Tk = Tk, .D = D,
                    .bias_shape = bias ? Shape{B, 1, 1, Tk} : Shape{}, .alibi = alibi};
