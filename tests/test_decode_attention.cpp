@@ -15,7 +15,8 @@
 // bf16 cache is compared against the float64 reference on the bf16-rounded K and V, within twice
 // that bound: rounding the cache is the caller's choice, the kernel must add no more than a
 // plain float32 implementation would on the same rounded inputs. With ALiBi the |s| of that
-// bound only counts keys that carry weight: see alibi_score_bound.
+// bound only counts keys that carry weight: see alibi_score_bound in
+// tests/support/decode_kernel_checks.h.
 #include <gtest/gtest.h>
 #include <omp.h>
 
@@ -32,6 +33,7 @@
 #include "kernels/fused_args.h"
 #include "kernels/simd_target.h"
 #include "support/bitwise_equal.h"
+#include "support/decode_kernel_checks.h"
 #include "support/simd_targets.h"
 #include "support/test_support.h"
 
@@ -190,30 +192,7 @@ Result run_reference(const Case& c, const Inputs& in) {
   return {ref.out, ref.lse};
 }
 
-// The largest |ALiBi term| of a key that carries weight. A key whose penalty exceeds the row's
-// smallest by more than 2 max|scale q.k + bias| + 64 has p < e^-64, so its (larger) score error
-// moves nothing. In every case here a row with a visible key has one within Tq positions of
-// pos(i) (causal keeps the keys up to pos(i); otherwise pos(i) lies inside the keys or at most
-// Tq before key 0), so the smallest penalty is at most slope * Tq; every standard slope is < 1.
-double alibi_score_bound(const Case& c, double max_abs_rest) {
-  if (!c.alibi) return 0.0;
-  const double all_keys = static_cast<double>(c.Tk + c.Tq);
-  return std::min(all_keys, static_cast<double>(c.Tq) + 2.0 * max_abs_rest + 64.0);
-}
-
-// The plain-float32 error bound above; inputs (and bias) are uniform in [-1, 1), so
-// |scale q.k| <= scale * D and |bias| <= 1.
-attn::testing::Tolerance tolerance(const Case& c) {
-  const double u = attn::testing::unit_roundoff(DType::f32);
-  const double max_abs_rest =
-      c.scale() * static_cast<double>(c.D) + (c.bias_shape.empty() ? 0.0 : 1.0);
-  const double max_abs_score = max_abs_rest + alibi_score_bound(c, max_abs_rest);
-  attn::testing::Tolerance tol = attn::testing::tolerance_for(DType::f32, c.D + c.Tk + 1);
-  tol.atol += 32.0 * u * max_abs_score;
-  tol.rtol = tol.atol;
-  if (c.kv == KvType::bf16) tol.atol *= 2.0, tol.rtol *= 2.0;
-  return tol;
-}
+attn::testing::Tolerance tolerance(const Case& c) { return attn::testing::decode_tolerance(c); }
 
 // Out and lse within tolerance; fully masked rows exactly 0 and -inf.
 void expect_matches(const Case& c, const Result& got, const Result& want) {

@@ -17,7 +17,7 @@
 // ~ u (sqrt(D) + |s|); a probability p_j moves by p_j (ds_j - sum p ds) <= 2 p_j max|ds|, and
 // the sums over Tk keys and D features add ~ u sqrt(D + Tk): the error of a plain float32
 // implementation. A bf16 cache is allowed twice that on the same rounded inputs. With ALiBi the
-// |s| counts only keys that carry weight (alibi_score_bound, as in test_decode_attention.cpp).
+// |s| counts only keys that carry weight (alibi_score_bound, tests/support/decode_kernel_checks.h).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -32,6 +32,9 @@
 #include "attn/reference.h"
 #include "kernels/decode_attention.h"
 #include "kernels/fused_args.h"
+#include "support/bitwise_equal.h"
+#include "support/decode_kernel_checks.h"
+#include "support/fused_checks.h"
 #include "support/simd_targets.h"
 #include "support/test_support.h"
 
@@ -160,45 +163,10 @@ attn::AttentionParams params_of(const Case& c, const Inputs& in) {
   return p;
 }
 
-// The largest |ALiBi term| of a key that carries weight: a key whose penalty exceeds the row's
-// smallest by more than 2 max|scale q.k + bias| + 64 has p < e^-64, and every row here with a
-// visible key has one within Tq positions of pos(i); every standard slope is < 1.
-double alibi_score_bound(const Case& c, double max_abs_rest) {
-  if (!c.alibi) return 0.0;
-  const double all_keys = static_cast<double>(c.Tk + c.Tq);
-  return std::min(all_keys, static_cast<double>(c.Tq) + 2.0 * max_abs_rest + 64.0);
-}
+attn::testing::Tolerance tolerance(const Case& c) { return attn::testing::decode_tolerance(c); }
 
-attn::testing::Tolerance tolerance(const Case& c) {
-  const double u = attn::testing::unit_roundoff(DType::f32);
-  // Inputs and bias in [-1, 1).
-  const double max_abs_rest =
-      c.scale() * static_cast<double>(c.D) + (c.bias_shape.empty() ? 0.0 : 1.0);
-  const double max_abs_score = max_abs_rest + alibi_score_bound(c, max_abs_rest);
-  attn::testing::Tolerance tol = attn::testing::tolerance_for(DType::f32, c.D + c.Tk + 1);
-  tol.atol += 32.0 * u * max_abs_score;
-  tol.rtol = tol.atol;
-  if (c.kv == KvType::bf16) tol.atol *= 2.0, tol.rtol *= 2.0;
-  return tol;
-}
-
-// Weights the reference gives exactly 0 (masked keys, fully masked rows) must be exactly 0.
-::testing::AssertionResult masked_weights_zero(const Tensor& got, const Tensor& want) {
-  const std::vector<double> g = got.to_vector(), w = want.to_vector();
-  for (size_t e = 0; e < w.size(); ++e)
-    if (w[e] == 0.0 && g[e] != 0.0)
-      return ::testing::AssertionFailure()
-             << "weights element " << e << " = " << g[e] << " where the reference has 0";
-  return ::testing::AssertionSuccess();
-}
-
-::testing::AssertionResult bitwise_equal(const Tensor& a, const Tensor& b, const char* what) {
-  if (a.shape() != b.shape()) return ::testing::AssertionFailure() << what << ": shapes differ";
-  const size_t bytes = static_cast<size_t>(a.numel()) * sizeof(float);
-  if (bytes != 0 && std::memcmp(a.data<float>(), b.data<float>(), bytes) != 0)
-    return ::testing::AssertionFailure() << what << ": not bitwise equal";
-  return ::testing::AssertionSuccess();
-}
+using attn::testing::bitwise_equal;
+using attn::testing::masked_weights_zero;
 
 class DecodeWeightsTest
     : public attn::testing::EveryTargetTest<attn::kernels::decode_attention_target_name> {

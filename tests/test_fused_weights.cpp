@@ -157,15 +157,7 @@ attn::testing::Tolerance tolerance(const Case& c, const Problem& p, double max_a
   return {bound, bound};
 }
 
-// Weights the reference gives exactly 0 (masked keys, fully masked rows) must be exactly 0.
-::testing::AssertionResult masked_weights_zero(const Tensor& got, const Tensor& want) {
-  const std::vector<double> g = got.to_vector(), w = want.to_vector();
-  for (size_t e = 0; e < w.size(); ++e)
-    if (w[e] == 0.0 && g[e] != 0.0)
-      return ::testing::AssertionFailure()
-             << "weights element " << e << " = " << g[e] << " where the reference has 0";
-  return ::testing::AssertionSuccess();
-}
+using attn::testing::masked_weights_zero;
 
 class FusedWeightsTest
     : public attn::testing::EveryTargetTest<attn::kernels::flash_attention_target_name> {

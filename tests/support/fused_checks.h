@@ -203,4 +203,14 @@ FusedAndReference expect_fused_matches_reference(const Case& c, const FusedProbl
   return r;
 }
 
+// Weights the reference gives exactly 0 (masked keys, fully masked rows) must be exactly 0.
+inline ::testing::AssertionResult masked_weights_zero(const Tensor& got, const Tensor& want) {
+  const std::vector<double> g = got.to_vector(), w = want.to_vector();
+  for (size_t e = 0; e < w.size(); ++e)
+    if (w[e] == 0.0 && g[e] != 0.0)
+      return ::testing::AssertionFailure()
+             << "weights element " << e << " = " << g[e] << " where the reference has 0";
+  return ::testing::AssertionSuccess();
+}
+
 }  // namespace attn::testing
