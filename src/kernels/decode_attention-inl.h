@@ -17,13 +17,20 @@
 // ahead plus a block's V rows during its scores, all ran within the run-to-run noise from L3
 // and DRAM, while the prefetch loops took 16% of the samples of an L2-resident run).
 //
-// Where the time goes (perf, 1 thread, B = 1, Hq = 8, d = 128): with 4 query heads per kv head
-// (GQA) every cache element feeds 4 FMAs, 64 vector FMAs per key against a 512-byte bf16 key
-// and value: with the bf16 widening (16 shift/and per key), the horizontal sums and the exp,
-// about 50 cycles per key of the two FMA ports at the ~2.6 GHz this core holds under AVX-512,
-// i.e. at most ~27 GB/s of bf16 cache against a ~28-31 GB/s plain read from L3. The measured
-// ~17-19 GB/s (L2-resident or not) is compute-bound; float32 GQA computes at ~40 GB/s from L2
-// but reaches ~20 GB/s from L3, where demand misses and the FMAs do not overlap fully.
+// Where the time goes (1 thread, B = 1, Hq = 8, d = 128, 64-byte aligned cache; each phase
+// timed alone by skipping the other; BENCHMARKS.md "Decode" has the table): the P V phase
+// reads V at the plain streaming rate (8.4 ns per 256-byte bf16 row from L3), the score phase
+// does not: 11-12 ns per bf16 K row from L3 and 7.4 ns from L2, the same 7.4 ns as a float32
+// row twice its size, where the static schedule of its inner loop (llvm-mca, Sapphire Rapids
+// model: 16 cycles per 8-key step) gives ~2.5 ns. The cost is per key (the 8 rows read side by
+// side, their horizontal sums), not per byte. Tried without gain: key blocks of 16 to 256
+// keys, 2/4/8 keys per register block, key-by-key loop order, software prefetch (the block's V
+// rows during its scores, the next block's K rows during P V), 2 MiB pages; this VM exposes no
+// hardware counters to perf, so the stall is not attributed further. With 4 query heads per kv
+// head (GQA) every cache element feeds 4 FMAs: 64 vector FMAs per key, plus the bf16 widening
+// (16 shift/and) and 13 shuffle/add per key for the horizontal sums, ~45 cycles of the two FMA
+// ports at ~3.2 GHz, ~36 GB/s of bf16 at best against the ~32 GB/s one core streams from L3;
+// measured 22-25 ns per key from L2 and L3 alike (compute-bound, about half the ports' peak).
 //
 // bf16 K/V: one vector of 2N bf16 is widened to two float32 vectors with a shift and a mask (a
 // bf16 is the upper half of a float32, so widening is exact): even elements to one, odd
