@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "attn/error.h"
 #include "nn/linear.h"
@@ -35,6 +36,7 @@ CrossEntropyResult cross_entropy(const Tensor& logits, const std::vector<int32_t
     const T* xp = x.data<T>();
     T* dp = config.compute_grad ? r.dlogits.data<T>() : nullptr;
     double loss = 0.0, nll = 0.0;
+    std::vector<double> e(static_cast<size_t>(V));  // e^(x_v - max), reused for the gradient
     for (int64_t n = 0; n < N; ++n) {
       if (targets[n] == config.ignore_id) continue;
       const T* row = xp + n * V;
@@ -43,7 +45,8 @@ CrossEntropyResult cross_entropy(const Tensor& logits, const std::vector<int32_t
       for (int64_t v = 1; v < V; ++v) mx = std::max<double>(mx, row[v]);
       double sum = 0.0, sum_x = 0.0;
       for (int64_t v = 0; v < V; ++v) {
-        sum += std::exp(static_cast<double>(row[v]) - mx);
+        e[static_cast<size_t>(v)] = std::exp(static_cast<double>(row[v]) - mx);
+        sum += e[static_cast<size_t>(v)];
         sum_x += static_cast<double>(row[v]);
       }
       const double log_z = mx + std::log(sum);
@@ -54,8 +57,9 @@ CrossEntropyResult cross_entropy(const Tensor& logits, const std::vector<int32_t
       nll += -target_logp;
       if (dp) {
         T* drow = dp + n * V;
+        const double inv_sum = 1.0 / sum;  // p_v = e^(x_v - log Z) = e_v / sum
         for (int64_t v = 0; v < V; ++v) {
-          const double p = std::exp(static_cast<double>(row[v]) - log_z);
+          const double p = e[static_cast<size_t>(v)] * inv_sum;
           drow[v] = static_cast<T>((p - eps / static_cast<double>(V)) * inv_m);
         }
         drow[targets[n]] -= static_cast<T>((1.0 - eps) * inv_m);

@@ -6,6 +6,7 @@
 #include <span>
 #include <utility>
 
+#include "attn/activations.h"
 #include "attn/error.h"
 #include "attn/random.h"
 #include "seq2seq/tensor_ops.h"
@@ -539,8 +540,7 @@ StepResult step_embedded(const Seq2Seq& m, const EncodedSource& src, const Decod
     r.gate = g.out;
     nn::visit_float(r.gate.dtype(), kOp, "gate", [&](auto tag) {
       using T = decltype(tag);
-      T* p = r.gate.data<T>();
-      for (int64_t i = 0; i < r.gate.numel(); ++i) p[i] = T(1) / (T(1) + std::exp(-p[i]));
+      sigmoid_array(r.gate.data<T>(), r.gate.data<T>(), r.gate.numel());
     });
     cache.gate = std::move(g.cache);
   }

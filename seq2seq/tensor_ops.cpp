@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "attn/activations.h"
 #include "attn/error.h"
 #include "nn/linear.h"
 
@@ -69,8 +70,7 @@ Tensor tanh_forward(const Tensor& x) {
   const int64_t n = y.numel();
   nn::visit_float(y.dtype(), kOp, "tanh input", [&](auto tag) {
     using T = decltype(tag);
-    T* p = y.data<T>();
-    for (int64_t i = 0; i < n; ++i) p[i] = std::tanh(p[i]);
+    tanh_array(y.data<T>(), y.data<T>(), n);
   });
   return y;
 }
