@@ -20,18 +20,20 @@
 // Where the time goes (1 thread, B = 1, Hq = 8, d = 128, 64-byte aligned cache; each phase
 // timed alone by skipping the other; BENCHMARKS.md "Decode" has the table): the P V phase
 // reads V at the plain streaming rate (8.4 ns per 256-byte bf16 row from L3), the score phase
-// does not: 11-12 ns per bf16 K row from L3 and 7.4 ns from L2, the same 7.4 ns as a float32
-// row twice its size, where the static schedule of its inner loop (llvm-mca, Sapphire Rapids
-// model: 16 cycles per 8-key step) gives ~2.5 ns. The cost is per key (the 8 rows read side by
-// side, their horizontal sums), not per byte. Tried without gain: key blocks of 16 to 256
-// keys, 2/4/8 keys per register block, key-by-key loop order, software prefetch (the block's V
-// rows during its scores, the next block's K rows during P V), 2 MiB pages, interleaving the
-// scores of block n + 1 with the P V of block n (3-4% faster on one thread, up to 9% slower on
-// two); this VM exposes no hardware counters to perf, so the stall is not attributed further.
+// does not: 11-12 ns per bf16 K row from L3, 7.4 ns from L2 (as for a float32 row twice its
+// size) and still 6.7-6.9 ns with the cache pinned in L1, where the static schedule of its
+// inner loop (llvm-mca, Sapphire Rapids model: 16 cycles per 8-key step) gives ~2.5 ns: the
+// blocks of 8 keys (loop, horizontal sums, set-up) overlap poorly. Cheaper compute did not
+// carry over to L3 (16 keys per block: -9-13% from L1, unchanged from L3), where the kernel
+// takes about the streaming time plus half its compute time. Tried without gain from L3: key
+// blocks of 16 to 256 keys, 2/4/8/16 keys per register block, key-by-key loop order, software
+// prefetch (the block's V rows during its scores, the next block's K rows during P V), 2 MiB
+// pages, interleaving the scores of block n + 1 with the P V of block n (3-4% faster on one
+// thread, up to 9% slower on two); this VM exposes no hardware counters to perf.
 // With 4 query heads per kv head (GQA) every cache element feeds 4 FMAs: 64 vector FMAs per
 // key, plus the bf16 widening (16 shift/and) and 13 shuffle/add per key for the horizontal
 // sums, ~45 cycles of the two FMA ports at ~3.2 GHz, ~36 GB/s of bf16 at best against the
-// ~32 GB/s one core streams from L3; measured 22-25 ns per key from L2 and L3 alike
+// ~32 GB/s one core streams from L3; measured 22-26 ns per key from L1, L2 and L3 alike
 // (compute-bound, about half the ports' peak).
 //
 // bf16 K/V: one vector of 2N bf16 is widened to two float32 vectors with a shift and a mask (a
