@@ -33,7 +33,7 @@
 // With 4 query heads per kv head (GQA) every cache element feeds 4 FMAs: 64 vector FMAs per
 // key, plus the bf16 widening (16 shift/and) and 13 shuffle/add per key for the horizontal
 // sums, ~45 cycles of the two FMA ports at ~3.2 GHz, ~36 GB/s of bf16 at best against the
-// ~32 GB/s one core streams from L3; measured 22-26 ns per key from L1, L2 and L3 alike
+// ~32 GB/s one core streams from L3; measured 23-26 ns per key from L1 and L2, 27-32 from L3
 // (compute-bound, about half the ports' peak).
 //
 // bf16 K/V: one vector of 2N bf16 is widened to two float32 vectors with a shift and a mask (a
