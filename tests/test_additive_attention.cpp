@@ -254,6 +254,22 @@ Fused run_fused(const Inputs& in) {
   return f;
 }
 
+// Every output of two fused runs, forward and backward, bit for bit.
+void expect_same_bits(const Fused& a, const Fused& b) {
+  using attn::testing::bitwise_equal;
+  EXPECT_TRUE(bitwise_equal(a.out.out, b.out.out, "out"));
+  EXPECT_TRUE(bitwise_equal(a.out.lse, b.out.lse, "lse"));
+  EXPECT_TRUE(bitwise_equal(a.grads.dq, b.grads.dq, "dq"));
+  EXPECT_TRUE(bitwise_equal(a.grads.dk, b.grads.dk, "dk"));
+  EXPECT_TRUE(bitwise_equal(a.grads.dv, b.grads.dv, "dv"));
+  const auto& da = std::get<attn::AdditiveScore>(a.grads.dscore);
+  const auto& db = std::get<attn::AdditiveScore>(b.grads.dscore);
+  EXPECT_TRUE(bitwise_equal(da.w_query, db.w_query, "w_query"));
+  EXPECT_TRUE(bitwise_equal(da.w_key, db.w_key, "w_key"));
+  EXPECT_TRUE(bitwise_equal(da.bias, db.bias, "bias"));
+  EXPECT_TRUE(bitwise_equal(da.v, db.v, "v"));
+}
+
 // The oracle once, then the fused path on every target.
 void check(const Case& c) {
   SCOPED_TRACE(c.str());
@@ -498,16 +514,7 @@ TEST(AdditiveAttention, Deterministic) {
   const int threads = omp_get_max_threads();
   const Fused first = run_fused(in);
   const Fused again = run_fused(in);
-  EXPECT_TRUE(attn::testing::bitwise_equal(first.out.out, again.out.out, "out"));
-  EXPECT_TRUE(attn::testing::bitwise_equal(first.grads.dq, again.grads.dq, "dq"));
-  EXPECT_TRUE(attn::testing::bitwise_equal(first.grads.dk, again.grads.dk, "dk"));
-  EXPECT_TRUE(attn::testing::bitwise_equal(first.grads.dv, again.grads.dv, "dv"));
-  const auto& d1 = std::get<attn::AdditiveScore>(first.grads.dscore);
-  const auto& d2 = std::get<attn::AdditiveScore>(again.grads.dscore);
-  EXPECT_TRUE(attn::testing::bitwise_equal(d1.w_query, d2.w_query, "w_query"));
-  EXPECT_TRUE(attn::testing::bitwise_equal(d1.w_key, d2.w_key, "w_key"));
-  EXPECT_TRUE(attn::testing::bitwise_equal(d1.bias, d2.bias, "bias"));
-  EXPECT_TRUE(attn::testing::bitwise_equal(d1.v, d2.v, "v"));
+  expect_same_bits(first, again);
   omp_set_num_threads(1);
   const Fused single = run_fused(in);
   omp_set_num_threads(threads);
@@ -531,10 +538,7 @@ TEST(AdditiveAttention, MisalignedValues) {
   attn::testing::for_each_simd_target(attn::kernels::additive_attention_target_name, [&](auto&) {
     const Fused aligned = run_fused(in);
     const Fused off = run_fused(shifted);
-    EXPECT_TRUE(attn::testing::bitwise_equal(aligned.out.out, off.out.out, "out"));
-    EXPECT_TRUE(attn::testing::bitwise_equal(aligned.out.lse, off.out.lse, "lse"));
-    EXPECT_TRUE(attn::testing::bitwise_equal(aligned.grads.dq, off.grads.dq, "dq"));
-    EXPECT_TRUE(attn::testing::bitwise_equal(aligned.grads.dv, off.grads.dv, "dv"));
+    expect_same_bits(aligned, off);
   });
 }
 
