@@ -6,6 +6,7 @@ packages=(
   build-essential cmake ninja-build pkg-config
   libopenblas-dev libhwy-dev libomp-dev
   libgtest-dev libbenchmark-dev libcli11-dev nlohmann-json3-dev
+  clang-14 libfuzzer-14-dev
 )
 missing=()
 for p in "${packages[@]}"; do
