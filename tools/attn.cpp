@@ -8,8 +8,6 @@
 //
 // Every error is one line on stderr ("attn: error: ...") and a non-zero exit status: 2 for bad
 // command-line arguments, 1 for everything else (unreadable files, bad checkpoints, ...).
-#include <CLI/CLI.hpp>
-
 #include <unistd.h>
 
 #include <cctype>
@@ -27,14 +25,13 @@
 #include "seq2seq/heatmap.h"
 #include "seq2seq/pairs_file.h"
 #include "seq2seq/train.h"
+#include "cli_options.h"
 
 namespace s2s = attn::seq2seq;
 
 namespace {
 
-struct UsageError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
+using attn::cli::UsageError;
 
 std::string format_duration(double seconds) {
   if (seconds < 0) seconds = 0;
@@ -49,10 +46,7 @@ std::string format_duration(double seconds) {
   return buf;
 }
 
-struct CorpusOptions {
-  uint64_t seed = 1;
-  int64_t train_pairs = 20000;
-};
+using attn::cli::CorpusOptions;
 
 s2s::Corpus make_corpus(const CorpusOptions& o) {
   s2s::CorpusConfig c;
@@ -77,38 +71,11 @@ void apply_threads(int64_t threads) {
   if (threads > 0) s2s::set_thread_count(static_cast<int>(threads));
 }
 
-struct TrainArgs {
-  std::string arch = "gru";
-  std::string attention = "luong-general";
-  int64_t emb = 64, hidden = 128, layers = 1, attention_hidden = 0, local_width = 4;
-  bool emb_given = false;  // the Transformer's embedding width follows --hidden unless given
-  // Decoder depth (0: --layers for the transformer, 1 for gru/lstm) and dropout (when not
-  // given: 0.1 for the transformer, 0 for gru/lstm, so recurrent runs train as before).
-  int64_t decoder_layers = 0;
-  double dropout = 0.1;
-  bool dropout_given = false;
-  int64_t min_frequency = 1;  // VocabConfig's default
-  // Transformer sizes (--arch transformer).
-  int64_t heads = 4, ffn = 0;
-  std::string norm = "pre", positions = "sinusoidal";
-  int64_t threads = 0;
-  bool unidirectional = false;
-  int64_t epochs = 10, batch = 64, max_steps = 0, warmup = 100, eval_every = 0, eval_sentences = 200;
-  int64_t progress_every = 50, checkpoint_every = 0, max_source = 64;
-  double lr = 2e-3, clip = 1.0, label_smoothing = 0.1, weight_decay = 0.0, time_limit = 0.0;
-  std::string schedule = "linear";
-  bool adamw = false, copy = false;
-  uint64_t seed = 1;
-  std::string train_file, valid_file, out;
-  bool corpus = false, resume = false, skip_bad_lines = false;
-  CorpusOptions corpus_options;
-};
+using TrainArgs = attn::cli::TrainOptions;
 
 int run_train(const TrainArgs& a) {
   apply_threads(a.threads);
   std::vector<s2s::SentencePair> train, valid;
-  if (a.corpus == !a.train_file.empty())
-    throw UsageError("give exactly one of --corpus or --train FILE");
   if (a.corpus) {
     s2s::Corpus corpus = make_corpus(a.corpus_options);
     train = std::move(corpus.train);
@@ -230,15 +197,7 @@ int run_train(const TrainArgs& a) {
 
 // ---------------------------------------------------------------------------------------------
 
-struct TranslateArgs {
-  std::string model;
-  std::vector<std::string> sentences;
-  int64_t beam = 1;
-  double length_penalty = 1.0;
-  std::string heatmap;
-  bool no_alignment = false;
-  int64_t threads = 0;
-};
+using TranslateArgs = attn::cli::TranslateOptions;
 
 std::string numbered_path(const std::string& path, std::size_t index, std::size_t count) {
   if (count <= 1) return path;
@@ -247,14 +206,6 @@ std::string numbered_path(const std::string& path, std::size_t index, std::size_
 }
 
 int run_translate(TranslateArgs a) {
-  if (!a.heatmap.empty()) {
-    std::string ext = std::filesystem::path(a.heatmap).extension().string();
-    for (char& c : ext) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-    if (ext != ".svg" && ext != ".png")
-      throw UsageError("--heatmap writes SVG or PNG: give a file name ending in .svg or .png, got " +
-                       a.heatmap);
-  }
-  if (a.beam < 1) throw UsageError("--beam must be >= 1");
   apply_threads(a.threads);
   const s2s::Translator translator = s2s::Translator::load(a.model);
   if (a.sentences.empty()) {
@@ -287,23 +238,13 @@ int run_translate(TranslateArgs a) {
 
 // ---------------------------------------------------------------------------------------------
 
-struct EvalArgs {
-  std::string model, test_file, split;
-  int64_t beam = 1, limit = 0;
-  double length_penalty = 1.0;
-  CorpusOptions corpus_options;
-  int64_t threads = 0;
-};
+using EvalArgs = attn::cli::EvalOptions;
 
 int run_eval(const EvalArgs& a) {
-  if (a.test_file.empty() == a.split.empty())
-    throw UsageError("give exactly one of --test FILE or --corpus-split NAME");
-  if (a.beam < 1) throw UsageError("--beam must be >= 1");
   apply_threads(a.threads);
   std::vector<s2s::SentencePair> pairs;
   std::string name;
   if (!a.split.empty()) {
-    corpus_split(s2s::Corpus{}, a.split);  // validates the name before generating
     const s2s::Corpus corpus = make_corpus(a.corpus_options);
     pairs = corpus_split(corpus, a.split);
     name = "corpus " + a.split;
@@ -322,36 +263,6 @@ int run_eval(const EvalArgs& a) {
   return 0;
 }
 
-// CLI11's own number validators print their bounds as 300-digit doubles; these say it plainly.
-CLI::Validator sign_check(bool zero_allowed, const std::string& name) {
-  return CLI::Validator(
-      [zero_allowed](std::string& input) -> std::string {
-        try {
-          std::size_t used = 0;
-          const double value = std::stod(input, &used);
-          if (used == input.size() && (value > 0 || (zero_allowed && value == 0))) return {};
-        } catch (const std::exception&) {
-        }
-        return std::string(zero_allowed ? "must be a number >= 0" : "must be a number > 0") +
-               ", got " + input;
-      },
-      name);
-}
-const CLI::Validator kPositive = sign_check(false, "POSITIVE");
-const CLI::Validator kNonNegative = sign_check(true, "NONNEGATIVE");
-// A probability that may be 0 but not 1 (dropout).
-const CLI::Validator kDropRate(
-    [](std::string& input) -> std::string {
-      try {
-        std::size_t used = 0;
-        const double value = std::stod(input, &used);
-        if (used == input.size() && value >= 0 && value < 1) return {};
-      } catch (const std::exception&) {
-      }
-      return "must be a number in [0, 1), got " + input;
-    },
-    "RATE");
-
 }  // namespace
 
 // libgomp's default keeps OpenMP workers spinning after each parallel region, and OpenBLAS's
@@ -368,127 +279,20 @@ void prefer_passive_openmp_waits(char** argv) {
 
 int main(int argc, char** argv) {
   prefer_passive_openmp_waits(argv);
-  CLI::App app{"attn: attention encoder-decoder translators (train, translate, eval)", "attn"};
-  app.require_subcommand(1);
-
-  TrainArgs ta;
-  CLI::App* train = app.add_subcommand("train", "Train a translator; checkpoints go to --out DIR");
-  train->add_option("--arch", ta.arch, "gru or lstm (recurrent encoder-decoder) or transformer")
-      ->capture_default_str();
-  train->add_option("--attention", ta.attention,
-                    "bahdanau, luong-dot, luong-general, luong-concat, location, local-m, local-p, "
-                    "scaled-dot, cosine or none (no-attention baseline)")->capture_default_str();
-  CLI::Option* emb_option = train->add_option("--emb", ta.emb, "Embedding width (transformer: --hidden)")
-      ->capture_default_str()->check(kPositive);
-  train->add_option("--hidden", ta.hidden, "Hidden width (encoder output and decoder state; the transformer's d_model)")
-      ->capture_default_str()->check(kPositive);
-  train->add_option("--layers", ta.layers, "Encoder layers (transformer: encoder and decoder layers)")
-      ->capture_default_str()->check(kPositive);
-  train->add_option("--decoder-layers", ta.decoder_layers,
-                    "Decoder layers: stacked decoder cells for gru/lstm, decoder layers for the "
-                    "transformer (0: 1 for gru/lstm, --layers for the transformer)")
-      ->capture_default_str()->check(kNonNegative);
-  train->add_option("--heads", ta.heads, "Transformer attention heads (must divide --hidden)")
-      ->capture_default_str()->check(kPositive);
-  train->add_option("--ffn", ta.ffn, "Transformer feed-forward width (0: 4 x --hidden)")
-      ->capture_default_str()->check(kNonNegative);
-  CLI::Option* dropout_option = train->add_option(
-      "--dropout", ta.dropout,
-      "Dropout rate in [0, 1) when training. gru/lstm (default 0): embeddings, between stacked "
-      "layers, the attentional output before the output layer; transformer (default 0.1): "
-      "residual, feed-forward, embeddings, attention weights")
-      ->check(kDropRate);
-  train->add_option("--norm", ta.norm, "Transformer LayerNorm placement: pre or post")->capture_default_str();
-  train->add_option("--positions", ta.positions, "Transformer positions: sinusoidal or rope")->capture_default_str();
-  train->add_option("--threads", ta.threads, "OpenMP and OpenBLAS threads (default: all cores, or the environment's setting)")
-      ->check(kPositive);
-  train->add_flag("--copy", ta.copy, "Pointer-generator output: mix the vocabulary softmax with copying source words");
-  train->add_flag("--unidirectional", ta.unidirectional, "Forward-only encoder (default: bidirectional)");
-  train->add_option("--attention-hidden", ta.attention_hidden, "Hidden width of additive/concat scoring (0: --hidden)")
-      ->capture_default_str()->check(kNonNegative);
-  train->add_option("--local-width", ta.local_width, "Half width D of local-m / local-p windows")
-      ->capture_default_str()->check(kPositive);
-  train->add_option("--max-source", ta.max_source, "Longest source in tokens, <eos> included")
-      ->capture_default_str()->check(CLI::Range(2, 100000));
-  train->add_option("--epochs", ta.epochs, "Passes over the training data")->capture_default_str()->check(kPositive);
-  train->add_option("--batch", ta.batch, "Sentence pairs per batch")->capture_default_str()->check(kPositive);
-  train->add_option("--lr", ta.lr, "Peak learning rate")->capture_default_str()->check(kPositive);
-  train->add_option("--warmup", ta.warmup, "Linear warm-up steps")->capture_default_str()->check(kNonNegative);
-  train->add_option("--schedule", ta.schedule, "After warm-up: constant, linear, cosine or inverse_sqrt")->capture_default_str();
-  train->add_option("--clip", ta.clip, "Clip gradients to this global norm (0: off)")->capture_default_str()->check(kNonNegative);
-  train->add_option("--label-smoothing", ta.label_smoothing, "Label smoothing epsilon")->capture_default_str()->check(CLI::Range(0.0, 0.99));
-  train->add_option("--weight-decay", ta.weight_decay, "Weight decay")->capture_default_str()->check(kNonNegative);
-  train->add_flag("--adamw", ta.adamw, "Decoupled weight decay (AdamW) instead of L2");
-  train->add_option("--min-frequency", ta.min_frequency,
-                    "Vocabulary: words seen fewer times in the training data become <unk>")
-      ->capture_default_str()->check(kPositive);
-  train->add_option("--seed", ta.seed, "Seed of the weights and the batch order")->capture_default_str();
-  train->add_option("--train", ta.train_file, "Training pairs: source TAB target per line");
-  train->add_option("--valid", ta.valid_file, "Validation pairs for the periodic evaluation");
-  train->add_flag("--skip-bad-lines", ta.skip_bad_lines, "Skip (and count) bad lines instead of refusing the file");
-  train->add_flag("--corpus", ta.corpus, "Train on the embedded English -> French corpus");
-  train->add_option("--corpus-seed", ta.corpus_options.seed, "Seed of the embedded corpus")->capture_default_str();
-  train->add_option("--corpus-train-pairs", ta.corpus_options.train_pairs, "Training pairs drawn from the corpus")
-      ->capture_default_str()->check(kPositive);
-  train->add_option("--out", ta.out, "Directory of checkpoint.safetensors")->required();
-  train->add_flag("--resume", ta.resume, "Continue the run in --out (its configuration wins)");
-  train->add_option("--max-steps", ta.max_steps, "Stop (with a checkpoint) at this global step")->check(kNonNegative);
-  train->add_option("--time-limit", ta.time_limit, "Stop (with a checkpoint) after this many seconds")->check(kNonNegative);
-  train->add_option("--eval-every", ta.eval_every, "Steps between evaluations (0: every epoch)")->capture_default_str()->check(kNonNegative);
-  train->add_option("--eval-sentences", ta.eval_sentences, "Validation sentences per evaluation")->capture_default_str()->check(kNonNegative);
-  train->add_option("--checkpoint-every", ta.checkpoint_every, "Steps between checkpoints (0: every epoch)")->capture_default_str()->check(kNonNegative);
-  train->add_option("--progress-every", ta.progress_every, "Steps between progress lines")->capture_default_str()->check(kPositive);
-
-  TranslateArgs tr;
-  CLI::App* translate = app.add_subcommand("translate", "Translate sentences (arguments, or one per line on stdin) and show the alignment");
-  translate->add_option("--model", tr.model, "Checkpoint directory (or .safetensors file)")->required();
-  translate->add_option("sentences", tr.sentences, "Sentences to translate; none: read stdin");
-  translate->add_option("--beam", tr.beam, "Beam size (1: greedy)")->capture_default_str();
-  translate->add_option("--length-penalty", tr.length_penalty, "Beam ranking: log p / length^alpha")->capture_default_str();
-  translate->add_option("--heatmap", tr.heatmap, "Write the alignment as an SVG or PNG image, chosen by the extension (numbered when several sentences)");
-  translate->add_flag("--no-alignment", tr.no_alignment, "Do not print the terminal heatmap");
-  translate->add_option("--threads", tr.threads, "OpenMP and OpenBLAS threads (default: all cores, or the environment's setting)")
-      ->check(kPositive);
-
-  EvalArgs ev;
-  CLI::App* eval = app.add_subcommand("eval", "Print BLEU and exact match on a test set");
-  eval->add_option("--model", ev.model, "Checkpoint directory (or .safetensors file)")->required();
-  eval->add_option("--test", ev.test_file, "Test pairs: source TAB target per line");
-  eval->add_option("--corpus-split", ev.split, "A split of the embedded corpus: train, valid, test, test_long");
-  eval->add_option("--corpus-seed", ev.corpus_options.seed, "Seed the corpus was generated with")->capture_default_str();
-  eval->add_option("--corpus-train-pairs", ev.corpus_options.train_pairs,
-                   "Training pairs the corpus was generated with (the splits depend on it)")
-      ->capture_default_str()->check(kPositive);
-  eval->add_option("--beam", ev.beam, "Beam size (1: greedy)")->capture_default_str();
-  eval->add_option("--length-penalty", ev.length_penalty, "Beam ranking: log p / length^alpha")->capture_default_str();
-  eval->add_option("--limit", ev.limit, "Evaluate only the first N pairs")->check(kNonNegative);
-  eval->add_option("--threads", ev.threads, "OpenMP and OpenBLAS threads (default: all cores, or the environment's setting)")
-      ->check(kPositive);
-
-  if (argc > 1 && argv[1][0] != '-' && std::string(argv[1]) != "train" &&
-      std::string(argv[1]) != "translate" && std::string(argv[1]) != "eval") {
-    std::cerr << "attn: error: unknown command '" << argv[1]
-              << "' (expected train, translate or eval; see attn --help)\n";
+  attn::cli::ParsedCommandLine parsed;
+  try {
+    parsed = attn::cli::parse_command_line(std::vector<std::string>(argv + 1, argv + argc));
+  } catch (const UsageError& e) {
+    std::cerr << "attn: error: " << e.what() << "\n";
     return 2;
   }
   try {
-    app.parse(argc, argv);
-  } catch (const CLI::CallForHelp& e) {
-    return app.exit(e);
-  } catch (const CLI::CallForAllHelp& e) {
-    return app.exit(e);
-  } catch (const CLI::ParseError& e) {
-    std::string message = e.what();
-    if (message.empty()) message = "invalid arguments";
-    std::cerr << "attn: error: " << message << " (see attn --help)\n";
-    return 2;
-  }
-  ta.emb_given = emb_option->count() > 0;
-  ta.dropout_given = dropout_option->count() > 0;
-  try {
-    if (*train) return run_train(ta);
-    if (*translate) return run_translate(tr);
-    if (*eval) return run_eval(ev);
+    switch (parsed.command) {
+      case attn::cli::Command::help: std::cout << parsed.help_text; return 0;
+      case attn::cli::Command::train: return run_train(parsed.train);
+      case attn::cli::Command::translate: return run_translate(parsed.translate);
+      case attn::cli::Command::eval: return run_eval(parsed.eval);
+    }
   } catch (const UsageError& e) {
     std::cerr << "attn: error: " << e.what() << "\n";
     return 2;

@@ -1,0 +1,90 @@
+// The `attn` command line, parsed without running anything: the argument vector in, the command
+// and its options out, or a UsageError. tools/attn.cpp runs what this returns; a fuzzer or a test
+// can call it on any argument vector.
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace attn::cli {
+
+// A bad command line: one line, without the "attn: error: " prefix (the tool adds it and exits
+// with status 2).
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+struct CorpusOptions {
+  uint64_t seed = 1;
+  int64_t train_pairs = 20000;
+};
+
+// `attn train`. Names (arch, attention, norm, positions, schedule) are validated by the parser.
+struct TrainOptions {
+  std::string arch = "gru";
+  std::string attention = "luong-general";
+  int64_t emb = 64, hidden = 128, layers = 1, attention_hidden = 0, local_width = 4;
+  bool emb_given = false;  // the Transformer's embedding width follows --hidden unless given
+  // Decoder depth (0: --layers for the transformer, 1 for gru/lstm) and dropout (when not
+  // given: 0.1 for the transformer, 0 for gru/lstm, so recurrent runs train as before).
+  int64_t decoder_layers = 0;
+  double dropout = 0.1;
+  bool dropout_given = false;
+  int64_t min_frequency = 1;  // VocabConfig's default
+  // Transformer sizes (--arch transformer).
+  int64_t heads = 4, ffn = 0;
+  std::string norm = "pre", positions = "sinusoidal";
+  int64_t threads = 0;  // 0: the default (all cores or the environment's setting)
+  bool unidirectional = false;
+  int64_t epochs = 10, batch = 64, max_steps = 0, warmup = 100, eval_every = 0;
+  int64_t eval_sentences = 200, progress_every = 50, checkpoint_every = 0, max_source = 64;
+  double lr = 2e-3, clip = 1.0, label_smoothing = 0.1, weight_decay = 0.0, time_limit = 0.0;
+  std::string schedule = "linear";
+  bool adamw = false, copy = false;
+  uint64_t seed = 1;
+  std::string train_file, valid_file, out;  // exactly one of corpus and train_file
+  bool corpus = false, resume = false, skip_bad_lines = false;
+  bool force = false;  // a fresh run may replace the checkpoint already in `out`
+  CorpusOptions corpus_options;
+};
+
+// `attn translate`. heatmap is empty or ends in .svg / .png (any case); beam >= 1.
+struct TranslateOptions {
+  std::string model;
+  std::vector<std::string> sentences;  // empty: one sentence per line of stdin
+  int64_t beam = 1;
+  double length_penalty = 1.0;
+  std::string heatmap;
+  bool no_alignment = false;
+  int64_t threads = 0;
+};
+
+// `attn eval`. Exactly one of test_file and split (a known split name); beam >= 1.
+struct EvalOptions {
+  std::string model, test_file, split;
+  int64_t beam = 1, limit = 0;
+  double length_penalty = 1.0;
+  CorpusOptions corpus_options;
+  int64_t threads = 0;
+};
+
+enum class Command { help, train, translate, eval };
+
+struct ParsedCommandLine {
+  Command command = Command::help;
+  std::string help_text;  // Command::help: what to print on stdout (then exit 0)
+  TrainOptions train;     // filled for Command::train
+  TranslateOptions translate;
+  EvalOptions eval;
+};
+
+// Parses `args`, the arguments after the program name (argv[1..argc)). Returns the command and
+// its options with every value range-checked (numbers finite, sizes positive, names known,
+// exclusive options exclusive), or Command::help with the text --help asks for. Throws
+// UsageError for anything else. Pure: reads no files or environment, prints nothing, never
+// exits; any exception other than UsageError is a bug.
+ParsedCommandLine parse_command_line(const std::vector<std::string>& args);
+
+}  // namespace attn::cli
