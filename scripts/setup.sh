@@ -5,7 +5,7 @@ set -euo pipefail
 packages=(
   build-essential cmake ninja-build pkg-config
   libopenblas-dev libhwy-dev libomp-dev
-  libgtest-dev libbenchmark-dev libcli11-dev nlohmann-json3-dev
+  libgtest-dev libbenchmark-dev libcli11-dev nlohmann-json3-dev libxxhash-dev
   clang-14 libfuzzer-14-dev
 )
 missing=()

@@ -1,18 +1,22 @@
 #include "seq2seq/safetensors.h"
 
 #include <fcntl.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <bit>
 #include <cerrno>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <set>
 
 #include <nlohmann/json.hpp>
+#include <xxhash.h>
 
 #include "attn/error.h"
 
@@ -27,6 +31,35 @@ namespace {
 constexpr const char* kOp = "safetensors";
 constexpr uint64_t kMaxHeaderBytes = 100'000'000;  // the reference's cap
 constexpr const char* kMetadataKey = "__metadata__";
+constexpr std::string_view kChecksumPrefix = "checksum.xxh3_64.";
+
+std::string hex64(uint64_t x) {
+  char buf[17];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(x));
+  return buf;
+}
+
+uint64_t data_checksum(const std::vector<std::byte>& data) {
+  return XXH3_64bits(data.data(), data.size());
+}
+
+// The metadata's own checksum covers every key and value but the checksums: a flipped digit in
+// a configuration value parses as JSON just as well as the right one.
+uint64_t metadata_checksum(const std::map<std::string, std::string>& metadata) {
+  XXH3_state_t* state = XXH3_createState();
+  ATTN_CHECK(state != nullptr, kOp, "cannot allocate an xxHash state");
+  XXH3_64bits_reset(state);
+  for (const auto& [key, value] : metadata) {
+    if (key.rfind(kChecksumPrefix, 0) == 0) continue;
+    const uint64_t sizes[2] = {key.size(), value.size()};  // length-prefixed: no ambiguity
+    XXH3_64bits_update(state, sizes, sizeof sizes);
+    XXH3_64bits_update(state, key.data(), key.size());
+    XXH3_64bits_update(state, value.data(), value.size());
+  }
+  const uint64_t h = XXH3_64bits_digest(state);
+  XXH3_freeState(state);
+  return h;
+}
 
 struct DTypeInfo {
   StDType dtype;
@@ -200,7 +233,16 @@ std::vector<std::byte> SafetensorsFile::serialize() const {
   });
 
   nlohmann::json header = nlohmann::json::object();
-  if (!metadata.empty()) header[kMetadataKey] = metadata;
+  // Checksums of every tensor's bytes and of the metadata, verified by parse(); readers that
+  // do not know them see ordinary string metadata.
+  std::map<std::string, std::string> stored = metadata;
+  for (const auto& [key, value] : metadata)
+    ATTN_CHECK(key.rfind(kChecksumPrefix, 0) != 0, kOp, "metadata key \"", key,
+               "\" is reserved for checksums");
+  for (const auto& [name, e] : entries_)
+    stored[std::string(kChecksumPrefix) + name] = hex64(data_checksum(e.data));
+  stored[std::string(kChecksumPrefix) + kMetadataKey] = hex64(metadata_checksum(metadata));
+  header[kMetadataKey] = stored;
   uint64_t offset = 0;
   for (const auto* item : order) {
     const SafetensorsEntry& e = item->second;
@@ -360,7 +402,35 @@ SafetensorsFile SafetensorsFile::parse(std::span<const std::byte> bytes, const s
       }
     }
   }
+  file.verify_checksums(src);
   return file;
+}
+
+void SafetensorsFile::verify_checksums(const std::string& src) {
+  // Files from other writers have no checksums and load as they are. Once any is present, all
+  // must be: a header edited to drop one would otherwise hide a corrupt tensor.
+  std::map<std::string, std::string> sums;
+  for (auto it = metadata.begin(); it != metadata.end();) {
+    if (it->first.rfind(kChecksumPrefix, 0) == 0) {
+      sums.emplace(it->first.substr(kChecksumPrefix.size()), it->second);
+      it = metadata.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  if (sums.empty()) return;
+  auto check = [&](const std::string& what, const std::string& name, uint64_t computed) {
+    auto it = sums.find(name);
+    ATTN_CHECK(it != sums.end(), kOp, src, ": ", what, " has no checksum while the file stores ",
+               "checksums (the header was edited or damaged)");
+    ATTN_CHECK(it->second == hex64(computed), kOp, src, ": ", what, " fails its xxh3_64 checksum ",
+               "(stored ", it->second, ", computed ", hex64(computed), "): the file is corrupt");
+    sums.erase(it);
+  };
+  check("the metadata", kMetadataKey, metadata_checksum(metadata));
+  for (const auto& [name, e] : entries_) check("tensor \"" + name + "\"", name, data_checksum(e.data));
+  ATTN_CHECK(sums.empty(), kOp, src, ": checksum for \"", sums.empty() ? "" : sums.begin()->first,
+             "\", which is not a tensor in the file");
 }
 
 void SafetensorsFile::save(const std::string& path) const {
@@ -383,6 +453,36 @@ std::string atomic_temp_prefix(const std::string& path) {
   name += target.filename().string();
   name += ".tmp-";
   return (target.parent_path() / name).string();
+}
+
+StaleTemporaries remove_stale_temporaries(const std::string& path) {
+  namespace fs = std::filesystem;
+  StaleTemporaries removed;
+  const fs::path prefix(atomic_temp_prefix(path));
+  const fs::path dir = prefix.parent_path().empty() ? fs::path(".") : prefix.parent_path();
+  const std::string name_prefix = prefix.filename().string();
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) return removed;
+  for (const fs::directory_entry& e : fs::directory_iterator(dir, ec)) {
+    const std::string name = e.path().filename().string();
+    if (name.rfind(name_prefix, 0) != 0 || !e.is_regular_file(ec)) continue;
+    // "<prefix><pid>-<n>": anything else is not ours to remove.
+    const std::string rest = name.substr(name_prefix.size());
+    const std::size_t dash = rest.find('-');
+    if (dash == 0 || dash == std::string::npos ||
+        rest.find_first_not_of("0123456789-") != std::string::npos)
+      continue;
+    const long long pid = std::atoll(rest.substr(0, dash).c_str());
+    if (pid <= 0 || pid > INT32_MAX) continue;
+    if (::kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH) continue;  // alive (or not ours)
+    std::error_code size_ec;
+    const uint64_t size = e.file_size(size_ec);
+    if (fs::remove(e.path(), ec)) {
+      ++removed.files;
+      removed.bytes += size_ec ? 0 : size;
+    }
+  }
+  return removed;
 }
 
 void write_file_atomically(const std::string& path, std::span<const std::byte> bytes, const std::string& op) {

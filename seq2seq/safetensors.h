@@ -20,6 +20,12 @@
 // leave a gap, a file shorter than its tensors (truncated) or longer (trailing bytes). It also
 // refuses unknown fields in a tensor entry and BOOL bytes other than 0 and 1.
 //
+// Checksums: the writer stores the xxh3_64 hash of each tensor's bytes, and of the rest of the
+// metadata, as metadata "checksum.xxh3_64.<tensor name>" and "checksum.xxh3_64.__metadata__"
+// (16 hex digits). The reader verifies them and names the tensor whose bytes changed, then
+// drops them from `metadata`. A file with no checksum keys (another writer) loads unverified;
+// one with some but not all is refused.
+//
 // Tensors that attn::Tensor can hold (F32, F64, BOOL) convert both ways; every other dtype
 // (I64 and U8 for RNG and optimizer state, and the rest of the reference's list) is stored and
 // returned as raw little-endian bytes.
@@ -87,6 +93,8 @@ class SafetensorsFile {
 
  private:
   void insert(const std::string& name, SafetensorsEntry entry);
+  // Checks and removes the checksum keys of `metadata`; `src` prefixes errors.
+  void verify_checksums(const std::string& src);
   std::map<std::string, SafetensorsEntry> entries_;
 };
 
@@ -99,6 +107,15 @@ void write_file_atomically(const std::string& path, std::span<const std::byte> b
                            const std::string& op = "write");
 // Prefix of the temporary files write_file_atomically makes for `path` (for clean-up tools).
 std::string atomic_temp_prefix(const std::string& path);
+
+struct StaleTemporaries {
+  int64_t files = 0;
+  uint64_t bytes = 0;
+};
+// Removes the temporary files of write_file_atomically(path) whose writer is gone: those whose
+// PID names no live process. A live PID's file is kept (it may be a save in progress, or the
+// PID was reused: a file too many beats a save broken). Returns what was removed.
+StaleTemporaries remove_stale_temporaries(const std::string& path);
 
 // The whole file; attn::Error naming `op` and the path when it cannot be read.
 std::vector<std::byte> read_file_bytes(const std::string& path, const std::string& op);

@@ -304,8 +304,9 @@ TEST(SafetensorsCorrupt, EveryTruncationOfAValidFileIsRefused) {
 }
 
 TEST(SafetensorsCorrupt, FlippedBytesNeverCrash) {
-  // Every byte of the length field and header, and a sample of the data, set to a few values:
-  // the parser either reads a file (a flip inside tensor data is legal) or throws attn::Error.
+  // Every byte of the length field and header, and of the data, set to a few values: the
+  // parser either reads a file (a flip that leaves the byte as it was, or pads the header
+  // differently) or throws attn::Error.
   const std::vector<std::byte> bytes = sample().serialize();
   int64_t refused = 0;
   for (std::size_t i = 0; i < bytes.size(); ++i) {
@@ -320,6 +321,100 @@ TEST(SafetensorsCorrupt, FlippedBytesNeverCrash) {
     }
   }
   EXPECT_GT(refused, static_cast<int64_t>(bytes.size()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checksums
+
+// The header of a file image as JSON, and the image rebuilt around another header.
+nlohmann::json header_of(const std::vector<std::byte>& bytes) {
+  uint64_t n = 0;
+  std::memcpy(&n, bytes.data(), 8);
+  return nlohmann::json::parse(std::string(reinterpret_cast<const char*>(bytes.data()) + 8, n));
+}
+std::vector<std::byte> with_header(const std::vector<std::byte>& bytes, const nlohmann::json& header) {
+  uint64_t n = 0;
+  std::memcpy(&n, bytes.data(), 8);
+  const std::vector<uint8_t> data(reinterpret_cast<const uint8_t*>(bytes.data()) + 8 + n,
+                                  reinterpret_cast<const uint8_t*>(bytes.data()) + bytes.size());
+  return image(header.dump(), data);
+}
+
+// One flipped bit in any byte of any tensor is refused with the tensor's name.
+TEST(SafetensorsChecksum, FlippedByteInTensorDataNamesTheTensor) {
+  const std::vector<std::byte> bytes = sample().serialize();
+  const nlohmann::json header = header_of(bytes);
+  uint64_t n = 0;
+  std::memcpy(&n, bytes.data(), 8);
+  int64_t checked = 0;
+  for (const auto& [name, entry] : header.items()) {
+    if (name == "__metadata__") continue;
+    const uint64_t begin = entry["data_offsets"][0], end = entry["data_offsets"][1];
+    for (uint64_t at = begin; at < end; ++at) {
+      std::vector<std::byte> broken = bytes;
+      broken[8 + n + at] ^= std::byte{0x01};
+      EXPECT_PARSE_ERROR(broken, "tensor \"" + name + "\" fails its xxh3_64 checksum");
+      ++checked;
+    }
+  }
+  EXPECT_GT(checked, 100);
+}
+
+// A checkpoint written by another tool carries no checksums and loads as it is.
+TEST(SafetensorsChecksum, FileWithoutChecksumsStillLoads) {
+  const std::vector<std::byte> bytes = sample().serialize();
+  nlohmann::json header = header_of(bytes);
+  int64_t removed = 0;
+  for (auto it = header["__metadata__"].begin(); it != header["__metadata__"].end();) {
+    if (it.key().rfind("checksum.", 0) == 0) {
+      it = header["__metadata__"].erase(it);
+      ++removed;
+    } else {
+      ++it;
+    }
+  }
+  EXPECT_EQ(removed, sample().size() + 1);  // every tensor and the metadata
+  const SafetensorsFile back = SafetensorsFile::parse(with_header(bytes, header), "plain");
+  EXPECT_TRUE(back == sample());
+  // The checksums never show in `metadata`: a loaded file saves again with fresh ones.
+  EXPECT_EQ(SafetensorsFile::parse(bytes, "checked").metadata, sample().metadata);
+}
+
+// The metadata is covered too, and a header edited to drop one checksum is refused.
+TEST(SafetensorsChecksum, EditedMetadataOrMissingChecksumIsRefused) {
+  const std::vector<std::byte> bytes = sample().serialize();
+  nlohmann::json header = header_of(bytes);
+  header["__metadata__"]["config"] = R"({"hidden": 65})";
+  EXPECT_PARSE_ERROR(with_header(bytes, header), "the metadata fails its xxh3_64 checksum");
+  header = header_of(bytes);
+  header["__metadata__"].erase("checksum.xxh3_64.decoder.bias");
+  EXPECT_PARSE_ERROR(with_header(bytes, header), "tensor \"decoder.bias\" has no checksum");
+  SafetensorsFile reserved;
+  reserved.metadata["checksum.xxh3_64.w"] = "0";
+  EXPECT_THROW(reserved.serialize(), Error);
+}
+
+// Temporaries whose writer is dead are removed; a live writer's and other files stay.
+TEST(SafetensorsAtomic, StaleTemporariesOfDeadWritersAreRemoved) {
+  TempDir dir;
+  const std::string path = dir.file("ckpt.safetensors");
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) ::_exit(0);
+  int status = 0;
+  ::waitpid(child, &status, 0);  // reaped: its PID names no process (until reused)
+  const std::string prefix = atomic_temp_prefix(path);
+  const std::string dead = prefix + std::to_string(child) + "-0";
+  const std::string live = prefix + std::to_string(::getpid()) + "-3";
+  const std::string other = prefix + "notes";
+  for (const std::string& f : {dead, live, other, path}) std::ofstream(f) << "0123456789";
+  const StaleTemporaries removed = remove_stale_temporaries(path);
+  EXPECT_EQ(removed.files, 1);
+  EXPECT_EQ(removed.bytes, 10u);
+  EXPECT_FALSE(fs::exists(dead));
+  EXPECT_TRUE(fs::exists(live));
+  EXPECT_TRUE(fs::exists(other));
+  EXPECT_TRUE(fs::exists(path));
 }
 
 // ---------------------------------------------------------------------------------------------
