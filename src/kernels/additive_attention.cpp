@@ -27,6 +27,7 @@
 #include <variant>
 #include <vector>
 
+#include "blas_kernel.h"
 #include "blas_threads.h"
 #include "hwy/aligned_allocator.h"
 #include "kernels/fused_args.h"
@@ -108,6 +109,7 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alp
         c[r * ldc + col] = beta == 0.0f ? 0.0f : beta * c[r * ldc + col];
     return;
   }
+  detail::ensure_blas_kernel();
   cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
               trans_b ? CblasTrans : CblasNoTrans, static_cast<blasint>(m),
               static_cast<blasint>(n), static_cast<blasint>(k), alpha, a,

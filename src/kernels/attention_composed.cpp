@@ -43,6 +43,7 @@
 #endif
 
 #include "attn/random.h"
+#include "blas_kernel.h"
 #include "blas_threads.h"
 
 namespace attn::kernels {
@@ -85,6 +86,7 @@ class FlushDenormals {
 
 void blas_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
                int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  detail::ensure_blas_kernel();
   cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
               static_cast<blasint>(m), static_cast<blasint>(n), static_cast<blasint>(k), alpha, a,
               static_cast<blasint>(lda), b, static_cast<blasint>(ldb), beta, c,
@@ -92,6 +94,7 @@ void blas_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, c
 }
 void blas_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a,
                int64_t lda, const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
+  detail::ensure_blas_kernel();
   cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
               static_cast<blasint>(m), static_cast<blasint>(n), static_cast<blasint>(k), alpha, a,
               static_cast<blasint>(lda), b, static_cast<blasint>(ldb), beta, c,
@@ -802,6 +805,23 @@ double gaussian(const Problem<T>& pr, double centre, int64_t j) {
 // ---------------------------------------------------------------------------------------------
 // Forward.
 
+// 5. a_j = exp(s_j - m) / sum_j exp(s_j - m) in place over a row whose maximum m is finite;
+// returns the sum. exp(-inf) = 0 for hidden keys. The row sum is accumulated in double: it is
+// the one long reduction of the softmax. The backward recomputes P with this same function
+// rather than as exp(s - lse): lse = m + log(sum) rounded to T has an absolute error of
+// ~ |m| u (6e-5 at |s| ~ 1e3 in float32), which would scale the row by (1 + that) and make
+// D_i = sum_j P_ij dP_ij wrong by as much relative to dP; dS = P (dP - D) is a difference of
+// nearly equal terms, so dQ lost two to three digits (issue #10, test_large_logits).
+template <class T>
+double softmax_row(T* row, int64_t cols, T m) {
+  exp_shifted(row, cols, m);
+  double sum = 0.0;
+  for (int64_t jj = 0; jj < cols; ++jj) sum += static_cast<double>(row[jj]);
+  const T inv = static_cast<T>(1.0 / sum);
+  for (int64_t jj = 0; jj < cols; ++jj) row[jj] *= inv;
+  return sum;
+}
+
 template <class T>
 void forward_block(const Problem<T>& pr, Workspace<T>& ws, Block blk, T* out, T* lse, T* weights) {
   const AttentionDims& d = pr.d;
@@ -836,14 +856,8 @@ void forward_block(const Problem<T>& pr, Workspace<T>& ws, Block blk, T* out, T*
       if (wrow) std::copy(Srow, Srow + cols, wrow + blk.j0);
       continue;
     }
-    // exp(-inf) = 0 for hidden keys. The row sum is accumulated in double: it is the one long
-    // reduction of the softmax.
-    exp_shifted(Srow, cols, m);
-    double sum = 0.0;
-    for (int64_t jj = 0; jj < cols; ++jj) sum += static_cast<double>(Srow[jj]);
+    const double sum = softmax_row(Srow, cols, m);
     lse[bhi] = static_cast<T>(static_cast<double>(m) + std::log(sum));
-    const T inv = static_cast<T>(1.0 / sum);
-    for (int64_t jj = 0; jj < cols; ++jj) Srow[jj] *= inv;
     // 6. local-p: w_ij = a_ij g_ij
     if (pr.local == LocalKind::predictive) {
       const double centre = ws.lp_center[static_cast<std::size_t>(r)];
@@ -946,7 +960,8 @@ AttentionOutput composed_attention_forward(const AttentionDims& dims, const Tens
 
 // ---------------------------------------------------------------------------------------------
 // Backward (FlashAttention-2 formulation, Dao 2023, algorithm 2, without the tiling over keys):
-// recompute P_ij = exp(s_ij - lse_i), then walk steps 8..1 back. "dX" is dLoss/dX.
+// recompute P_ij (the forward's softmax_row on the recomputed scores: exactly normalised, see
+// there), then walk steps 8..1 back. "dX" is dLoss/dX.
 
 namespace {
 
@@ -1165,19 +1180,23 @@ void backward_block(const Problem<T>& pr, Workspace<T>& ws, Block blk, const T* 
   T* P = ws.scores.data();
   T* dS = ws.dscores.data();
 
-  // 5 again: a_ij = exp(s_ij - lse_i); 0 on hidden keys and on fully masked rows (lse = -inf).
+  // 5 again: a_ij, normalised by the row's own recomputed max and sum exactly as the forward
+  // did (softmax_row), not exp(s_ij - lse_i); lse only classifies the row: 0 on hidden keys and
+  // on fully masked rows (lse = -inf), NaN on the visible keys of a NaN row.
   for (int64_t r = 0; r < rows; ++r) {
     T* row = P + r * cols;
     const T l = lse[r];
-    if (l == neg_inf) {
-      std::fill(row, row + cols, T(0));
-      continue;
-    }
     if (std::isnan(l)) {  // a NaN row stays NaN on its visible keys only
       for (int64_t jj = 0; jj < cols; ++jj) row[jj] = row[jj] == neg_inf ? T(0) : l;
       continue;
     }
-    exp_shifted(row, cols, l);  // hidden keys: exp(-inf) = 0
+    T m = neg_inf;
+    for (int64_t jj = 0; jj < cols; ++jj) m = row[jj] > m ? row[jj] : m;
+    if (l == neg_inf || m == neg_inf) {
+      std::fill(row, row + cols, T(0));
+      continue;
+    }
+    softmax_row(row, cols, m);
   }
   // 6-7 again into dS (used as scratch): P_drop = a g keep / (1 - p). Without local-p and
   // dropout, P_drop is P itself.

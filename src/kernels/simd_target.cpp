@@ -53,6 +53,13 @@ void apply_simd_target_from_env() {
   });
 }
 
+std::string dispatched_simd_target() {
+  apply_simd_target_from_env();
+  // SupportedTargets() honours DisableTargets; the lowest bit is the best target.
+  const int64_t targets = hwy::SupportedTargets() & HWY_TARGETS;
+  return targets == 0 ? "none" : hwy::TargetName(targets & ~(targets - 1));
+}
+
 ScopedSimdTarget::ScopedSimdTarget(int64_t target_bits) {
   hwy::SetSupportedTargetsForTest(target_bits);
 }

@@ -31,6 +31,9 @@ std::vector<SimdTarget> available_simd_targets();
 // Applies ATTN_SIMD_TARGET once per process; every dispatching kernel entry point calls it.
 void apply_simd_target_from_env();
 
+// Name of the target HWY_DYNAMIC_DISPATCH calls now (after ATTN_SIMD_TARGET), e.g. "AVX3".
+std::string dispatched_simd_target();
+
 // Pins dispatch to one target for the lifetime of the object.
 class ScopedSimdTarget {
  public:
