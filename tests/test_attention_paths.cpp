@@ -99,7 +99,7 @@ Results run_fast(const Inputs& in, const AttentionParams& p) {
 // Forward and backward of the fast path against the reference. Tolerances: the reduction
 // lengths of attention_problem.h, with the additive scores' hidden width among the widths.
 void expect_matches_reference(const Sizes& s, const Inputs& in, const AttentionParams& p,
-                              bool backward = true, double safety = 16.0) {
+                              bool backward = true, double safety = testing::kDefaultSafety) {
   const DType dtype = in.q.dtype();
   const testing::ProblemTolerances tol =
       testing::tolerances_for(dtype, testing::terms_for(s, kHidden), safety);

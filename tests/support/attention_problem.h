@@ -69,7 +69,7 @@ struct ProblemTolerances {
 };
 
 inline ProblemTolerances tolerances_for(DType dtype, const ReductionTerms& terms,
-                                        double safety = 16.0) {
+                                        double safety = kDefaultSafety) {
   return {tolerance_for(dtype, terms.forward, safety), tolerance_for(dtype, terms.grad, safety),
           tolerance_for(dtype, terms.param, safety)};
 }

@@ -29,9 +29,13 @@ double unit_roundoff(DType dtype) {
   return dtype == DType::f64 ? std::ldexp(1.0, -53) : std::ldexp(1.0, -24);
 }
 
+double gamma_n(DType dtype, int64_t n) {
+  const double nu = static_cast<double>(std::max<int64_t>(n, 0)) * unit_roundoff(dtype);
+  return nu < 0.5 ? nu / (1.0 - nu) : INFINITY;  // beyond n u ~ 1 nothing is bounded
+}
+
 Tolerance tolerance_for(DType dtype, int64_t terms, double safety) {
-  const double u = unit_roundoff(dtype);
-  const double bound = safety * u * std::sqrt(static_cast<double>(std::max<int64_t>(terms, 1)));
+  const double bound = safety * gamma_n(dtype, std::max<int64_t>(terms, 1) + 1);
   return {bound, bound};
 }
 

@@ -28,10 +28,24 @@ struct Tolerance {
   double rtol = 0.0;
 };
 
+// gamma_n = n u / (1 - n u): the worst-case relative error of a sum or dot product of n terms
+// in `dtype`, whatever the summation order (Higham, Accuracy and Stability of Numerical
+// Algorithms, Lemma 3.1 and eq. 3.5): |fl(sum a_i b_i) - sum a_i b_i| <= gamma_n sum |a_i b_i|.
+double gamma_n(DType dtype, int64_t n);
+
+// The default of tolerance_for's `safety`: a few reductions chained (scores, softmax, values;
+// backward through dP and dS) and a summed magnitude a few times the result's.
+inline constexpr double kDefaultSafety = 8.0;
+
 // Tolerance for a result whose every element is a reduction of `terms` products of O(1)
-// values computed in `dtype`: forward error of recursive summation grows like
-// sqrt(terms) * u in practice (Higham, ch. 3, probabilistic bound); `safety` scales it.
-Tolerance tolerance_for(DType dtype, int64_t terms, double safety = 16.0);
+// values computed in `dtype`: safety * gamma_{terms + 1} (the sum and the rounding of its
+// result), as both the absolute and the relative tolerance.
+//
+// A worst-case bound, not a random-walk estimate: it holds for any summation order, blocking
+// or vector width, so for every BLAS kernel and SIMD target (an estimate of sqrt(terms) u, as
+// used before, failed on a second CPU). It is at least the old 16 sqrt(terms) u at the default
+// safety (8 (n + 1) >= 16 sqrt(n)), and grows like sqrt(terms) times that for long sums.
+Tolerance tolerance_for(DType dtype, int64_t terms, double safety = kDefaultSafety);
 
 // Passes when every element satisfies the tolerance (NaN only matches NaN, inf only the same
 // inf). On failure names the worst element by index with expected, actual and the bound.
