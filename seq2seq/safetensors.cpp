@@ -428,7 +428,8 @@ void SafetensorsFile::verify_checksums(const std::string& src) {
     sums.erase(it);
   };
   check("the metadata", kMetadataKey, metadata_checksum(metadata));
-  for (const auto& [name, e] : entries_) check("tensor \"" + name + "\"", name, data_checksum(e.data));
+  for (const auto& [name, e] : entries_)
+    check("tensor \"" + name + "\"", name, data_checksum(e.data));
   ATTN_CHECK(sums.empty(), kOp, src, ": checksum for \"", sums.empty() ? "" : sums.begin()->first,
              "\", which is not a tensor in the file");
 }

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
+#include <cstring>
 #include <cstdio>
 #include <filesystem>
 #include <map>
@@ -280,8 +282,60 @@ BatchLoss model_batch_loss(TranslationModel& model, const Batch& batch, const Cr
 
 std::string resolve_checkpoint(const std::string& path) {
   namespace fs = std::filesystem;
-  if (fs::is_directory(path)) return (fs::path(path) / "checkpoint.safetensors").string();
+  if (fs::is_directory(path)) {
+    const fs::path file = fs::path(path) / "checkpoint.safetensors";
+    ATTN_CHECK(fs::exists(file), "checkpoint", "no checkpoint in ", path, ": ", file.string(),
+               " does not exist (no checkpoint has been written there yet)");
+    return file.string();
+  }
+  ATTN_CHECK(fs::exists(path), "checkpoint", "no checkpoint at ", path,
+             ": no such file or directory");
   return path;
+}
+
+// Every element of n bytes of little-endian `dtype` data is finite (integers always are).
+bool all_finite(StDType dtype, const std::byte* p, std::size_t n) {
+  switch (dtype) {
+    case StDType::F32:
+      for (std::size_t i = 0; i < n; i += 4) {
+        float x;
+        std::memcpy(&x, p + i, 4);
+        if (!std::isfinite(x)) return false;
+      }
+      return true;
+    case StDType::F64:
+      for (std::size_t i = 0; i < n; i += 8) {
+        double x;
+        std::memcpy(&x, p + i, 8);
+        if (!std::isfinite(x)) return false;
+      }
+      return true;
+    case StDType::BF16:
+    case StDType::F16: {
+      // An exponent field of all ones (bits 14..7 in BF16, 14..10 in F16) is inf or NaN.
+      const uint16_t exp = dtype == StDType::BF16 ? 0x7F80 : 0x7C00;
+      for (std::size_t i = 0; i < n; i += 2) {
+        uint16_t x;
+        std::memcpy(&x, p + i, 2);
+        if ((x & exp) == exp) return false;
+      }
+      return true;
+    }
+    default:
+      return true;
+  }
+}
+
+bool all_finite(const nn::ParameterList& params) {
+  for (const nn::Parameter& p : params) {
+    const Tensor dense = p.value.contiguous();
+    const StDType dtype = dense.dtype() == DType::f64    ? StDType::F64
+                          : dense.dtype() == DType::bf16 ? StDType::BF16
+                          : dense.dtype() == DType::f32  ? StDType::F32 : StDType::BOOL;
+    const std::size_t bytes = static_cast<std::size_t>(dense.numel()) * dtype_size(dense.dtype());
+    if (!all_finite(dtype, static_cast<const std::byte*>(dense.raw_data()), bytes)) return false;
+  }
+  return true;
 }
 
 }  // namespace
@@ -317,18 +371,17 @@ nn::ParameterList Translator::parameters() const {
 std::vector<Translation> Translator::translate(const std::vector<std::string>& sentences,
                                                const DecodeConfig& config,
                                                std::vector<Tokens>* source_tokens) const {
-  TokenizeOptions options;
-  options.is_name = [this](std::string_view w) { return source_vocab.contains(w) || is_corpus_name(w); };
   std::vector<std::vector<int32_t>> ids;
   std::vector<Tokens> tokenised;
-  for (const std::string& s : sentences) {
-    Tokens tokens = tokenize(s, options);
-    ATTN_CHECK(!tokens.empty(), "translate", "empty sentence");
-    const ModelConfig& mc = this->config();
-    ATTN_CHECK(static_cast<int64_t>(tokens.size()) + 1 <= mc.max_source_steps ||
-                   mc.arch == Architecture::transformer || mc.score != ScoreKind::location,
-               "translate", "sentence of ", tokens.size(), " tokens is longer than the model's ",
-               mc.max_source_steps - 1);
+  const ModelConfig& mc = this->config();
+  for (std::size_t i = 0; i < sentences.size(); ++i) {
+    Tokens tokens = this->source_tokens(sentences[i]);
+    ATTN_CHECK(!tokens.empty(), "translate", "sentence ", i + 1, " of ", sentences.size(),
+               " is empty");
+    ATTN_CHECK(static_cast<int64_t>(tokens.size()) <= max_source_tokens(), "translate",
+               "sentence ", i + 1, " of ", sentences.size(), " has ", tokens.size(),
+               " tokens; the model takes at most ", max_source_tokens(),
+               " (trained with --max-source ", mc.max_source_steps, ", <eos> included)");
     std::vector<int32_t> row;
     if (mc.copy)  // each unknown word its own id, so that it gets its own extended id to copy
       row = encode_source_words(source_vocab, tokens);
@@ -347,6 +400,16 @@ std::vector<Translation> Translator::translate(const std::vector<std::string>& s
           copy_words(tokenised[i], extend_source(ids[i], rnn->copy_map, rnn->config.target_vocab));
   if (source_tokens) *source_tokens = std::move(tokenised);
   return out;
+}
+
+int64_t Translator::max_source_tokens() const { return config().max_source_steps - 1; }
+
+Tokens Translator::source_tokens(std::string_view sentence) const {
+  TokenizeOptions options;
+  options.is_name = [this](std::string_view w) {
+    return source_vocab.contains(w) || is_corpus_name(w);
+  };
+  return tokenize(sentence, options);
 }
 
 Tokens Translator::target_tokens(const Translation& t) const {
@@ -466,6 +529,13 @@ std::string Trainer::checkpoint_file(const std::string& out_dir) {
 
 void Trainer::save_checkpoint(const std::string& path) const {
   SafetensorsFile file;
+  // A non-finite value would make every later step NaN; refusing keeps the previous checkpoint.
+  auto check_finite = [&](const std::string& name) {
+    const SafetensorsEntry& e = file.entry(name);
+    ATTN_CHECK(all_finite(e.dtype, e.data.data(), e.data.size()), "checkpoint", "not saving ",
+               path, ": \"", name, "\" holds a non-finite value at step ", step_,
+               " (the previous checkpoint is kept)");
+  };
   put_config(file.metadata, config_);
   file.metadata["source_vocab"] = translator_.source_vocab.to_json();
   file.metadata["target_vocab"] = translator_.target_vocab.to_json();
@@ -475,6 +545,7 @@ void Trainer::save_checkpoint(const std::string& path) const {
   optimizer_->save(file, params);
   file.add_i64("train.position", {epoch_, batch_in_epoch_, step_});
   file.add_i64("train.seed", {static_cast<int64_t>(config_.seed)});
+  for (const std::string& name : file.names()) check_finite(name);
   file.save(path);
 }
 
@@ -542,6 +613,8 @@ bool Trainer::run(const RunControl& control, const TrainCallbacks& callbacks) {
   double loss_sum = 0.0;
   int64_t loss_steps = 0, tokens_since = 0;
   double last_report = 0.0;
+  constexpr int64_t kMaxConsecutiveSkips = 100;
+  int64_t consecutive_skips = 0;
   auto checkpoint = [&] {
     if (control.out_dir.empty()) return;
     std::filesystem::create_directories(control.out_dir);
@@ -568,14 +641,35 @@ bool Trainer::run(const RunControl& control, const TrainCallbacks& callbacks) {
       nn::zero_grads(params);
       const BatchLoss r =
           model_batch_loss(translator_.model, batch, ce, true, step_seed(config_.seed, step_));
-      clip_grad_norm(params, config_.clip_norm);
+      if (callbacks.on_gradients) callbacks.on_gradients(step_, params);
+      const double norm = clip_grad_norm(params, config_.clip_norm);
       const double lr = learning_rate(config_.schedule, config_.lr, step_);
-      optimizer_->step(params, lr);
+      const bool finite = std::isfinite(r.loss) && std::isfinite(norm);
+      if (finite) {
+        optimizer_->step(params, lr);
+        consecutive_skips = 0;
+        // Adam moves each weight by about lr at most, so only an absurd lr overflows; then no
+        // later checkpoint could be good, and the run stops with the last good one on disk.
+        ATTN_CHECK(all_finite(params), kOp, "step ", step_ + 1, " (lr ", lr,
+                   ") made the weights non-finite; stopped",
+                   control.out_dir.empty() ? "" : " (the last good checkpoint in " +
+                                                      control.out_dir + " is kept)");
+      } else {
+        ++skipped_steps_;
+        if (callbacks.on_skipped_step) callbacks.on_skipped_step(step_ + 1, r.loss, norm);
+        ATTN_CHECK(++consecutive_skips < kMaxConsecutiveSkips, kOp, kMaxConsecutiveSkips,
+                   " steps in a row had a non-finite loss or gradient (last: step ", step_ + 1,
+                   ", loss ", r.loss, ", gradient norm ", norm, "); stopped",
+                   control.out_dir.empty() ? "" : " (the last good checkpoint in " +
+                                                      control.out_dir + " is kept)");
+      }
       ++step_;
       ++batch_in_epoch_;
       losses_.push_back(r.loss);
-      loss_sum += r.loss;
-      ++loss_steps;
+      if (finite) {
+        loss_sum += r.loss;
+        ++loss_steps;
+      }
       tokens_since += batch.target_tokens;
       const bool last = step_ == total_steps_;
       if (callbacks.on_progress && (step_ % std::max<int64_t>(1, control.progress_every) == 0 || last)) {

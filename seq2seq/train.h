@@ -13,7 +13,8 @@
 // Transformer (transformer_model.h). Both models' dropout masks are counter-based and seeded per
 // step from (seed, global step), so they too are part of the reproducible state for free.
 //
-// Checkpoint: one safetensors file <out>/checkpoint.safetensors (written atomically):
+// Checkpoint: one safetensors file <out>/checkpoint.safetensors (written atomically, with
+// per-tensor checksums, and only with finite values):
 //   model.<parameter>       float tensors (names from the model's parameters())
 //   optim.m.<parameter>, optim.v.<parameter>, optim.step
 //   train.position          I64 [epoch, batch in epoch, step]
@@ -89,6 +90,12 @@ struct TrainCallbacks {
   std::function<void(const Progress&)> on_progress;
   std::function<void(const EvalReport&)> on_eval;
   std::function<void(const std::string& path)> on_checkpoint;
+  // A step whose loss or gradient norm is not finite changes nothing (weights and Adam state
+  // stay; the batch is consumed), as mixed-precision trainers skip overflowing steps.
+  std::function<void(int64_t step, double loss, double grad_norm)> on_skipped_step;
+  // After the backward pass of global step `step` (0-based), before clipping: tests use it to
+  // inject non-finite gradients or weights.
+  std::function<void(int64_t step, const nn::ParameterList& params)> on_gradients;
 };
 
 // Either architecture; config().arch says which. A closed variant rather than a virtual base:
@@ -119,7 +126,16 @@ struct Translator {
                                      std::vector<Tokens>* source_tokens = nullptr) const;
   Tokens target_tokens(const Translation& t) const;
 
-  // Loads <dir>/checkpoint.safetensors (or a .safetensors path).
+  // The longest source translate() accepts, in tokens without <eos>: the model's
+  // max_source_steps - 1, the --max-source its training data was held to. Longer input is
+  // refused rather than decoded: outside its training lengths a model returns a short guess, and
+  // the decoding time grows with the length.
+  int64_t max_source_tokens() const;
+  // The tokens translate() makes of `sentence`.
+  Tokens source_tokens(std::string_view sentence) const;
+
+  // Loads <dir>/checkpoint.safetensors (or a .safetensors path). A missing checkpoint is an
+  // error saying which file was expected.
   static Translator load(const std::string& path);
 };
 
@@ -148,8 +164,11 @@ class Trainer {
                         std::vector<SentencePair> valid);
 
   // Trains until the epochs are done or `control` stops it. Returns true when all epochs ran.
+  // Throws, without writing a checkpoint, when a step leaves non-finite weights or 100 steps in
+  // a row are skipped (see TrainCallbacks::on_skipped_step): the last good checkpoint stays.
   bool run(const RunControl& control, const TrainCallbacks& callbacks = {});
   EvalReport evaluate_now(int64_t sentences);
+  // Refuses (attn::Error, nothing written) when a weight or optimiser moment is not finite.
   void save_checkpoint(const std::string& path) const;
 
   const TrainConfig& config() const { return config_; }
@@ -158,11 +177,15 @@ class Trainer {
   int64_t total_steps() const { return total_steps_; }
   // The loss of every step this object ran (not those before a resume).
   const std::vector<double>& losses() const { return losses_; }
+  // Steps this object skipped for a non-finite loss or gradient.
+  int64_t skipped_steps() const { return skipped_steps_; }
+
+  // The checkpoint path of an output directory: <out_dir>/checkpoint.safetensors.
+  static std::string checkpoint_file(const std::string& out_dir);
 
  private:
   Trainer() = default;
   void prepare_data();
-  static std::string checkpoint_file(const std::string& out_dir);
 
   TrainConfig config_;
   Translator translator_;
@@ -173,6 +196,7 @@ class Trainer {
   int64_t epoch_ = 0, batch_in_epoch_ = 0, step_ = 0, total_steps_ = 0;
   uint64_t fingerprint_ = 0;
   std::vector<double> losses_;
+  int64_t skipped_steps_ = 0;
 };
 
 }  // namespace attn::seq2seq

@@ -9,10 +9,13 @@
 #include <unistd.h>
 
 #include <array>
+#include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <vector>
 
 #include "seq2seq/corpus.h"
 #include "seq2seq/pairs_file.h"
@@ -121,6 +124,16 @@ TEST_F(Cli, BadArgumentsGiveOneLineAndFail) {
       {"translate --model " + (dir_ / "missing").string() + " \"the cat .\"", "missing"},
       {"eval --model " + (dir_ / "missing").string(), "--test FILE or --corpus-split"},
       {"train --train " + (dir_ / "nope.tsv").string() + " " + out, "nope.tsv"},
+      // Non-finite values: --lr inf trained to NaN and saved a NaN checkpoint.
+      {"train --corpus " + out + " --lr inf", "--lr: must be a finite number > 0, got inf"},
+      {"train --corpus " + out + " --lr nan", "--lr"},
+      {"train --corpus " + out + " --clip inf", "--clip"},
+      {"train --corpus " + out + " --weight-decay 1e999", "--weight-decay"},
+      {"train --corpus " + out + " --time-limit inf", "--time-limit"},
+      {"train --corpus " + out + " --dropout nan", "--dropout"},
+      {"train --corpus " + out + " --label-smoothing inf", "--label-smoothing"},
+      {"translate --model m --length-penalty nan x", "--length-penalty"},
+      {"train --corpus " + out + " --resume --force", "--resume and --force"},
   };
   for (const auto& [args, needle] : cases) {
     const Process r = run_attn(args);
@@ -265,6 +278,165 @@ TEST_F(Cli, KilledTrainingLeavesALoadableCheckpoint) {
                               corpus.train[0].source + "\"");
   EXPECT_EQ(tr.status, 0) << tr.output;
   EXPECT_EQ(count_lines(tr.output), 1) << tr.output;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Guards around training runs and translation
+
+class CliGuards : public Cli {
+ protected:
+  // Trains a tiny GRU model for a few steps into `model`; returns the process result.
+  Process train_tiny(const fs::path& model, const std::string& extra = "") const {
+    return run_attn("train --train " + (dir_ / "train.tsv").string() + " --out " + model.string() +
+                    " --emb 8 --hidden 16 --batch 32 --max-steps 3 --eval-sentences 0 " + extra);
+  }
+  static std::string file_bytes(const fs::path& path) {
+    std::ifstream in(path, std::ios::binary);
+    return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  }
+};
+
+// A fresh run into a directory that holds a model is refused (the model stays as it was) unless
+// --force; --resume where nothing was written says what is missing.
+TEST_F(CliGuards, TrainRefusesToReplaceAModelWithoutForce) {
+  write_small_corpus();
+  const fs::path model = dir_ / "model";
+  const Process resume = train_tiny(model, "--resume");
+  EXPECT_EQ(resume.status, 1) << resume.output;
+  EXPECT_EQ(count_lines(resume.output), 1) << resume.output;
+  EXPECT_NE(resume.output.find("nothing to resume in " + model.string()), std::string::npos)
+      << resume.output;
+  EXPECT_NE(resume.output.find("checkpoint.safetensors does not exist"), std::string::npos)
+      << resume.output;
+
+  ASSERT_EQ(train_tiny(model).status, 0);
+  const std::string before = file_bytes(model / "checkpoint.safetensors");
+  const Process again = train_tiny(model, "--seed 2");
+  EXPECT_EQ(again.status, 1) << again.output;
+  EXPECT_EQ(count_lines(again.output), 1) << again.output;
+  EXPECT_NE(again.output.find("already holds a model"), std::string::npos) << again.output;
+  EXPECT_NE(again.output.find("--force"), std::string::npos) << again.output;
+  EXPECT_EQ(file_bytes(model / "checkpoint.safetensors"), before);
+  const Process forced = train_tiny(model, "--seed 2 --force");
+  EXPECT_EQ(forced.status, 0) << forced.output;
+  EXPECT_NE(file_bytes(model / "checkpoint.safetensors"), before);
+}
+
+// Temporaries of saves whose process is gone (kill -9 mid-save) are removed when a run starts;
+// one whose PID is alive is left alone.
+TEST_F(CliGuards, StaleTemporariesAreRemovedOnStart) {
+  write_small_corpus();
+  const fs::path model = dir_ / "model";
+  fs::create_directories(model);
+  const pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) _exit(0);
+  int status = 0;
+  waitpid(child, &status, 0);
+  const fs::path dead = model / (".checkpoint.safetensors.tmp-" + std::to_string(child) + "-0");
+  const fs::path live = model / (".checkpoint.safetensors.tmp-" + std::to_string(getpid()) + "-0");
+  std::ofstream(dead) << std::string(1000, 'x');
+  std::ofstream(live) << "x";
+  const Process t = train_tiny(model);
+  ASSERT_EQ(t.status, 0) << t.output;
+  EXPECT_NE(t.output.find("removed 1 temporary file(s) of 1000 bytes"), std::string::npos)
+      << t.output;
+  EXPECT_FALSE(fs::exists(dead));
+  EXPECT_TRUE(fs::exists(live));
+}
+
+// --threads beyond the cores available runs with the cores available and says so.
+TEST_F(CliGuards, ThreadsAreCappedWithAWarning) {
+  write_small_corpus();
+  const Process t = train_tiny(dir_ / "model", "--threads 1000");
+  ASSERT_EQ(t.status, 0) << t.output;
+  EXPECT_NE(t.output.find("warning: --threads 1000 is more than the"), std::string::npos)
+      << t.output;
+  EXPECT_NE(t.output.find("cores available; using"), std::string::npos) << t.output;
+}
+
+// A byte flipped in the weights: the translator refuses the checkpoint, naming the tensor,
+// instead of printing garbage with status 0.
+TEST_F(CliGuards, CorruptWeightsAreRefusedByName) {
+  write_small_corpus();
+  const fs::path model = dir_ / "model";
+  ASSERT_EQ(train_tiny(model).status, 0);
+  const fs::path file = model / "checkpoint.safetensors";
+  std::string bytes = file_bytes(file);
+  // The first byte of the first weight: its data_offsets in the header, past the 8-byte length.
+  uint64_t n = 0;
+  std::memcpy(&n, bytes.data(), 8);
+  const std::size_t name = bytes.find("\"model.", 8);
+  ASSERT_LT(name, 8 + n);
+  const std::size_t offsets = bytes.find("\"data_offsets\":[", name) + 16;
+  bytes[8 + n + std::stoull(bytes.substr(offsets, 20))] ^= 0x04;
+  std::ofstream(file, std::ios::binary) << bytes;
+  const Process tr = run_attn("translate --model " + model.string() + " \"the cat .\"");
+  EXPECT_EQ(tr.status, 1) << tr.output;
+  EXPECT_EQ(count_lines(tr.output), 1) << tr.output;
+  EXPECT_NE(tr.output.find("fails its xxh3_64 checksum"), std::string::npos) << tr.output;
+  EXPECT_NE(tr.output.find("tensor \"model."), std::string::npos) << tr.output;
+}
+
+// Input longer than the model's --max-source is refused, naming the line, before any decoding:
+// a 1 MB line comes back in bounded time (it ran for minutes).
+TEST_F(CliGuards, OverLongInputIsRefusedNamingTheLine) {
+  const s2s::Corpus corpus = write_small_corpus();
+  const fs::path model = dir_ / "model";
+  ASSERT_EQ(train_tiny(model, "--max-source 20").status, 0);
+  const fs::path input = dir_ / "long.txt";
+  std::string huge;
+  while (huge.size() < (1 << 20)) huge += "the cat sees the dog . ";
+  std::ofstream(input) << corpus.test[0].source << "\n\n" << huge << "\n";
+  const auto start = std::chrono::steady_clock::now();
+  const Process tr = run_attn("translate --model " + model.string() + " --no-alignment < " +
+                              input.string());
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  EXPECT_EQ(tr.status, 1) << tr.output.substr(0, 500);
+  EXPECT_EQ(count_lines(tr.output), 1) << tr.output.substr(0, 500);
+  EXPECT_NE(tr.output.find("line 3 has "), std::string::npos) << tr.output.substr(0, 500);
+  EXPECT_NE(tr.output.find("takes at most 19 (its training --max-source 20"), std::string::npos)
+      << tr.output.substr(0, 500);
+  EXPECT_LT(seconds, 30.0);
+  // The same limit for sentences given as arguments.
+  const Process arg = run_attn("translate --model " + model.string() + " \"" +
+                               corpus.test[0].source + "\" \"" + huge.substr(0, 2000) + "\"");
+  EXPECT_EQ(arg.status, 1) << arg.output.substr(0, 500);
+  EXPECT_NE(arg.output.find("sentence argument 2 has "), std::string::npos)
+      << arg.output.substr(0, 500);
+}
+
+// One output line per input line: blank (or space-only) input lines give blank output lines.
+TEST_F(CliGuards, BlankLinesGiveBlankLines) {
+  const s2s::Corpus corpus = write_small_corpus();
+  const fs::path model = dir_ / "model";
+  ASSERT_EQ(train_tiny(model).status, 0);
+  const fs::path input = dir_ / "blank.txt";
+  std::ofstream(input) << "\n" << corpus.test[0].source << "\n  \t\n\r\n" << corpus.test[1].source
+                       << "\n\n";
+  const std::string command = attn_binary().string() + " translate --model " + model.string() +
+                              " --no-alignment < " + input.string() + " 2>/dev/null";
+  FILE* pipe = popen(command.c_str(), "r");
+  ASSERT_NE(pipe, nullptr);
+  std::string out;
+  std::array<char, 4096> buf;
+  std::size_t n;
+  while ((n = fread(buf.data(), 1, buf.size(), pipe)) > 0) out.append(buf.data(), n);
+  ASSERT_EQ(pclose(pipe), 0) << out;
+  std::vector<std::string> lines;
+  std::size_t start = 0;
+  for (std::size_t at; (at = out.find('\n', start)) != std::string::npos; start = at + 1)
+    lines.push_back(out.substr(start, at - start));
+  ASSERT_EQ(lines.size(), 6u) << out;
+  for (std::size_t i : {0, 2, 3, 5}) EXPECT_EQ(lines[i], "") << "line " << i + 1 << ":\n" << out;
+  EXPECT_NE(lines[1], "");
+  EXPECT_NE(lines[4], "");
+  // Only blank lines: as many blank lines back, status 0.
+  std::ofstream(input) << "\n\n";
+  const Process blank = run_attn("translate --model " + model.string() + " < " + input.string());
+  EXPECT_EQ(blank.status, 0) << blank.output;
+  EXPECT_EQ(blank.output, "\n\n");
 }
 
 }  // namespace

@@ -332,7 +332,8 @@ nlohmann::json header_of(const std::vector<std::byte>& bytes) {
   std::memcpy(&n, bytes.data(), 8);
   return nlohmann::json::parse(std::string(reinterpret_cast<const char*>(bytes.data()) + 8, n));
 }
-std::vector<std::byte> with_header(const std::vector<std::byte>& bytes, const nlohmann::json& header) {
+std::vector<std::byte> with_header(const std::vector<std::byte>& bytes,
+                                   const nlohmann::json& header) {
   uint64_t n = 0;
   std::memcpy(&n, bytes.data(), 8);
   const std::vector<uint8_t> data(reinterpret_cast<const uint8_t*>(bytes.data()) + 8 + n,

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <initializer_list>
 #include <set>
@@ -373,6 +374,135 @@ TEST(Training, CheckpointLoadsAsATranslator) {
   attn::testing::expect_same_translations(t.translator(), loaded,
                                           {corpus.test[0].source, corpus.test[1].source}, config);
   fs::remove_all(dir);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Non-finite steps and checkpoints
+
+// Sets element 0 of `t` (a parameter's value or gradient, shared storage) to NaN.
+void poison(const Tensor& t) {
+  if (t.dtype() == DType::f64)
+    static_cast<double*>(t.raw_data())[0] = std::nan("");
+  else
+    static_cast<float*>(t.raw_data())[0] = std::nanf("");
+}
+
+std::vector<std::vector<double>> weights_of(const s2s::Trainer& t) {
+  std::vector<std::vector<double>> out;
+  for (const auto& p : t.translator().parameters()) out.push_back(p.value.to_vector());
+  return out;
+}
+
+// A NaN gradient (as an overflow gives) skips the step: no weight and no Adam moment moves, the
+// batch is consumed, and the run goes on and checkpoints finite weights.
+TEST(NonFinite, NonFiniteGradientSkipsTheStep) {
+  const s2s::Corpus corpus = small_corpus(300);
+  const fs::path dir = temp_dir("skip");
+  s2s::Trainer t(small_config(8, 16, 32, 1), corpus.train, corpus.valid);
+  std::vector<std::vector<double>> before_2, before_3;
+  std::vector<int64_t> skipped;
+  s2s::TrainCallbacks callbacks;
+  callbacks.on_gradients = [&](int64_t step, const attn::nn::ParameterList& params) {
+    if (step == 2) {
+      before_2 = weights_of(t);
+      poison(params[0].grad);
+    }
+    if (step == 3) before_3 = weights_of(t);
+  };
+  callbacks.on_skipped_step = [&](int64_t step, double, double norm) {
+    skipped.push_back(step);
+    EXPECT_FALSE(std::isfinite(norm));
+  };
+  s2s::RunControl control;
+  control.max_steps = 5;
+  control.out_dir = dir.string();
+  t.run(control, callbacks);
+  EXPECT_EQ(skipped, std::vector<int64_t>{3});  // 1-based: the third step
+  EXPECT_EQ(t.skipped_steps(), 1);
+  EXPECT_EQ(t.step(), 5);
+  ASSERT_FALSE(before_2.empty());
+  EXPECT_TRUE(before_2 == before_3) << "the skipped step changed the weights";
+  const s2s::Translator loaded = s2s::Translator::load(dir.string());
+  for (const auto& p : loaded.parameters())
+    for (double x : p.value.to_vector()) ASSERT_TRUE(std::isfinite(x)) << p.name;
+  fs::remove_all(dir);
+}
+
+// Weights that turn non-finite stop the run, and the checkpoint on disk stays the last good one
+// (here the one of step 3, written by --checkpoint-every 1) rather than NaNs.
+TEST(NonFinite, NonFiniteWeightsNeverReplaceTheLastGoodCheckpoint) {
+  const s2s::Corpus corpus = small_corpus(300);
+  const fs::path dir = temp_dir("nan_weights");
+  s2s::Trainer t(small_config(8, 16, 32, 1), corpus.train, corpus.valid);
+  s2s::TrainCallbacks callbacks;
+  callbacks.on_gradients = [&](int64_t step, const attn::nn::ParameterList& params) {
+    if (step == 3) poison(params[0].value);
+  };
+  s2s::RunControl control;
+  control.max_steps = 6;
+  control.checkpoint_every = 1;
+  control.out_dir = dir.string();
+  try {
+    t.run(control, callbacks);
+    FAIL() << "a run with NaN weights finished";
+  } catch (const attn::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("step 4"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("non-finite"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("last good checkpoint"), std::string::npos) << e.what();
+  }
+  const std::string path = (dir / "checkpoint.safetensors").string();
+  EXPECT_EQ(s2s::SafetensorsFile::load(path).i64("train.position")[2], 3);
+  const s2s::Translator loaded = s2s::Translator::load(dir.string());
+  for (const auto& p : loaded.parameters())
+    for (double x : p.value.to_vector()) ASSERT_TRUE(std::isfinite(x)) << p.name;
+  // save_checkpoint itself refuses the NaN weights and leaves the file alone.
+  EXPECT_THROW(t.save_checkpoint(path), attn::Error);
+  EXPECT_EQ(s2s::SafetensorsFile::load(path).i64("train.position")[2], 3);
+  fs::remove_all(dir);
+}
+
+// A byte flipped in a checkpoint's data (weights or Adam moments) is found on load and named;
+// resuming from a directory without a checkpoint says which file is missing.
+TEST(NonFinite, CorruptOrMissingCheckpointIsNamed) {
+  const fs::path dir = temp_dir("corrupt");
+  const std::string path = one_step_checkpoint(dir);
+  const s2s::SafetensorsFile good = s2s::SafetensorsFile::load(path);
+  std::string weight;  // the first parameter, and its second Adam moment
+  for (const std::string& name : good.names())
+    if (weight.empty() && name.rfind("model.", 0) == 0) weight = name;
+  for (const std::string& name : {weight, "optim.v." + weight.substr(6)}) {
+    ASSERT_TRUE(good.contains(name)) << name;
+    // The tensor's first data byte: find it through the header.
+    auto bytes = s2s::read_file_bytes(path, "test");
+    uint64_t n = 0;
+    std::memcpy(&n, bytes.data(), 8);
+    const std::string header(reinterpret_cast<const char*>(bytes.data()) + 8, n);
+    const std::size_t at = header.find("\"" + name + "\":");
+    ASSERT_NE(at, std::string::npos);
+    const std::size_t offsets = header.find("\"data_offsets\":[", at);
+    const uint64_t begin = std::stoull(header.substr(offsets + 16));
+    auto broken = bytes;
+    broken[8 + n + begin + 1] ^= std::byte{0x10};
+    s2s::write_file_atomically(path, broken, "test");
+    try {
+      s2s::Translator t = s2s::Translator::load(dir.string());
+      FAIL() << "a flipped byte in " << name << " loaded";
+    } catch (const attn::Error& e) {
+      EXPECT_NE(std::string(e.what()).find("tensor \"" + name + "\" fails its xxh3_64 checksum"),
+                std::string::npos) << e.what();
+    }
+    s2s::write_file_atomically(path, bytes, "test");
+  }
+  const fs::path empty = temp_dir("no_checkpoint");
+  try {
+    s2s::Trainer::resume(empty.string(), small_corpus(300).train, {});
+    FAIL() << "resumed from nothing";
+  } catch (const attn::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("checkpoint.safetensors does not exist"),
+              std::string::npos) << e.what();
+  }
+  fs::remove_all(dir);
+  fs::remove_all(empty);
 }
 
 }  // namespace

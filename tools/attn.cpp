@@ -8,8 +8,10 @@
 //
 // Every error is one line on stderr ("attn: error: ...") and a non-zero exit status: 2 for bad
 // command-line arguments, 1 for everything else (unreadable files, bad checkpoints, ...).
+#include <sched.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cctype>
 #include <chrono>
 #include <cstdio>
@@ -18,12 +20,14 @@
 #include <iostream>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "attn/error.h"
 #include "seq2seq/corpus.h"
 #include "seq2seq/heatmap.h"
 #include "seq2seq/pairs_file.h"
+#include "seq2seq/safetensors.h"
 #include "seq2seq/train.h"
 #include "cli_options.h"
 
@@ -65,16 +69,52 @@ const std::vector<s2s::SentencePair>& corpus_split(const s2s::Corpus& corpus, co
 
 // ---------------------------------------------------------------------------------------------
 
+// The cores this process may run on (its affinity mask, which containers and taskset narrow).
+int64_t available_cores() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
 // --threads N: OpenMP and OpenBLAS threads; 0 leaves their defaults (all cores, or
-// OMP_NUM_THREADS / OPENBLAS_NUM_THREADS when the environment sets them).
+// OMP_NUM_THREADS / OPENBLAS_NUM_THREADS when the environment sets them). More threads than
+// cores only makes the workers wait for each other at every barrier (100x slower at 1000 on
+// 2 cores), so N is capped at the cores available.
 void apply_threads(int64_t threads) {
-  if (threads > 0) s2s::set_thread_count(static_cast<int>(threads));
+  if (threads <= 0) return;
+  const int64_t cores = available_cores();
+  if (threads > cores) {
+    std::cerr << "attn: warning: --threads " << threads << " is more than the " << cores
+              << " cores available; using " << cores << "\n";
+    threads = cores;
+  }
+  s2s::set_thread_count(static_cast<int>(threads));
+}
+
+// Temporaries of checkpoint saves that a killed run left behind (a save writes the whole
+// checkpoint to one before renaming it into place).
+void remove_stale_temporaries(const std::string& out_dir) {
+  const std::string checkpoint = s2s::Trainer::checkpoint_file(out_dir);
+  const s2s::StaleTemporaries removed = s2s::remove_stale_temporaries(checkpoint);
+  if (removed.files > 0)
+    std::cerr << "removed " << removed.files << " temporary file(s) of " << removed.bytes
+              << " bytes left in " << out_dir << " by killed runs\n";
 }
 
 using TrainArgs = attn::cli::TrainOptions;
 
 int run_train(const TrainArgs& a) {
   apply_threads(a.threads);
+  const std::string checkpoint = s2s::Trainer::checkpoint_file(a.out);
+  if (a.resume && !std::filesystem::exists(checkpoint))
+    throw std::runtime_error("--resume: nothing to resume in " + a.out + ": " + checkpoint +
+                             " does not exist (no checkpoint was written yet; run without --resume "
+                             "to start)");
+  if (!a.resume && !a.force && std::filesystem::exists(checkpoint))
+    throw std::runtime_error(a.out + " already holds a model (" + checkpoint +
+                             "): give --resume to continue it or --force to start over and "
+                             "replace it");
+  remove_stale_temporaries(a.out);
   std::vector<s2s::SentencePair> train, valid;
   if (a.corpus) {
     s2s::Corpus corpus = make_corpus(a.corpus_options);
@@ -186,6 +226,10 @@ int run_train(const TrainArgs& a) {
                   static_cast<long long>(e.sentences));
     std::cerr << buf << std::endl;
   };
+  callbacks.on_skipped_step = [](int64_t step, double loss, double grad_norm) {
+    std::cerr << "attn: warning: step " << step << " skipped: loss " << loss << ", gradient norm "
+              << grad_norm << " (not finite)" << std::endl;
+  };
   const auto start = std::chrono::steady_clock::now();
   const bool complete = trainer->run(control, callbacks);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -205,21 +249,48 @@ std::string numbered_path(const std::string& path, std::size_t index, std::size_
   return (p.parent_path() / (p.stem().string() + "-" + std::to_string(index + 1) + p.extension().string())).string();
 }
 
+// One output line per input line, always: a blank input line gives a blank output line (and no
+// heatmap), so outputs can be pasted next to their inputs. Every line is checked against the
+// model's longest input before anything is decoded, so decoding time stays bounded.
 int run_translate(TranslateArgs a) {
   apply_threads(a.threads);
   const s2s::Translator translator = s2s::Translator::load(a.model);
-  if (a.sentences.empty()) {
+  const bool from_stdin = a.sentences.empty();
+  if (from_stdin) {
     std::string line;
-    while (std::getline(std::cin, line))
-      if (line.find_first_not_of(" \t\r") != std::string::npos) a.sentences.push_back(line);
+    while (std::getline(std::cin, line)) a.sentences.push_back(line);
   }
   if (a.sentences.empty()) throw UsageError("no sentences to translate (arguments or stdin)");
+  const int64_t limit = translator.max_source_tokens();
+  std::vector<std::string> sentences;  // the non-blank lines
+  std::vector<std::size_t> line_of;    // their 0-based index in a.sentences
+  for (std::size_t i = 0; i < a.sentences.size(); ++i) {
+    std::string& line = a.sentences[i];
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (line.find_first_not_of(" \t") == std::string::npos) continue;
+    const std::size_t tokens = translator.source_tokens(line).size();
+    if (static_cast<int64_t>(tokens) > limit)
+      throw std::runtime_error(
+          std::string("translate: ") + (from_stdin ? "line " : "sentence argument ") +
+          std::to_string(i + 1) + " has " + std::to_string(tokens) + " tokens; the model in " + a.model +
+          " takes at most " + std::to_string(limit) + " (its training --max-source " +
+          std::to_string(limit + 1) + ", <eos> included); split the line");
+    sentences.push_back(line);
+    line_of.push_back(i);
+  }
   s2s::DecodeConfig config;
   config.beam = a.beam;
   config.length_penalty = a.length_penalty;
   std::vector<s2s::Tokens> sources;
-  const auto out = translator.translate(a.sentences, config, &sources);
-  for (std::size_t i = 0; i < out.size(); ++i) {
+  const auto out = sentences.empty() ? std::vector<s2s::Translation>{}
+                                     : translator.translate(sentences, config, &sources);
+  std::size_t next = 0;  // the next translation to print
+  for (std::size_t line = 0; line < a.sentences.size(); ++line) {
+    if (next >= out.size() || line_of[next] != line) {
+      std::cout << "\n";
+      continue;
+    }
+    const std::size_t i = next++;
     s2s::Tokens target = translator.target_tokens(out[i]);
     std::cout << s2s::join_tokens(target) << "\n";
     if (out[i].alignment.empty()) continue;

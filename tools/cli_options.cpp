@@ -33,7 +33,8 @@ CLI::Validator number_check(double low, bool low_allowed, double high, const std
       },
       name);
 }
-const CLI::Validator kPositive = number_check(0, false, HUGE_VAL, "a finite number > 0", "POSITIVE");
+const CLI::Validator kPositive =
+    number_check(0, false, HUGE_VAL, "a finite number > 0", "POSITIVE");
 const CLI::Validator kNonNegative =
     number_check(0, true, HUGE_VAL, "a finite number >= 0", "NONNEGATIVE");
 const CLI::Validator kFinite =
@@ -45,7 +46,8 @@ const char* const kThreadsHelp =
     "OpenMP and OpenBLAS threads, at most the cores available (default: all cores, or the "
     "environment's setting)";
 
-void add_train_options(CLI::App& train, TrainOptions& ta, CLI::Option*& emb, CLI::Option*& dropout) {
+void add_train_options(CLI::App& train, TrainOptions& ta, CLI::Option*& emb,
+                       CLI::Option*& dropout) {
   train.add_option("--arch", ta.arch, "gru or lstm (recurrent encoder-decoder) or transformer")
       ->capture_default_str();
   train.add_option("--attention", ta.attention,
@@ -56,7 +58,8 @@ void add_train_options(CLI::App& train, TrainOptions& ta, CLI::Option*& emb, CLI
   train.add_option("--hidden", ta.hidden,
                    "Hidden width (encoder output and decoder state; the transformer's d_model)")
       ->capture_default_str()->check(kPositive);
-  train.add_option("--layers", ta.layers, "Encoder layers (transformer: encoder and decoder layers)")
+  train.add_option("--layers", ta.layers,
+                   "Encoder layers (transformer: encoder and decoder layers)")
       ->capture_default_str()->check(kPositive);
   train.add_option("--decoder-layers", ta.decoder_layers,
                    "Decoder layers: stacked decoder cells for gru/lstm, decoder layers for the "
@@ -79,7 +82,8 @@ void add_train_options(CLI::App& train, TrainOptions& ta, CLI::Option*& emb, CLI
   train.add_option("--threads", ta.threads, kThreadsHelp)->check(kPositive);
   train.add_flag("--copy", ta.copy,
                  "Pointer-generator output: mix the vocabulary softmax with copying source words");
-  train.add_flag("--unidirectional", ta.unidirectional, "Forward-only encoder (default: bidirectional)");
+  train.add_flag("--unidirectional", ta.unidirectional,
+                 "Forward-only encoder (default: bidirectional)");
   train.add_option("--attention-hidden", ta.attention_hidden,
                    "Hidden width of additive/concat scoring (0: --hidden)")
       ->capture_default_str()->check(kNonNegative);
@@ -91,10 +95,13 @@ void add_train_options(CLI::App& train, TrainOptions& ta, CLI::Option*& emb, CLI
       ->capture_default_str()->check(CLI::Range(2, 100000));
   train.add_option("--epochs", ta.epochs, "Passes over the training data")
       ->capture_default_str()->check(kPositive);
-  train.add_option("--batch", ta.batch, "Sentence pairs per batch")->capture_default_str()->check(kPositive);
+  train.add_option("--batch", ta.batch, "Sentence pairs per batch")
+      ->capture_default_str()->check(kPositive);
   train.add_option("--lr", ta.lr, "Peak learning rate")->capture_default_str()->check(kPositive);
-  train.add_option("--warmup", ta.warmup, "Linear warm-up steps")->capture_default_str()->check(kNonNegative);
-  train.add_option("--schedule", ta.schedule, "After warm-up: constant, linear, cosine or inverse_sqrt")
+  train.add_option("--warmup", ta.warmup, "Linear warm-up steps")
+      ->capture_default_str()->check(kNonNegative);
+  train.add_option("--schedule", ta.schedule,
+                   "After warm-up: constant, linear, cosine or inverse_sqrt")
       ->capture_default_str();
   train.add_option("--clip", ta.clip, "Clip gradients to this global norm (0: off)")
       ->capture_default_str()->check(kNonNegative);
@@ -106,7 +113,8 @@ void add_train_options(CLI::App& train, TrainOptions& ta, CLI::Option*& emb, CLI
   train.add_option("--min-frequency", ta.min_frequency,
                    "Vocabulary: words seen fewer times in the training data become <unk>")
       ->capture_default_str()->check(kPositive);
-  train.add_option("--seed", ta.seed, "Seed of the weights and the batch order")->capture_default_str();
+  train.add_option("--seed", ta.seed, "Seed of the weights and the batch order")
+      ->capture_default_str();
   train.add_option("--train", ta.train_file, "Training pairs: source TAB target per line");
   train.add_option("--valid", ta.valid_file, "Validation pairs for the periodic evaluation");
   train.add_flag("--skip-bad-lines", ta.skip_bad_lines,
@@ -123,13 +131,15 @@ void add_train_options(CLI::App& train, TrainOptions& ta, CLI::Option*& emb, CLI
                  "Start a fresh run even if --out already holds a checkpoint (replacing it)");
   train.add_option("--max-steps", ta.max_steps, "Stop (with a checkpoint) at this global step")
       ->check(kNonNegative);
-  train.add_option("--time-limit", ta.time_limit, "Stop (with a checkpoint) after this many seconds")
+  train.add_option("--time-limit", ta.time_limit,
+                   "Stop (with a checkpoint) after this many seconds")
       ->check(kNonNegative);
   train.add_option("--eval-every", ta.eval_every, "Steps between evaluations (0: every epoch)")
       ->capture_default_str()->check(kNonNegative);
   train.add_option("--eval-sentences", ta.eval_sentences, "Validation sentences per evaluation")
       ->capture_default_str()->check(kNonNegative);
-  train.add_option("--checkpoint-every", ta.checkpoint_every, "Steps between checkpoints (0: every epoch)")
+  train.add_option("--checkpoint-every", ta.checkpoint_every,
+                   "Steps between checkpoints (0: every epoch)")
       ->capture_default_str()->check(kNonNegative);
   train.add_option("--progress-every", ta.progress_every, "Steps between progress lines")
       ->capture_default_str()->check(kPositive);
@@ -137,11 +147,13 @@ void add_train_options(CLI::App& train, TrainOptions& ta, CLI::Option*& emb, CLI
 
 // The checks CLI11 cannot express: names from fixed lists and mutually exclusive options.
 void check_train(const TrainOptions& a) {
-  if (a.corpus == !a.train_file.empty()) throw UsageError("give exactly one of --corpus or --train FILE");
+  if (a.corpus == !a.train_file.empty())
+    throw UsageError("give exactly one of --corpus or --train FILE");
   if (a.resume && a.force) throw UsageError("give at most one of --resume and --force");
   if (a.arch != "gru" && a.arch != "lstm" && a.arch != "transformer")
     throw UsageError("--arch must be gru, lstm or transformer, got " + a.arch);
-  if (a.norm != "pre" && a.norm != "post") throw UsageError("--norm must be pre or post, got " + a.norm);
+  if (a.norm != "pre" && a.norm != "post")
+    throw UsageError("--norm must be pre or post, got " + a.norm);
   if (!s2s::parse_position_kind(a.positions))
     throw UsageError("--positions must be sinusoidal or rope, got " + a.positions);
   if (!s2s::parse_attention_preset(a.attention))
@@ -152,7 +164,8 @@ void check_train(const TrainOptions& a) {
                  s2s::ScheduleKind::inverse_sqrt})
     known = known || a.schedule == s2s::schedule_kind_name(k);
   if (!known)
-    throw UsageError("--schedule must be constant, linear, cosine or inverse_sqrt, got " + a.schedule);
+    throw UsageError("--schedule must be constant, linear, cosine or inverse_sqrt, got " +
+                     a.schedule);
 }
 
 void check_translate(const TranslateOptions& a) {
@@ -160,8 +173,8 @@ void check_translate(const TranslateOptions& a) {
     std::string ext = std::filesystem::path(a.heatmap).extension().string();
     for (char& c : ext) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
     if (ext != ".svg" && ext != ".png")
-      throw UsageError("--heatmap writes SVG or PNG: give a file name ending in .svg or .png, got " +
-                       a.heatmap);
+      throw UsageError(
+          "--heatmap writes SVG or PNG: give a file name ending in .svg or .png, got " + a.heatmap);
   }
   if (a.beam < 1) throw UsageError("--beam must be >= 1, got " + std::to_string(a.beam));
 }
@@ -197,7 +210,8 @@ ParsedCommandLine parse_command_line(const std::vector<std::string>& args) {
       "translate",
       "Translate sentences (arguments, or one per line on stdin: one output line per input line, "
       "blank for blank) and show the alignment");
-  translate->add_option("--model", tr.model, "Checkpoint directory (or .safetensors file)")->required();
+  translate->add_option("--model", tr.model, "Checkpoint directory (or .safetensors file)")
+      ->required();
   translate->add_option("sentences", tr.sentences, "Sentences to translate; none: read stdin");
   translate->add_option("--beam", tr.beam, "Beam size (1: greedy)")->capture_default_str();
   translate->add_option("--length-penalty", tr.length_penalty, "Beam ranking: log p / length^alpha")
