@@ -18,8 +18,8 @@
 //                   /proc/self/clear_refs; inputs included)
 //   threads         OpenMP threads
 //
-//   OPENBLAS_CORETYPE=Cooperlake ./build/bench/bench_additive
-// (OpenBLAS 0.3.21 runs a generic kernel on this Xeon without OPENBLAS_CORETYPE.)
+//   ./build/bench/bench_additive
+// (attn picks the OpenBLAS kernel itself: attn/runtime.h.)
 #include <benchmark/benchmark.h>
 #include <cblas.h>
 #include <omp.h>

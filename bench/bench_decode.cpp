@@ -22,8 +22,8 @@
 // weights=1 asks both for the attention weights (return_weights: a seq2seq decoder step that
 // draws its alignment), which the composed path used to be the only one to provide.
 //
-//   OPENBLAS_CORETYPE=Cooperlake ./build/bench/bench_decode
-//   OPENBLAS_CORETYPE=Cooperlake ./build/bench/bench_decode --benchmark_filter=BM_Decode
+//   ./build/bench/bench_decode
+//   ./build/bench/bench_decode --benchmark_filter=BM_Decode
 // (OpenBLAS 0.3.21 runs this Xeon on a generic kernel unless told its core type; it matters for
 // BM_Crossover's composed path.)
 #include <benchmark/benchmark.h>

@@ -24,7 +24,7 @@
 // OpenBLAS 0.3.21 does not recognise every CPU (this machine's Xeon is detected as "Prescott",
 // an SSE3 kernel 6x below the real ceiling): force its kernel when the label says Prescott.
 //
-//   OPENBLAS_CORETYPE=Cooperlake ./build/bench/bench_flash --benchmark_min_time=0.5
+//   ./build/bench/bench_flash --benchmark_min_time=0.5
 //   ATTN_SIMD_TARGET=avx2 ./build/bench/bench_flash   (cap the SIMD target)
 #include <benchmark/benchmark.h>
 #include <cblas.h>

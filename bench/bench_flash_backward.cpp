@@ -19,7 +19,7 @@
 //   label          the Highway target and OpenBLAS's sgemm core
 //
 // OpenBLAS 0.3.21 detects this machine's Xeon as "Prescott" (an SSE3 kernel): force its kernel.
-//   OPENBLAS_CORETYPE=Cooperlake ./build/bench/bench_flash_backward --benchmark_min_time=0.5
+//   ./build/bench/bench_flash_backward --benchmark_min_time=0.5
 #include <benchmark/benchmark.h>
 #include <cblas.h>
 

@@ -17,7 +17,7 @@
 //                 (inputs included, as they are allocated inside the case)
 //   max_abs_diff  largest |attn - libtorch| over the outputs (forward) or dq (forward + backward)
 //
-//   source scripts/openblas_env.sh; ./build/bench/bench_libtorch --benchmark_min_time=0.3
+//   ./build/bench/bench_libtorch --benchmark_min_time=0.3
 //   (N = 8192 forward + backward keeps ~6 GB of autograd state for libtorch and takes seconds per
 //   iteration: --benchmark_filter=-.*N:8192 leaves those out)
 #include <ATen/ATen.h>

@@ -3,7 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-source scripts/openblas_env.sh
 cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DATTN_BUILD_EXAMPLES=ON >/dev/null
 cmake --build build -j "$(nproc)" --target scoring_tour
 ./build/examples/scoring_tour "$@"

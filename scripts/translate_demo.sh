@@ -10,10 +10,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# OpenBLAS 0.3.21 does not recognise recent CPUs and falls back to its generic kernel, 3-4x
-# slower. When OPENBLAS_CORETYPE is unset, this exports the newest kernel the CPU supports
-# (SkylakeX when it has avx512f). It must be in the environment before the process starts.
-source scripts/openblas_env.sh
 THREADS=${THREADS:-2}
 export OMP_NUM_THREADS=$THREADS OPENBLAS_NUM_THREADS=$THREADS
 EPOCHS=${EPOCHS:-6}
