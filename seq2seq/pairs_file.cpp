@@ -117,6 +117,12 @@ PairsFile parse_pairs(std::string_view text, const std::string& source_name, con
           "invalid UTF-8 at byte " + std::to_string(bad_byte + 1) + " of the line");
       continue;
     }
+    // A CR left inside the line: a file with CR-only line ends would otherwise read as one line
+    // whose columns swallow the next lines (and write_pairs_file refuses such a column).
+    if (line.find('\r') != std::string_view::npos) {
+      bad(BadLineReason::malformed, "CR inside the line; expected lines ending in LF or CR LF");
+      continue;
+    }
     const std::size_t tab = line.find('\t');
     if (tab == std::string_view::npos) {
       bad(BadLineReason::malformed, line.empty() ? "empty line; expected \"source<TAB>target\""

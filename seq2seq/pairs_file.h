@@ -2,7 +2,7 @@
 // (the layout of the Tatoeba / ManyThings exports people already use), UTF-8.
 //
 // Every line is checked, and a bad line is never silently dropped. The reasons:
-//   malformed     no TAB on the line (blank lines included)
+//   malformed     no TAB on the line (blank lines included), or a CR inside it (CR-only line ends)
 //   empty_source  the source column has no tokens
 //   empty_target  the target column has no tokens
 //   invalid_utf8  a byte sequence that is not UTF-8 (overlong forms, surrogates, code points

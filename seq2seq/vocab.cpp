@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include "attn/error.h"
+#include "seq2seq/pairs_file.h"
 #include "seq2seq/safetensors.h"
 
 namespace attn::seq2seq {
@@ -122,6 +123,8 @@ void Vocab::index_tokens(const std::string& op) {
   ids_.reserve(tokens_.size());
   for (std::size_t i = 0; i < tokens_.size(); ++i) {
     ATTN_CHECK(!tokens_[i].empty(), op, "token ", i, " is empty");
+    // The JSON file holds the tokens as strings: to_json could not write invalid UTF-8.
+    ATTN_CHECK(is_valid_utf8(tokens_[i]), op, "token ", i, " is not valid UTF-8");
     const bool inserted = ids_.emplace(tokens_[i], static_cast<int64_t>(i)).second;
     ATTN_CHECK(inserted, op, "token \"", tokens_[i], "\" appears twice (ids ", ids_[tokens_[i]],
                " and ", i, ")");
@@ -214,7 +217,7 @@ Vocab Vocab::from_json(std::string_view json, const std::string& source_name) {
   nlohmann::json j = nlohmann::json::parse(json, nullptr, /*allow_exceptions=*/false);
   ATTN_CHECK(!j.is_discarded(), op, source_name, ": not valid JSON");
   ATTN_CHECK(j.is_object(), op, source_name, ": expected a JSON object");
-  ATTN_CHECK(j.value("format", "") == "attn-vocab", op, source_name,
+  ATTN_CHECK(j.contains("format") && j["format"] == "attn-vocab", op, source_name,
              ": \"format\" must be \"attn-vocab\"");
   ATTN_CHECK(j.contains("version") && j["version"] == 1, op, source_name,
              ": unsupported \"version\" (this build reads version 1)");

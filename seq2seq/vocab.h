@@ -73,7 +73,7 @@ class Vocab {
   // A vocabulary holding only the special tokens.
   Vocab();
   // Counts tokens over `sentences` and keeps those with count >= min_frequency, most frequent
-  // first, until max_size. Tokens may not be empty or spell a special token.
+  // first, until max_size. Tokens may not be empty, spell a special token or be invalid UTF-8.
   static Vocab build(const std::vector<Tokens>& sentences, const VocabConfig& config = {});
   // From an explicit id order: tokens[0..3] must be the special tokens.
   static Vocab from_tokens(const std::vector<std::string>& tokens);

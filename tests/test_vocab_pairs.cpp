@@ -126,6 +126,10 @@ TEST(Vocab, BuildOrdersByFrequencyThenBytesAndAppliesLimits) {
   bad.min_frequency = 0;
   EXPECT_THROW(Vocab::build(data, bad), Error);
   EXPECT_ERROR_CONTAINS(Vocab::build({{"a", "<eos>"}}), "special token <eos>");
+  // Tokens are saved as JSON strings, so they must be UTF-8 (found by fuzz/fuzz_tokenizer).
+  EXPECT_ERROR_CONTAINS(Vocab::build({{"a", "caf\xC3"}}), "[vocab]", "not valid UTF-8");
+  EXPECT_ERROR_CONTAINS(Vocab::from_tokens({"<pad>", "<unk>", "<bos>", "<eos>", "\xFF"}),
+                        "token 4 is not valid UTF-8");
 }
 
 TEST(Vocab, EncodeDecodeRoundTrip) {
@@ -161,6 +165,8 @@ TEST(Vocab, SaveLoadRoundTripAndBadFiles) {
   EXPECT_ERROR_CONTAINS(Vocab::load(path), path.c_str(), "special tokens");
   write_raw(path, R"({"format": "attn-vocab", "version": 1, "tokens": ["<pad>", "<unk>", "<bos>", "<eos>", "a", "a"]})");
   EXPECT_ERROR_CONTAINS(Vocab::load(path), path.c_str(), "\"a\" appears twice");
+  write_raw(path, R"({"format": 1, "version": 1, "tokens": []})");  // found by fuzz_tokenizer
+  EXPECT_ERROR_CONTAINS(Vocab::load(path), "\"format\" must be \"attn-vocab\"");
   write_raw(path, R"({"format": "attn-vocab", "version": 2, "tokens": []})");
   EXPECT_ERROR_CONTAINS(Vocab::load(path), "version");
   write_raw(path, R"({"format": "attn-vocab", "version": 1, "tokens": ["<pad>", "<unk>", "<bos>", "<eos>", 5]})");
@@ -235,6 +241,8 @@ TEST(PairsFile, EachBadLineIsRefusedWithFileAndLine) {
       {"caf\xC3\t caf\xC3\xA9", "invalid UTF-8 at byte 4"},
       {"one two three four five six\tun deux", "source has 6 tokens, more than the maximum of 5"},
       {"one\tun deux trois quatre cinq six sept", "target has 7 tokens"},
+      // CR-only line ends: one line whose target would swallow the next pair.
+      {"Go.\tVa !\rHi.\tSalut !", "CR inside the line"},
   };
   PairsReadOptions options;
   options.max_tokens = 5;
