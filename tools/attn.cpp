@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "attn/error.h"
+#include "attn/runtime.h"
 #include "seq2seq/corpus.h"
 #include "seq2seq/heatmap.h"
 #include "seq2seq/pairs_file.h"
@@ -360,6 +361,9 @@ int main(int argc, char** argv) {
   try {
     switch (parsed.command) {
       case attn::cli::Command::help: std::cout << parsed.help_text; return 0;
+      case attn::cli::Command::version:
+        std::cout << "attn " << ATTN_VERSION << "\n" << attn::runtime_summary();
+        return 0;
       case attn::cli::Command::train: return run_train(parsed.train);
       case attn::cli::Command::translate: return run_translate(parsed.translate);
       case attn::cli::Command::eval: return run_eval(parsed.eval);

@@ -199,6 +199,8 @@ ParsedCommandLine parse_command_line(const std::vector<std::string>& args) {
   ParsedCommandLine out;
   CLI::App app{"attn: attention encoder-decoder translators (train, translate, eval)", "attn"};
   app.require_subcommand(1);
+  app.set_version_flag("--version", std::string("attn"),
+                       "Print the version, SIMD target, BLAS kernel and thread counts");
 
   CLI::App* train = app.add_subcommand("train", "Train a translator; checkpoints go to --out DIR");
   CLI::Option* emb_option = nullptr;
@@ -245,6 +247,9 @@ ParsedCommandLine parse_command_line(const std::vector<std::string>& args) {
     app.parse(std::move(reversed));
   } catch (const CLI::CallForHelp&) {
     out.help_text = app.help();  // the selected subcommand's help, when there is one
+    return out;
+  } catch (const CLI::CallForVersion&) {
+    out.command = Command::version;
     return out;
   } catch (const CLI::CallForAllHelp&) {
     out.help_text = app.help("", CLI::AppFormatMode::All);

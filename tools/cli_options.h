@@ -70,7 +70,8 @@ struct EvalOptions {
   int64_t threads = 0;
 };
 
-enum class Command { help, train, translate, eval };
+// version: `attn --version` (tools/attn.cpp prints attn::runtime_summary()).
+enum class Command { help, version, train, translate, eval };
 
 struct ParsedCommandLine {
   Command command = Command::help;
