@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds the libFuzzer targets (fuzz/, clang-14 with ASan + UBSan) into build-fuzz and runs each
 # for a bounded time on a temporary copy of its committed seed corpus (fuzz/corpus/<target>; the
-# committed corpus is never written). Prints one summary line per target and exits non-zero when
-# any target found a crash, a sanitizer report, a leak, a time-out or an out-of-memory.
+# committed corpus is never written), with its dictionary fuzz/<target>.dict when there is one.
+# Prints one summary line per target and exits non-zero when any target found a crash, a
+# sanitizer report, a leak, a time-out or an out-of-memory.
 #   bash scripts/fuzz.sh                    # every target, FUZZ_SECONDS (default 20) each
 #   bash scripts/fuzz.sh 600                # 10 minutes each
 #   bash scripts/fuzz.sh 60 fuzz_pairs      # one target
@@ -42,10 +43,12 @@ for target in "${targets[@]}"; do
   cp -r "$seeds/." "$work/$target/corpus/"
   log=$work/$target/log.txt
   echo "[fuzz] $target: ${seconds} s"
+  extra=()  # the target's dictionary of keywords, when it has one
+  if [[ -f fuzz/${target#fuzz_}.dict ]]; then extra+=("-dict=fuzz/${target#fuzz_}.dict"); fi
   rc=0
   "build-fuzz/fuzz/$target" -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=10 \
-    -print_final_stats=1 -artifact_prefix="$work/$target/artifacts/" "$work/$target/corpus" \
-    >"$log" 2>&1 || rc=$?
+    -print_final_stats=1 -artifact_prefix="$work/$target/artifacts/" "${extra[@]}" \
+    "$work/$target/corpus" >"$log" 2>&1 || rc=$?
   runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
   rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -1)
   crashes=$(find "$work/$target/artifacts" -type f | wc -l)
