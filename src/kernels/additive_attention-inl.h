@@ -165,7 +165,6 @@ struct Layout {
   int64_t blocks = 0;  // key blocks per (b, kv head)
   int64_t Dvp = 0;     // value width padded to kAdditiveRowPad
   int64_t G = 1;       // query heads per kv head
-  float vsum2 = 0.0f;  // log2(e) sum_a v_a
 };
 
 inline Layout MakeLayout(const AdditiveAttentionArgs& a) {
@@ -176,9 +175,6 @@ inline Layout MakeLayout(const AdditiveAttentionArgs& a) {
   l.blocks = (a.k_len + l.Bc - 1) / l.Bc;
   l.Dvp = (a.value_dim + kAdditiveRowPad - 1) / kAdditiveRowPad * kAdditiveRowPad;
   l.G = a.kv_heads > 0 ? a.q_heads / a.kv_heads : 1;
-  double vsum = 0.0;
-  for (int64_t e = 0; e < a.hidden; ++e) vsum += a.score_v[e];
-  l.vsum2 = static_cast<float>(vsum * kLog2e);
   return l;
 }
 
@@ -190,6 +186,7 @@ inline Layout MakeLayout(const AdditiveAttentionArgs& a) {
 //   unit   the hidden index a of each unit
 //   coef   per unit: split 2^-sigma / v_a (FoldedPairAccumulate's c), plain v_a
 //   sum_scale  2^-sigma (split) or 1: the score loop's sums times sum_scale are sum_a v_a r_a
+//   sum_init   the score loop's starting value, -(sum_a v_a / 2) / sum_scale (see ScoreVectors)
 //   kpt    the key operand per unit (split 2^Kp'_a, plain Kp'_a) packed transposed per key
 //          block, [B*Hkv][blocks][units][Bc] (keys past Tk zero; PackKeyBlock)
 // The score loop's query operand (FoldQueryRow), split q'_u = 2^Qp'_a coef_u, plain Qp'_a:
@@ -206,6 +203,7 @@ struct Packed {
   bool split = false;
   int64_t units = 0;
   float sum_scale = 1.0f;
+  float sum_init = 0.0f;
   std::vector<int64_t> unit;
   hwy::AlignedFreeUniquePtr<float[]> coef, qscore, kpt;
   const float* qsrc = nullptr;
@@ -253,8 +251,13 @@ inline SplitScale SplitScaleFor(const float* v, int64_t A) {
 inline void SetScoreUnits(const AdditiveAttentionArgs& a, const SplitScale& scale, bool split,
                           Packed& p) {
   p.split = split;
-  // Sums of the folded terms come out 2^sigma too big: undone in the score's final FMA.
+  // Sums of the folded terms come out 2^sigma too big: undone in the score's final product.
   p.sum_scale = split ? std::ldexp(1.0f, -scale.sigma) : 1.0f;
+  double vsum = 0.0;
+  for (int64_t e = 0; e < a.hidden; ++e) vsum += a.score_v[e];
+  // Rounded once; 2^sigma scales it exactly (it stays finite: |v| 2^sigma <= 2^62).
+  p.sum_init = split ? std::ldexp(static_cast<float>(-0.5 * vsum), scale.sigma)
+                     : static_cast<float>(-0.5 * vsum);
   p.unit.clear();
   for (int64_t e = 0; e < a.hidden; ++e)
     if (!split || a.score_v[e] != 0.0f) p.unit.push_back(e);
@@ -378,20 +381,27 @@ HWY_INLINE void ApplyDropout(DF df, const DropoutMask& mask, uint64_t row_key, i
   }
 }
 
-// acc[n] = sum_a v_a r(Qp_a + KpT[a][vector v0 + n]) / sum_scale for NV vectors of keys, over
-// the units of Packed (coef: Packed::coef). Split form: the folded terms in pairs
+// acc[n] = sum_a v_a (r(Qp_a + KpT[a][vector v0 + n]) - 1/2) / sum_scale = -s / (2 sum_scale)
+// for NV vectors of keys, over the units of Packed (coef: Packed::coef), starting from
+// init = Packed::sum_init = -(sum_a v_a / 2) / sum_scale. Split form: the folded terms in pairs
 // (FoldedPairAccumulate), the last unit alone when their count is odd; plain form: v_a times
 // the full-range r.
+// Why the -1/2 start: the terms v_a r_a, r in (0, 1), all have the sign of v_a, so a sum from 0
+// grows to ~ sum_a v_a / 2 and every key-dependent term is rounded against that magnitude;
+// s = sum v - 2 sum v r then cancels it. At large logits (|v| ~ 1e3, issue #10) that made the
+// scores, and so out and every gradient, 3-7x less accurate than a plain float32 sum of
+// v_a tanh_a. Started from -sum v / 2, the running sum is -(1/2) sum v tanh, the plain sum's
+// own magnitudes, and no cancellation is left for the end.
 // Not inlined: inside the large callers the compiler ran out of general registers and reloaded
 // the loop's pointers from vector registers and the stack on every iteration (extra port-0
 // micro-ops in a loop bound by ports 0 and 5); one call per row and block costs nothing.
 template <size_t NV, bool kSplit>
 HWY_NOINLINE void ScoreVectors(DF df, const RowBlock& rb, int64_t Bc,
-                             const float* HWY_RESTRICT coef, int64_t units, size_t v0,
-                             VF (&acc)[kBlockVecs]) {
+                             const float* HWY_RESTRICT coef, int64_t units, float init,
+                             size_t v0, VF (&acc)[kBlockVecs]) {
   const size_t N = hn::Lanes(df);
   VF sum[NV];
-  for (size_t n = 0; n < NV; ++n) sum[n] = hn::Zero(df);
+  for (size_t n = 0; n < NV; ++n) sum[n] = hn::Set(df, init);
   const float* HWY_RESTRICT kpt = rb.kpt + v0 * N;
   const float* HWY_RESTRICT qp = rb.q_proj;
   int64_t u = 0;
@@ -433,18 +443,17 @@ HWY_INLINE void RowBlockScores(DF df, const RowBlock& rb, const Layout& l, const
   v1 = static_cast<size_t>((rb.jhi - rb.jb + l.N - 1) / l.N);
   VF acc[kBlockVecs];
   switch (v1 - v0) {
-    case 1: ScoreVectors<1, kSplit>(df, rb, l.Bc, coef, units, v0, acc); break;
-    case 2: ScoreVectors<2, kSplit>(df, rb, l.Bc, coef, units, v0, acc); break;
-    case 3: ScoreVectors<3, kSplit>(df, rb, l.Bc, coef, units, v0, acc); break;
-    default: ScoreVectors<4, kSplit>(df, rb, l.Bc, coef, units, v0, acc); break;
+    case 1: ScoreVectors<1, kSplit>(df, rb, l.Bc, coef, units, pk.sum_init, v0, acc); break;
+    case 2: ScoreVectors<2, kSplit>(df, rb, l.Bc, coef, units, pk.sum_init, v0, acc); break;
+    case 3: ScoreVectors<3, kSplit>(df, rb, l.Bc, coef, units, pk.sum_init, v0, acc); break;
+    default: ScoreVectors<4, kSplit>(df, rb, l.Bc, coef, units, pk.sum_init, v0, acc); break;
   }
-  // s = sum_a v_a (1 - 2 r_a) = sum v - 2 sum v r, scaled to log2 units in one FMA (the
-  // power-of-two sum_scale changes no rounding).
+  // s = sum_a v_a (1 - 2 r_a) = -2 sum_a v_a (r_a - 1/2), scaled to log2 units in one
+  // multiplication (the power-of-two sum_scale changes no rounding).
   const VF minus_two_log2e = hn::Set(df, -2.0f * kLog2e * pk.sum_scale);
-  const VF vsum2 = hn::Set(df, l.vsum2);
   const bool edge = (rb.jlo - rb.jb) % l.N != 0 || (rb.jhi - rb.jb) % l.N != 0;
   for (size_t n = 0; n < v1 - v0; ++n) {
-    VF s = hn::MulAdd(acc[n], minus_two_log2e, vsum2);
+    VF s = hn::Mul(acc[n], minus_two_log2e);
     const int64_t first = rb.jb + static_cast<int64_t>((v0 + n) * N);
     // Iota(0) is a constant; Iota(first) compiled to 16 scalar stores and a vector reload
     // (a failed store forward, 4.5% of the forward's time).

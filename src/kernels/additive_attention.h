@@ -12,15 +12,17 @@
 //
 // The SIMD kernels below take the projections pre-scaled by 2 log2(e): with x = 2 log2(e) y,
 //   tanh(y) = 1 - 2 r,  r = 1 / (2^x + 1)
-// so the score is s = sum_a v_a - 2 sum_a v_a r_a. Since 2^(Qp'_ia + Kp'_ja) = 2^Qp'_ia 2^Kp'_ja,
-// the exponentials are taken once per projection element (O(N A)), and each (i, j, a) of the
-// scores costs one FMA (d = (eq ek + 1) / v_a, with 1 / v_a folded into the operands) and a
-// reciprocal shared by two hidden units with one Newton step: about 4 vector operations, the
-// kernel's whole cost (-inl.h, FoldedPairAccumulate, with measurements). That split form needs
-// every |Qp'|, |Kp'| <= L, with L = 63 narrowed by the spread of |v| (L ~ 56 .. 61 for |v|
-// spread over 2^10; tanh arguments |y| <= L / (2 log2 e) ~ 19 .. 21, beyond which tanh is +-1
-// in float anyway); a call with larger or non-finite projections, or a non-finite v, uses the
-// plain form, exp2 (degree-5 polynomial) of Qp' + Kp' per element.
+// so the score is s = -2 sum_a v_a (r_a - 1/2) (summed from -sum_a v_a / 2, which keeps its
+// float32 rounding that of a plain sum of v_a tanh_a at large logits). Since
+// 2^(Qp'_ia + Kp'_ja) = 2^Qp'_ia 2^Kp'_ja, the exponentials are taken once per projection
+// element (O(N A)), and each (i, j, a) of the scores costs one FMA (d = (eq ek + 1) / v_a, with
+// 1 / v_a folded into the operands) and a reciprocal shared by two hidden units with one Newton
+// step: about 4 vector operations, the kernel's whole cost (-inl.h, FoldedPairAccumulate, with
+// measurements). That split form needs every |Qp'|, |Kp'| <= L, with L = 63 narrowed by the
+// spread of |v| (L ~ 56 .. 61 for |v| spread over 2^10; tanh arguments |y| <= L / (2 log2 e)
+// ~ 19 .. 21, beyond which tanh is +-1 in float anyway); a call with larger or non-finite
+// projections, or a non-finite v, uses the plain form, exp2 (degree-5 polynomial) of Qp' + Kp'
+// per element.
 //
 // Masks supported by the kernels: key/query lengths, causal (both alignments), windows (the same
 // interval rule as the fused dot-product kernel, flash_attention.h), ALiBi slopes, an additive

@@ -399,10 +399,13 @@ void BackwardItem(const AdditiveAttentionArgs& a, const AdditiveAttentionGradArg
       float* p = sc.p.get() + x * l.Bc;
       size_t v0 = 0, v1 = 0;
       RowBlockScores<kSplit>(df, rb, l, pk, p, v0, v1);
-      const VF lse2 = hn::Set(df, lse * kLog2e);
+      const Log2Shift shift = ToLog2Shift(lse);
+      const VF shift_hi = hn::Set(df, shift.hi), shift_lo = hn::Set(df, shift.lo);
       for (size_t n = 0; n < v0; ++n) hn::Store(hn::Zero(df), df, p + n * N);
-      for (size_t n = v0; n < v1; ++n)
-        hn::Store(Exp2Clamped(df, hn::Sub(hn::Load(df, p + n * N), lse2)), df, p + n * N);
+      for (size_t n = v0; n < v1; ++n) {
+        const VF x = hn::Sub(hn::Sub(hn::Load(df, p + n * N), shift_hi), shift_lo);
+        hn::Store(Exp2Clamped(df, x), df, p + n * N);
+      }
       for (size_t n = v1; n < static_cast<size_t>(kBlockVecs); ++n)
         hn::Store(hn::Zero(df), df, p + n * N);
       if (dropout.active()) {

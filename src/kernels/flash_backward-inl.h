@@ -84,7 +84,8 @@ struct Prepared {
   const float* qrows = nullptr;   // row (bh, i) at qrows + (bh * Tq + i) * Dp
   const float* dorows = nullptr;  // row (bh, i) at dorows + (bh * Tq + i) * Dvp
   hwy::AlignedFreeUniquePtr<float[]> qpad, dopad;  // the copies, when needed
-  hwy::AlignedFreeUniquePtr<float[]> shift;  // [B Hq][Tqp] lse log2(e); +inf: row gets P = 0
+  // [B Hq][Tqp] lse log2(e) as hi + lo (ToLog2Shift); hi = +inf, lo = 0: row gets P = 0
+  hwy::AlignedFreeUniquePtr<float[]> shift, shift_lo;
   hwy::AlignedFreeUniquePtr<float[]> delta;  // [B Hq][Tqp] D_i = dO_i . O_i
   hwy::AlignedFreeUniquePtr<float[]> pos;    // [B][Tqp] pos(i), for ALiBi
   hwy::AlignedFreeUniquePtr<int32_t[]> lo_minus1, hi;  // [B][Tqp]
@@ -114,6 +115,7 @@ void PrepareLayout(const FlashBackwardArgs& a, Prepared& p) {
   p.qrows = copy_q ? p.qpad.get() : a.q;
   p.dorows = copy_dout ? p.dopad.get() : a.dout;
   p.shift = hwy::AllocateAligned<float>(rows);
+  p.shift_lo = hwy::AllocateAligned<float>(rows);
   p.delta = hwy::AllocateAligned<float>(rows);
   const size_t brows = static_cast<size_t>(a.batch * p.Tqp);
   p.pos = hwy::AllocateAligned<float>(brows);
@@ -161,6 +163,7 @@ void PrepareHead(const FlashBackwardArgs& a, Prepared& p, int64_t bh) {
         const int64_t i = t * TR + lane;
         const int64_t row = bh * p.Tqp + i;
         p.shift[static_cast<size_t>(row)] = inf;
+        p.shift_lo[static_cast<size_t>(row)] = 0.0f;
         p.delta[static_cast<size_t>(row)] = 0.0f;
         if (i >= a.q_len) {
           for (int64_t d = 0; d < D; ++d) qt[d * TR + lane] = 0.0f;
@@ -190,8 +193,11 @@ void PrepareHead(const FlashBackwardArgs& a, Prepared& p, int64_t bh) {
         const bool masked = lse == -inf || p.hi[static_cast<size_t>(b * p.Tqp + i)] <=
                                                p.lo_minus1[static_cast<size_t>(b * p.Tqp + i)] + 1;
         // shift = +inf turns every score of a fully masked row into P = 2^-inf = 0 (NaN lse
-        // propagates); otherwise the scores are in log2 units, so is the shift.
-        p.shift[static_cast<size_t>(row)] = masked ? inf : lse * kLog2e;
+        // propagates); otherwise the scores are in log2 units, so is the shift, kept as two
+        // floats so that converting lse adds no rounding (ToLog2Shift).
+        const Log2Shift shift = ToLog2Shift(lse);
+        p.shift[static_cast<size_t>(row)] = masked ? inf : shift.hi;
+        p.shift_lo[static_cast<size_t>(row)] = masked ? 0.0f : shift.lo;
         p.delta[static_cast<size_t>(row)] = masked ? 0.0f : static_cast<float>(dot_product);
       }
     }
@@ -225,6 +231,7 @@ struct TileView {
   const float* qpad;      // [rows][Dp] rows of this tile
   const float* dopad;     // [rows][Dvp]
   const float* shift;     // [TR]
+  const float* shift_lo;  // [TR]
   const float* delta;     // [TR]
   const float* pos;       // [TR]
   const int32_t* lo_minus1;
@@ -267,7 +274,8 @@ HWY_INLINE void ProbabilityRows(DF df, const TileView& t, const float* HWY_RESTR
                                         hn::Set(df, static_cast<float>(key))));
         s = hn::NegMulAdd(hn::Set(df, t.alibi_log2), dist, s);
       }
-      VF p = Exp2(df, hn::Sub(s, hn::Load(df, t.shift + w * N)));
+      VF p = Exp2(df, hn::Sub(hn::Sub(s, hn::Load(df, t.shift + w * N)),
+                              hn::Load(df, t.shift_lo + w * N)));
       if (t.mask) {
         const VI kj = hn::Set(di, static_cast<int32_t>(key));
         const auto visible = hn::And(kj > hn::Load(di, t.lo_minus1 + w * N),
@@ -529,6 +537,7 @@ void ProcessItem(const FlashBackwardArgs& a, const Prepared& p, Scratch& sc, int
       view.qpad = p.qrows + (bh * a.q_len + row0) * p.Dp;
       view.dopad = p.dorows + (bh * a.q_len + row0) * p.Dvp;
       view.shift = p.shift.get() + bh * p.Tqp + row0;
+      view.shift_lo = p.shift_lo.get() + bh * p.Tqp + row0;
       view.delta = p.delta.get() + bh * p.Tqp + row0;
       view.pos = p.pos.get() + b * p.Tqp + row0;
       view.lo_minus1 = p.lo_minus1.get() + b * p.Tqp + row0;

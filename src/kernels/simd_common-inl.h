@@ -23,6 +23,21 @@ namespace attn::kernels {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr double kLn2 = 0.6931471805599453;
 
+// A row's log-sum-exp (natural log, as the forward stored it) in log2 units, as the unevaluated
+// sum hi + lo of two floats: the backwards recompute P = 2^((s2 - hi) - lo). s2 - hi is exact
+// for the scores that matter (within a factor 2 of hi, Sterbenz), so the only rounding left is
+// the stored lse's own; a single float lse * log2(e) added a second one of the same size
+// (~ |lse| u, 6e-5 relative in every P at |s| ~ 1e3; issue #10, test_large_logits).
+// NaN stays NaN in both parts; +-inf gives hi = +-inf and lo = NaN (callers handle -inf rows).
+struct Log2Shift {
+  float hi = 0.0f, lo = 0.0f;
+};
+inline Log2Shift ToLog2Shift(float lse) {
+  const double x = static_cast<double>(lse) * 1.4426950408889634;
+  const float hi = static_cast<float>(x);
+  return {hi, static_cast<float>(x - static_cast<double>(hi))};
+}
+
 // The key interval [lo, hi) query row i of batch b may attend (lo >= hi: fully masked), from the
 // structured masks of attention.h: key and query lengths, causal, alignment and window. pos is
 // the row's position among the keys (ALiBi distances are measured from it).
