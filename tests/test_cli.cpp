@@ -405,6 +405,13 @@ TEST_F(CliGuards, OverLongInputIsRefusedNamingTheLine) {
   EXPECT_EQ(arg.status, 1) << arg.output.substr(0, 500);
   EXPECT_NE(arg.output.find("sentence argument 2 has "), std::string::npos)
       << arg.output.substr(0, 500);
+  // And for eval's test pairs.
+  std::vector<s2s::SentencePair> pairs = {corpus.test[0], {huge.substr(0, 2000), "le chat ."}};
+  s2s::write_pairs_file((dir_ / "long.tsv").string(), pairs);
+  const Process e = run_attn("eval --model " + model.string() + " --test " +
+                             (dir_ / "long.tsv").string());
+  EXPECT_EQ(e.status, 1) << e.output.substr(0, 500);
+  EXPECT_NE(e.output.find("long.tsv line 2 has "), std::string::npos) << e.output.substr(0, 500);
 }
 
 // One output line per input line: blank (or space-only) input lines give blank output lines.

@@ -326,6 +326,18 @@ int run_eval(const EvalArgs& a) {
   }
   if (a.limit > 0 && static_cast<int64_t>(pairs.size()) > a.limit) pairs.resize(a.limit);
   const s2s::Translator translator = s2s::Translator::load(a.model);
+  // As in translate: a source longer than the model was trained on is refused, by line (a pairs
+  // file has one pair per line, so pair i is line i).
+  const int64_t max_tokens = translator.max_source_tokens();
+  for (std::size_t i = 0; i < pairs.size(); ++i) {
+    const std::size_t tokens = translator.source_tokens(pairs[i].source).size();
+    if (static_cast<int64_t>(tokens) > max_tokens)
+      throw std::runtime_error(
+          "eval: " + name + (a.split.empty() ? " line " : " pair ") + std::to_string(i + 1) +
+          " has " + std::to_string(tokens) + " source tokens; the model in " + a.model +
+          " takes at most " + std::to_string(max_tokens) + " (its training --max-source " +
+          std::to_string(max_tokens + 1) + ", <eos> included)");
+  }
   s2s::DecodeConfig config;
   config.beam = a.beam;
   config.length_penalty = a.length_penalty;
