@@ -33,6 +33,7 @@
 #include <algorithm>
 #include <bit>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -171,6 +172,87 @@ ATTN_EXP_CLONES void exp_shifted(float* x, int64_t n, float shift) {
 }
 void exp_shifted(double* x, int64_t n, double shift) {
   for (int64_t j = 0; j < n; ++j) x[j] = std::exp(x[j] - shift);
+}
+
+// The softmax's other row passes, in GCC vector types: without reassociation the compiler
+// keeps a plain reduction scalar (one dependent double add, ~4 cycles, per element: as much as
+// the vectorised exp), so the lanes are spelled out.
+typedef float Floats8 __attribute__((vector_size(32)));
+typedef double Doubles8 __attribute__((vector_size(64)));
+typedef int32_t Ints8 __attribute__((vector_size(32)));
+
+// sum_j x[j] accumulated in double (the softmax's one long reduction), in 8 lanes.
+ATTN_EXP_CLONES double sum_in_double(const float* x, int64_t n) {
+  Doubles8 acc = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    Floats8 v;
+    std::memcpy(&v, x + j, sizeof v);
+    acc += __builtin_convertvector(v, Doubles8);
+  }
+  double tail = 0.0;
+  for (; j < n; ++j) tail += static_cast<double>(x[j]);
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
+}
+double sum_in_double(const double* x, int64_t n) {
+  double acc[4] = {0.0, 0.0, 0.0, 0.0};
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4)
+    for (int64_t l = 0; l < 4; ++l) acc[l] += x[j + l];
+  for (; j < n; ++j) acc[0] += x[j];
+  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
+// sum_j a[j] b[j] accumulated in double (the backward's D_i = sum_j P_ij dP_ij), in 8 lanes.
+ATTN_EXP_CLONES double dot_in_double(const float* a, const float* b, int64_t n) {
+  Doubles8 acc = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    Floats8 va, vb;
+    std::memcpy(&va, a + j, sizeof va);
+    std::memcpy(&vb, b + j, sizeof vb);
+    acc += __builtin_convertvector(va, Doubles8) * __builtin_convertvector(vb, Doubles8);
+  }
+  double tail = 0.0;
+  for (; j < n; ++j) tail += static_cast<double>(a[j]) * b[j];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
+}
+double dot_in_double(const double* a, const double* b, int64_t n) {
+  double acc = 0.0;
+  for (int64_t j = 0; j < n; ++j) acc += a[j] * b[j];
+  return acc;
+}
+
+// max_j x[j], -inf for n = 0; NaN never wins (x > m ? x : m, lane by lane, as a bit select:
+// clang has no ?: on vectors in C++).
+ATTN_EXP_CLONES float row_max(const float* x, int64_t n) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  Floats8 m = {kNegInf, kNegInf, kNegInf, kNegInf, kNegInf, kNegInf, kNegInf, kNegInf};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    Floats8 v;
+    std::memcpy(&v, x + j, sizeof v);
+    const Ints8 take = v > m;  // all ones where v wins
+    m = reinterpret_cast<Floats8>((take & reinterpret_cast<Ints8>(v)) |
+                                  (~take & reinterpret_cast<Ints8>(m)));
+  }
+  float r = kNegInf;
+  for (int64_t l = 0; l < 8; ++l) r = m[l] > r ? m[l] : r;
+  for (; j < n; ++j) r = x[j] > r ? x[j] : r;
+  return r;
+}
+double row_max(const double* x, int64_t n) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
+  return m;
+}
+
+// x[j] *= f.
+ATTN_EXP_CLONES void scale_row(float* x, int64_t n, float f) {
+  for (int64_t j = 0; j < n; ++j) x[j] *= f;
+}
+void scale_row(double* x, int64_t n, double f) {
+  for (int64_t j = 0; j < n; ++j) x[j] *= f;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -815,10 +897,8 @@ double gaussian(const Problem<T>& pr, double centre, int64_t j) {
 template <class T>
 double softmax_row(T* row, int64_t cols, T m) {
   exp_shifted(row, cols, m);
-  double sum = 0.0;
-  for (int64_t jj = 0; jj < cols; ++jj) sum += static_cast<double>(row[jj]);
-  const T inv = static_cast<T>(1.0 / sum);
-  for (int64_t jj = 0; jj < cols; ++jj) row[jj] *= inv;
+  const double sum = sum_in_double(row, cols);
+  scale_row(row, cols, static_cast<T>(1.0 / sum));
   return sum;
 }
 
@@ -1190,8 +1270,7 @@ void backward_block(const Problem<T>& pr, Workspace<T>& ws, Block blk, const T* 
       for (int64_t jj = 0; jj < cols; ++jj) row[jj] = row[jj] == neg_inf ? T(0) : l;
       continue;
     }
-    T m = neg_inf;
-    for (int64_t jj = 0; jj < cols; ++jj) m = row[jj] > m ? row[jj] : m;
+    const T m = row_max(row, cols);
     if (l == neg_inf || m == neg_inf) {
       std::fill(row, row + cols, T(0));
       continue;
@@ -1229,8 +1308,7 @@ void backward_block(const Problem<T>& pr, Workspace<T>& ws, Block blk, const T* 
     }
     double row_dot = 0.0;
     if (!reweighted) {  // da = dP_drop: one vectorisable pass
-      for (int64_t jj = 0; jj < cols; ++jj) row_dot += static_cast<double>(drow[jj]) * prow[jj];
-      const T D = static_cast<T>(row_dot);
+      const T D = static_cast<T>(dot_in_double(drow, prow, cols));
       // (hidden keys stay exactly 0 even when D is NaN: a NaN row does not reach them)
       for (int64_t jj = 0; jj < cols; ++jj)
         drow[jj] = prow[jj] == T(0) ? T(0) : prow[jj] * (drow[jj] - D);
