@@ -101,6 +101,16 @@ TEST_F(Cli, HelpForEveryCommand) {
   EXPECT_NE(run_attn("eval --help").output.find("--corpus-split"), std::string::npos);
 }
 
+// What the tool runs on: the SIMD target, the BLAS kernel (never unnamed) and who chose it.
+TEST_F(Cli, VersionNamesTheSimdTargetAndBlasKernel) {
+  const Process r = run_attn("--version");
+  EXPECT_EQ(r.status, 0) << r.output;
+  for (const char* part : {"attn ", "SIMD target: ", "BLAS: ", "BLAS kernel: ", "chosen by ",
+                           " OpenMP, ", " BLAS, ", " cores available"})
+    EXPECT_NE(r.output.find(part), std::string::npos) << part << " missing from:\n" << r.output;
+  EXPECT_EQ(r.output.find("BLAS kernel:  "), std::string::npos) << r.output;
+}
+
 TEST_F(Cli, BadArgumentsGiveOneLineAndFail) {
   const std::string out = "--out " + (dir_ / "x").string();
   const std::pair<std::string, std::string> cases[] = {
