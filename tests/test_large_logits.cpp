@@ -20,7 +20,7 @@
 //   flash     Tq >= 16, dot / scaled-dot score: the fused forward and backward kernels
 //   composed  the same with params.head_scores (per-head scores): the BLAS composed path
 //   decode    Tq < 16: the decode forward kernel, the composed backward
-//   additive  AdditiveScore: the fused additive forward and backward kernels
+//   additive  AdditiveScore and ConcatScore: the fused additive forward and backward kernels
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -71,6 +71,8 @@ struct Problem {
   bool additive = false;
   float scale = 1.0f;                                   // dot: s = scale q . k
   std::vector<float> wq, wk, bias, va;                  // additive: [A, D], [A, D], [A], [A]
+  bool causal = false;                                  // bottom-right aligned
+  std::vector<float> mask_bias;                         // [Tq, Tk] (broadcast), or empty
 };
 
 std::vector<float> floats(const Tensor& t) {
@@ -95,7 +97,19 @@ Tensor keys_with_common_direction(const Sizes& s, double alpha, uint64_t seed) {
 // Dot-product problem whose logits have magnitude ~ M. With `unit_scale`, the score is DotScore
 // and the queries carry the scale (wide vectors with large entries); otherwise ScaledDotScore
 // with an explicit scale (exactly a float, so that the float32 paths and the reference agree).
-Problem dot_problem(Path path, const Sizes& s, double M, bool unit_scale, uint64_t seed) {
+// Variants of the dot-product problems: where the magnitude comes from.
+enum class Variant { large_scale, large_entries, masked_bias };
+
+const char* variant_name(Variant v) {
+  static const char* names[] = {"scaled_dot (large scale)", "dot (large q, k)",
+                                "scaled_dot + causal + bias ~ M"};
+  return names[static_cast<int>(v)];
+}
+
+// masked_bias: large_scale plus a bottom-right causal mask and a bias [1, 1, Tq, Tk] of
+// M c_i + u_ij (c_i in [-1, 1) per row, u_ij in [-2, 2)): logits ~ 2 M, still spread over keys.
+Problem dot_problem(Path path, const Sizes& s, double M, Variant variant, uint64_t seed) {
+  const bool unit_scale = variant == Variant::large_entries;
   Problem p;
   p.s = s;
   // q uniform in [-1, 1): q . u_j has standard deviation sqrt(D / 9); `scale` makes it 2, and
@@ -116,13 +130,29 @@ Problem dot_problem(Path path, const Sizes& s, double M, bool unit_scale, uint64
   }
   if (path == Path::composed) p.params.head_scores.assign(static_cast<std::size_t>(s.Hq),
                                                           p.params.score);
+  if (variant == Variant::masked_bias) {
+    p.causal = true;
+    p.params.mask.causal = true;
+    p.params.mask.alignment = Alignment::bottom_right;
+    const std::vector<double> c = random_tensor({s.Tq}, DType::f64, seed + 5).to_vector();
+    const std::vector<double> u =
+        random_tensor({s.Tq, s.Tk}, DType::f64, seed + 6, -2.0, 2.0).to_vector();
+    p.mask_bias.resize(u.size());
+    for (int64_t i = 0; i < s.Tq; ++i)
+      for (int64_t j = 0; j < s.Tk; ++j) {
+        const auto e = static_cast<std::size_t>(i * s.Tk + j);
+        p.mask_bias[e] = static_cast<float>(M * c[static_cast<std::size_t>(i)] + u[e]);
+      }
+    p.params.mask.bias = Tensor::from(p.mask_bias, {1, 1, s.Tq, s.Tk});
+  }
   return p;
 }
 
 // Additive problem, s = v . tanh(W_q q + W_k k + b), logits ~ M: half of the hidden units see
 // only the query and carry v ~ M (a row constant), the other half see both with v ~ 2 (the
 // spread over keys).
-Problem additive_problem(const Sizes& s, double M, uint64_t seed) {
+// With `concat`, the same hidden units as a ConcatScore (W = [W_q W_k], no bias; the same kernels).
+Problem additive_problem(const Sizes& s, double M, uint64_t seed, bool concat) {
   Problem p;
   p.s = s;
   p.additive = true;
@@ -142,11 +172,23 @@ Problem additive_problem(const Sizes& s, double M, uint64_t seed) {
     std::fill(wkp + a * s.D, wkp + (a + 1) * s.D, 0.0f);
     vp[a] = static_cast<float>(vp[a] * M / static_cast<double>(half));
   }
-  p.params.score = AdditiveScore{wq, wk, bias, va};
   p.wq = floats(wq);
   p.wk = floats(wk);
   p.bias = floats(bias);
   p.va = floats(va);
+  if (!concat) {
+    p.params.score = AdditiveScore{wq, wk, bias, va};
+    return p;
+  }
+  std::vector<float> w(static_cast<std::size_t>(A * 2 * s.D));
+  for (int64_t a = 0; a < A; ++a)
+    for (int64_t d = 0; d < s.D; ++d) {
+      w[static_cast<std::size_t>(a * 2 * s.D + d)] = p.wq[static_cast<std::size_t>(a * s.D + d)];
+      w[static_cast<std::size_t>(a * 2 * s.D + s.D + d)] =
+          p.wk[static_cast<std::size_t>(a * s.D + d)];
+    }
+  std::fill(p.bias.begin(), p.bias.end(), 0.0f);
+  p.params.score = ConcatScore{Tensor::from(w, {A, 2 * s.D}), va};
   return p;
 }
 
@@ -154,7 +196,7 @@ Problem additive_problem(const Sizes& s, double M, uint64_t seed) {
 // The plain float32 implementation: straightforward loops, every intermediate a float.
 
 struct PlainResult {
-  std::vector<float> out, lse, dq, dk, dv;
+  std::vector<float> out, lse, dq, dk, dv, dbias;
 };
 
 PlainResult plain_f32(const Problem& p) {
@@ -167,6 +209,7 @@ PlainResult plain_f32(const Problem& p) {
   r.dq.assign(q.size(), 0.0f);
   r.dk.assign(k.size(), 0.0f);
   r.dv.assign(v.size(), 0.0f);
+  r.dbias.assign(p.mask_bias.size(), 0.0f);
   auto at = [](int64_t i) { return static_cast<std::size_t>(i); };
 
   // Additive: the projections, then tanh per (i, j, a).
@@ -207,7 +250,9 @@ PlainResult plain_f32(const Problem& p) {
             for (int64_t d = 0; d < s.D; ++d) acc += qi[d] * kj[d];
             acc *= p.scale;
           }
-          S[at(j)] = acc;
+          if (!p.mask_bias.empty()) acc += p.mask_bias[at(i * s.Tk + j)];
+          // Bottom-right causal: query i sees keys j <= i + Tk - Tq.
+          S[at(j)] = p.causal && j > i + s.Tk - s.Tq ? -INFINITY : acc;
         }
         // Softmax with the row max subtracted.
         float m = S[0];
@@ -233,6 +278,7 @@ PlainResult plain_f32(const Problem& p) {
         }
         for (int64_t j = 0; j < s.Tk; ++j) {
           const float ds = P[at(j)] * (dP[at(j)] - Di);
+          if (!r.dbias.empty()) r.dbias[at(i * s.Tk + j)] += ds;
           if (p.additive) {
             for (int64_t a = 0; a < A; ++a) {
               const float t = std::tanh(qp[at(qrow * A + a)] + kp[at(krow(j) * A + a)]);
@@ -311,7 +357,7 @@ void expect_as_accurate_as_plain(const std::string& what, const Tensor& path_res
   ASSERT_EQ(pl.size(), r.size()) << what;
   const MaxError e = max_error(x, r), ep = max_error(pl, r);
   const double bound = kFactor * ep.err + 4.0 * kU * e.ref_max;
-  std::printf("    %-4s max|ref| %9.3e  err path %9.3e  plain f32 %9.3e  ratio %6.2f\n",
+  std::printf("    %-5s max|ref| %9.3e  err path %9.3e  plain f32 %9.3e  ratio %6.2f\n",
               what.c_str(), e.ref_max, e.err, ep.err, ep.err > 0 ? e.err / ep.err : 0.0);
   if (e.err <= bound) return;
   const auto w = static_cast<std::size_t>(e.at);
@@ -332,6 +378,8 @@ void check(const Problem& p) {
   expect_as_accurate_as_plain("dq", grads.dq, plain.dq, rg.dq);
   expect_as_accurate_as_plain("dk", grads.dk, plain.dk, rg.dk);
   expect_as_accurate_as_plain("dv", grads.dv, plain.dv, rg.dv);
+  if (!plain.dbias.empty())
+    expect_as_accurate_as_plain("dbias", grads.dbias, plain.dbias, rg.dbias);
 }
 
 constexpr double kMagnitudes[] = {1e2, 1e3, 1e4};
@@ -344,12 +392,12 @@ std::string magnitude_str(double M) {
 
 void run_dot(Path path, const Sizes& s) {
   for (double M : kMagnitudes)
-    for (bool unit_scale : {false, true}) {
+    for (Variant variant : {Variant::large_scale, Variant::large_entries, Variant::masked_bias}) {
       const std::string label = std::string(path_name(path)) + " |s| ~ " + magnitude_str(M) +
-                                (unit_scale ? " dot (large q, k)" : " scaled_dot (large scale)");
+                                " " + variant_name(variant);
       SCOPED_TRACE(label);
       std::printf("  %s\n", label.c_str());
-      check(dot_problem(path, s, M, unit_scale, 1000 + static_cast<uint64_t>(M)));
+      check(dot_problem(path, s, M, variant, 1000 + static_cast<uint64_t>(M)));
     }
 }
 
@@ -368,12 +416,15 @@ TEST(LargeLogits, DecodePathAsAccurateAsPlainFloat32) {
 }
 
 TEST(LargeLogits, AdditivePathAsAccurateAsPlainFloat32) {
-  for (double M : kMagnitudes) {
-    const std::string label = "additive |s| ~ " + magnitude_str(M);
-    SCOPED_TRACE(label);
-    std::printf("  %s\n", label.c_str());
-    check(additive_problem(Sizes{.B = 2, .Hq = 4, .Hkv = 2, .Tq = 50, .Tk = 300}, M, 77));
-  }
+  for (double M : kMagnitudes)
+    for (bool concat : {false, true}) {
+      const std::string label =
+          std::string(concat ? "concat" : "additive") + " |s| ~ " + magnitude_str(M);
+      SCOPED_TRACE(label);
+      std::printf("  %s\n", label.c_str());
+      check(additive_problem(Sizes{.B = 2, .Hq = 4, .Hkv = 2, .Tq = 50, .Tk = 300}, M, 77,
+                             concat));
+    }
 }
 
 }  // namespace
