@@ -138,7 +138,9 @@ Linear Linear::from_params(LinearParams params) {
 LinearForward Linear::forward(const Tensor& x) const {
   const auto [rows, out_shape] = check_input(params, x);
   const Tensor xc = x.contiguous();
-  Tensor y = visit_float(xc.dtype(), kOp, "input", [&](auto tag) {
+  // Init-captures: lambdas capturing structured bindings need clang 16 (the fuzz build's is 14).
+  Tensor y = visit_float(xc.dtype(), kOp, "input",
+                         [&, rows = rows, &out_shape = out_shape](auto tag) {
     return forward_impl<decltype(tag)>(params, xc, rows, out_shape);
   });
   return {y, {xc}};
@@ -160,7 +162,7 @@ Tensor Linear::backward(const LinearCache& cache, const Tensor& dout) {
                    grads.bias.dtype() == params.bias.dtype() && grads.bias.is_contiguous())),
              kOp, "gradients must be contiguous tensors shaped like the parameters");
   const Tensor dc = dout.contiguous();
-  return visit_float(dc.dtype(), kOp, "dout", [&](auto tag) {
+  return visit_float(dc.dtype(), kOp, "dout", [&, rows = rows](auto tag) {
     return backward_impl<decltype(tag)>(params, grads, cache.x, dc, rows);
   });
 }
