@@ -8,7 +8,8 @@
 #   bash scripts/fuzz.sh 600                # 10 minutes each
 #   bash scripts/fuzz.sh 60 fuzz_pairs      # one target
 # Environment: FUZZ_SECONDS, FUZZ_BUILD_JOBS (default nproc), FUZZ_KEEP=1 keeps the temporary
-# directory (grown corpus, crash inputs, logs) and prints its path.
+# directory (grown corpus, crash inputs, logs) and prints its path, FUZZ_SKIP_SETUP=1 skips
+# scripts/setup.sh. A failing input is also copied to build-fuzz/findings/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-${FUZZ_SECONDS:-20}}
