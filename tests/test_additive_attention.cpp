@@ -38,6 +38,7 @@
 #include "kernels/additive_attention.h"
 #include "kernels/attention_composed.h"
 #include "kernels/simd_target.h"
+#include "support/attention_problem.h"
 #include "support/bitwise_equal.h"
 #include "support/simd_targets.h"
 #include "support/test_support.h"
@@ -256,18 +257,7 @@ Fused run_fused(const Inputs& in) {
 
 // Every output of two fused runs, forward and backward, bit for bit.
 void expect_same_bits(const Fused& a, const Fused& b) {
-  using attn::testing::bitwise_equal;
-  EXPECT_TRUE(bitwise_equal(a.out.out, b.out.out, "out"));
-  EXPECT_TRUE(bitwise_equal(a.out.lse, b.out.lse, "lse"));
-  EXPECT_TRUE(bitwise_equal(a.grads.dq, b.grads.dq, "dq"));
-  EXPECT_TRUE(bitwise_equal(a.grads.dk, b.grads.dk, "dk"));
-  EXPECT_TRUE(bitwise_equal(a.grads.dv, b.grads.dv, "dv"));
-  const auto& da = std::get<attn::AdditiveScore>(a.grads.dscore);
-  const auto& db = std::get<attn::AdditiveScore>(b.grads.dscore);
-  EXPECT_TRUE(bitwise_equal(da.w_query, db.w_query, "w_query"));
-  EXPECT_TRUE(bitwise_equal(da.w_key, db.w_key, "w_key"));
-  EXPECT_TRUE(bitwise_equal(da.bias, db.bias, "bias"));
-  EXPECT_TRUE(bitwise_equal(da.v, db.v, "v"));
+  attn::testing::expect_same_bits(a.out, a.grads, b.out, b.grads);
 }
 
 // The oracle once, then the fused path on every target.

@@ -17,7 +17,6 @@
 #include "attn/attention.h"
 #include "attn/reference.h"
 #include "support/attention_problem.h"
-#include "support/bitwise_equal.h"
 #include "support/test_support.h"
 
 namespace attn {
@@ -626,19 +625,7 @@ TEST(AttentionPaths, RunsAreBitwiseReproducible) {
     // through the per-thread partials.
     expect_matches_reference(s, in, p);
     const Results a = run_fast(in, p), b = run_fast(in, p);
-    using testing::bitwise_equal;
-    EXPECT_TRUE(bitwise_equal(a.out.out, b.out.out, "out"));
-    EXPECT_TRUE(bitwise_equal(a.out.lse, b.out.lse, "lse"));
-    EXPECT_TRUE(bitwise_equal(a.out.weights, b.out.weights, "weights"));
-    EXPECT_TRUE(bitwise_equal(a.grads.dq, b.grads.dq, "dq"));
-    EXPECT_TRUE(bitwise_equal(a.grads.dk, b.grads.dk, "dk"));
-    EXPECT_TRUE(bitwise_equal(a.grads.dv, b.grads.dv, "dv"));
-    EXPECT_TRUE(bitwise_equal(a.grads.dbias, b.grads.dbias, "dbias"));
-    EXPECT_TRUE(bitwise_equal(a.grads.dlocal.w_p, b.grads.dlocal.w_p, "dlocal.w_p"));
-    const auto fa = score_tensors(a.grads.dscore), fb = score_tensors(b.grads.dscore);
-    ASSERT_EQ(fa.size(), fb.size());
-    for (std::size_t f = 0; f < fa.size(); ++f)
-      EXPECT_TRUE(bitwise_equal(fa[f].second, fb[f].second, "dscore." + fa[f].first));
+    testing::expect_same_bits(a.out, a.grads, b.out, b.grads);
   }
 }
 

@@ -135,21 +135,7 @@ Results run(const Problem& p) {
 // Every output and gradient of `got` bit for bit against `want`.
 void expect_same_bits(const Results& got, const Results& want, const std::string& what) {
   SCOPED_TRACE(what);
-  EXPECT_TRUE(bitwise_equal(got.out.out, want.out.out, "out"));
-  EXPECT_TRUE(bitwise_equal(got.out.lse, want.out.lse, "lse"));
-  EXPECT_TRUE(bitwise_equal(got.out.weights, want.out.weights, "weights"));
-  EXPECT_TRUE(bitwise_equal(got.out.mean_weights, want.out.mean_weights, "mean_weights"));
-  EXPECT_TRUE(bitwise_equal(got.grads.dq, want.grads.dq, "dq"));
-  EXPECT_TRUE(bitwise_equal(got.grads.dk, want.grads.dk, "dk"));
-  EXPECT_TRUE(bitwise_equal(got.grads.dv, want.grads.dv, "dv"));
-  EXPECT_TRUE(bitwise_equal(got.grads.dbias, want.grads.dbias, "dbias"));
-  const auto g = testing::score_tensors(got.grads.dscore);
-  const auto w = testing::score_tensors(want.grads.dscore);
-  ASSERT_EQ(g.size(), w.size()) << "dscore fields";
-  for (std::size_t f = 0; f < w.size(); ++f)
-    EXPECT_TRUE(bitwise_equal(g[f].second, w[f].second, "dscore." + w[f].first));
-  EXPECT_TRUE(bitwise_equal(got.grads.dlocal.w_p, want.grads.dlocal.w_p, "dlocal.w_p"));
-  EXPECT_TRUE(bitwise_equal(got.grads.dlocal.v_p, want.grads.dlocal.v_p, "dlocal.v_p"));
+  testing::expect_same_bits(got.out, got.grads, want.out, want.grads);
 }
 
 // Runs kThreads threads for kRounds rounds; in round r thread t computes

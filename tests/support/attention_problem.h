@@ -16,6 +16,7 @@
 
 #include "attn/attention.h"
 #include "attn/tensor.h"
+#include "support/bitwise_equal.h"
 #include "support/test_support.h"
 
 namespace attn::testing {
@@ -144,6 +145,26 @@ inline void expect_input_grads_match(const AttentionGrads& got, const AttentionG
   if (want.dbias.defined()) {
     EXPECT_TRUE(all_close(got.dbias, want.dbias, tol.param, "dbias"));
   }
+}
+
+// Two runs' every output and gradient, bit for bit: out, lse, weights, mean_weights, dq, dk, dv,
+// dbias, each score-parameter gradient and the local-p gradients (undefined in both passes).
+inline void expect_same_bits(const AttentionOutput& got, const AttentionGrads& got_grads,
+                             const AttentionOutput& want, const AttentionGrads& want_grads) {
+  EXPECT_TRUE(bitwise_equal(got.out, want.out, "out"));
+  EXPECT_TRUE(bitwise_equal(got.lse, want.lse, "lse"));
+  EXPECT_TRUE(bitwise_equal(got.weights, want.weights, "weights"));
+  EXPECT_TRUE(bitwise_equal(got.mean_weights, want.mean_weights, "mean_weights"));
+  EXPECT_TRUE(bitwise_equal(got_grads.dq, want_grads.dq, "dq"));
+  EXPECT_TRUE(bitwise_equal(got_grads.dk, want_grads.dk, "dk"));
+  EXPECT_TRUE(bitwise_equal(got_grads.dv, want_grads.dv, "dv"));
+  EXPECT_TRUE(bitwise_equal(got_grads.dbias, want_grads.dbias, "dbias"));
+  EXPECT_TRUE(bitwise_equal(got_grads.dlocal.w_p, want_grads.dlocal.w_p, "dlocal.w_p"));
+  EXPECT_TRUE(bitwise_equal(got_grads.dlocal.v_p, want_grads.dlocal.v_p, "dlocal.v_p"));
+  const auto g = score_tensors(got_grads.dscore), w = score_tensors(want_grads.dscore);
+  ASSERT_EQ(g.size(), w.size()) << "dscore fields";
+  for (std::size_t f = 0; f < w.size(); ++f)
+    EXPECT_TRUE(bitwise_equal(g[f].second, w[f].second, "dscore." + w[f].first));
 }
 
 }  // namespace attn::testing
