@@ -35,6 +35,7 @@ int64_t target_bits_from_name(const std::string& raw) {
 }  // namespace
 
 std::vector<SimdTarget> available_simd_targets() {
+  apply_simd_target_from_env();  // the cap removes targets from Highway's supported set
   std::vector<SimdTarget> targets;
   // Lower bits are better targets; SupportedAndGeneratedTargets lists them in that order.
   for (int64_t bits : hwy::SupportedAndGeneratedTargets())

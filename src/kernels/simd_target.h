@@ -25,7 +25,8 @@ struct SimdTarget {
   std::string name;  // Highway's name: "AVX3", "AVX2", "SSE4", "SSSE3", "SCALAR", "EMU128"
 };
 
-// Targets compiled into attn that this CPU supports, best first (ignores ATTN_SIMD_TARGET).
+// Targets compiled into attn that this CPU supports and ATTN_SIMD_TARGET allows, best first (so
+// tests that loop over them never pin a target the cap disabled).
 std::vector<SimdTarget> available_simd_targets();
 
 // Applies ATTN_SIMD_TARGET once per process; every dispatching kernel entry point calls it.
