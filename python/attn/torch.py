@@ -12,8 +12,9 @@ Differences from PyTorch, all from attn's documented policy:
 * A fully masked row (every key hidden by the masks, or every visible score -inf) gives output
   0, weights 0 and gradient 0; PyTorch gives NaN.
 * Returned attention weights are the softmax *before* dropout (PyTorch's MultiheadAttention
-  returns them after dropout), and they are not differentiable: gradients flow through the
-  attention output only.
+  returns them after dropout). They are differentiable for the dot and scaled-dot scores (so
+  for MultiheadAttention and scaled_dot_product_attention); for the other scoring functions
+  they are constants and gradients flow through the attention output only.
 * Dropout draws its keep decisions from attn's counter-based generator, seeded from torch's
   default generator (``torch.manual_seed`` makes a run reproducible), not from torch's stream.
 * bfloat16 inputs are computed in float32 (softmax and accumulation); :func:`attention`
@@ -149,10 +150,13 @@ class _AttentionFunction(torch.autograd.Function):
                               return_weights=spec.return_weights, **spec.kwargs)
         out, lse = _as_torch(res.out), _as_torch(res.lse)
         ctx.spec = spec
-        ctx.save_for_backward(q, k, v, bias, out, lse, *params)
-        if spec.return_weights:
-            weights = _as_torch(res.weights)
-            ctx.mark_non_differentiable(weights)
+        weights = _as_torch(res.weights) if spec.return_weights else None
+        ctx.weights_differentiable = weights is not None and _dot_scale(spec, k) is not None
+        ctx.save_for_backward(q, k, v, bias, out, lse,
+                              weights if ctx.weights_differentiable else None, *params)
+        if weights is not None:
+            if not ctx.weights_differentiable:
+                ctx.mark_non_differentiable(weights)
             return out, weights
         return out
 
@@ -160,7 +164,7 @@ class _AttentionFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dout, *unused):
         spec: _Spec = ctx.spec
-        q, k, v, bias, out, lse, *params = ctx.saved_tensors
+        q, k, v, bias, out, lse, weights, *params = ctx.saved_tensors
         score, head_scores, local = spec.build(params)
         forward = _attn.AttentionOutput(out=out, lse=lse, weights=None, mean_weights=None)
         g = _attn.attention_backward(q.detach(), k.detach(), v.detach(), forward,
@@ -180,7 +184,64 @@ class _AttentionFunction(torch.autograd.Function):
             dbias = _as_torch(g.dbias).to(bias.dtype).reshape(bias.shape)
         dparams = spec.gradients(g, params)
         dparams = [d if need[5 + i] else None for i, d in enumerate(dparams)]
+        dweights = unused[0] if unused else None
+        if weights is not None and dweights is not None and bool(dweights.any()):
+            dq, dk, dv, dbias = _add_weights_gradient(
+                spec, q, k, bias, weights, dweights, (dq, dk, dv, dbias), need)
         return (None, dq, dk, dv, dbias, *dparams)
+
+
+def _dot_scale(spec: _Spec, k) -> Optional[float]:
+    """The factor c of a (scaled) dot score s = c q.k when the returned weights can be
+    differentiated here (dot / scaled dot, one score for every head, no local attention);
+    None otherwise."""
+    if spec.head_scores is not None or spec.local is not None:
+        return None
+    score = spec.score
+    if score == "dot" or isinstance(score, _attn.DotScore):
+        return 1.0
+    if score == "scaled_dot":
+        return 1.0 / math.sqrt(k.shape[-1])
+    if isinstance(score, _attn.ScaledDotScore):
+        return score.scale if score.scale is not None else 1.0 / math.sqrt(k.shape[-1])
+    return None
+
+
+def _sum_to(t: torch.Tensor, shape) -> torch.Tensor:
+    """t summed over the dimensions that broadcasting `shape` to t.shape expanded."""
+    lead = t.dim() - len(shape)
+    if lead > 0:
+        t = t.sum(dim=tuple(range(lead)))
+    dims = tuple(i for i, n in enumerate(shape) if n == 1 and t.shape[i] != 1)
+    return t.sum(dim=dims, keepdim=True) if dims else t
+
+
+def _add_weights_gradient(spec, q, k, bias, weights, dweights, grads, need):
+    """Adds the gradient that flows through the returned weights W = softmax(c q.k + bias + ...)
+    (before dropout): dS = W * (dW - sum_j dW W), then dq = c dS k, dk = c dS^T q (summed over
+    the query heads of a key/value head), dbias = dS reduced to the bias's shape."""
+    dq, dk, dv, dbias = grads
+    c = _dot_scale(spec, k)
+    W = weights
+    dW = dweights.to(W.dtype)
+    dS = W * (dW - (dW * W).sum(dim=-1, keepdim=True))
+    B, Hq, Tq, Tk = W.shape
+    Hkv = k.shape[1]
+    group = Hq // Hkv
+    qf, kf = q.detach().to(W.dtype), k.detach().to(W.dtype)
+    dS5 = dS.reshape(B, Hkv, group, Tq, Tk)
+
+    def add(total, extra, like):
+        extra = extra.to(like.dtype)
+        return extra if total is None else total + extra
+
+    if need[1]:
+        dq = add(dq, (c * (dS5 @ kf.unsqueeze(2))).reshape(q.shape), q)
+    if need[2]:
+        dk = add(dk, c * (dS5.transpose(-2, -1) @ qf.reshape(B, Hkv, group, Tq, -1)).sum(2), k)
+    if bias is not None and need[4]:
+        dbias = add(dbias, _sum_to(dS, bias.shape).reshape(bias.shape), bias)
+    return dq, dk, dv, dbias
 
 
 def _lengths(x):
@@ -203,7 +264,9 @@ def attention(q, k, v, *, score="scaled_dot", head_scores=None, causal=False,
     same keep mask from ``seed``.
 
     Returns out [B, Hq, Tq, Dv], or (out, weights [B, Hq, Tq, Tk]) with ``return_weights``
-    (weights before dropout, not differentiable). bf16 inputs give float32 results.
+    (weights before dropout). The weights are differentiable (to q, k and the bias) for the dot
+    and scaled-dot scores without ``head_scores`` or ``local``; for the other scores they are
+    returned as constants. bf16 inputs give float32 results.
     """
     if isinstance(allowed, torch.Tensor) and allowed.dtype != torch.bool:
         raise _error(f"[attention] allowed must be a bool tensor, got {allowed.dtype}")
@@ -338,7 +401,7 @@ class MultiheadAttention(nn.MultiheadAttention):
 
     Differences (attn's documented policy): a query whose keys are all masked gets output 0
     (out_proj's bias after the projection) and zero gradients where PyTorch gives NaN; the
-    returned weights are taken before dropout and are not differentiable; dropout (training
+    returned weights are taken before dropout; dropout (training
     mode) uses attn's counter-based generator seeded from torch's default generator.
     """
 

@@ -455,13 +455,40 @@ def test_gradcheck_dropout_gqa():
               "dropout")
 
 
-def test_weights_are_returned_and_not_differentiable():
+def test_weights_are_returned_and_differentiable_for_dot_scores():
     q = randn(1, 2, 3, 4, seed=81).requires_grad_(True)
     k, v = randn(1, 2, 5, 4, seed=82), randn(1, 2, 5, 4, seed=83)
     out, w = at.attention(q, k, v, return_weights=True)
-    assert out.requires_grad and not w.requires_grad
-    assert w.shape == (1, 2, 3, 5)
+    assert out.requires_grad and w.requires_grad and w.shape == (1, 2, 3, 5)
     assert_close(w.sum(-1), torch.ones(1, 2, 3, dtype=F64), n=5, mag=1, what="weights sum")
+    # Other scores: the weights are constants.
+    out, w = at.attention(q, k, v, score=make_score("additive", 4, 4, requires_grad=True),
+                          return_weights=True)
+    assert out.requires_grad and not w.requires_grad
+
+
+@pytest.mark.parametrize("score", ["dot", "scaled_dot", "scaled_dot_custom"])
+def test_weights_gradient_against_reference(score):
+    """A loss on the weights and the output: gradients of q, k, v and the bias, GQA, masks."""
+    q = randn(2, 4, 5, 6, seed=84).requires_grad_(True)
+    k = randn(2, 2, 7, 6, seed=85).requires_grad_(True)
+    v = randn(2, 2, 7, 3, seed=86).requires_grad_(True)
+    bias = randn(1, 4, 1, 7, seed=87).requires_grad_(True)
+    kw = dict(score=make_score(score, 6, 6), causal=True, key_lengths=[7, 4],
+              alibi_slopes=[0.5, 0.2, 0.1, 0.0])
+    out, w = at.attention(q, k, v, bias=bias, return_weights=True, dropout=0.3, seed=2, **kw)
+    rw = ref_attention(q, k, v, bias=bias, **kw)[1]
+    R = randn(*w.shape, seed=88)
+    loss = (w * R).sum() + out.sum() * 0
+    got = torch.autograd.grad(loss, (q, k, v, bias), allow_unused=True)
+    want = torch.autograd.grad((rw * R).sum(), (q, k, v, bias), allow_unused=True)
+    for name, g, w_, leaf in zip(("dq", "dk", "dv", "dbias"), got, want, (q, k, v, bias)):
+        w_ = torch.zeros_like(leaf) if w_ is None else w_
+        g = torch.zeros_like(leaf) if g is None else g
+        assert_close(g, w_, n=13 * 5, mag=16 * (1 + float(w_.abs().max())),
+                     what=f"weights gradient {name}")
+    gradcheck(lambda q, k, b: at.attention(q, k, v, bias=b, return_weights=True, **kw),
+              (q, k, bias), f"weights {score}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -656,3 +683,41 @@ def test_bad_input_raises_attn_error():
     with pytest.raises(ValueError):
         at.attention(randn(1, 1, 3, 4), randn(1, 1, 3, 4), randn(1, 1, 3, 4),
                      bias=randn(1, 1, 3, 5, seed=3).requires_grad_(True))
+
+
+def test_python_threads_call_at_once():
+    """attn releases the GIL; threads running forward + backward at once get the answers of
+    one-at-a-time calls, bit for bit."""
+    import threading
+
+    inputs = [tuple(randn(1, 2, 16, 8, seed=130 + 3 * t + i) for i in range(3)) for t in range(4)]
+
+    def run(q, k, v):
+        q, k, v = (x.clone().requires_grad_(True) for x in (q, k, v))
+        out = at.attention(q, k, v, causal=True)
+        out.backward(torch.ones_like(out))
+        return out.detach(), q.grad, k.grad, v.grad
+
+    expected = [run(*x) for x in inputs]
+    results = [None] * len(inputs)
+
+    def worker(t):
+        for _ in range(5):
+            results[t] = run(*inputs[t])
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(len(inputs))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for t, (got, want) in enumerate(zip(results, expected)):
+        for g, w in zip(got, want):
+            assert torch.equal(g, w), f"thread {t}: results differ from the serial call"
+
+
+def test_no_grad_and_leaf_without_grad():
+    q, k, v = randn(1, 1, 3, 4, seed=140), randn(1, 1, 5, 4, seed=141), randn(1, 1, 5, 2, seed=142)
+    with torch.no_grad():
+        out = at.attention(q.requires_grad_(True), k, v)
+    assert not out.requires_grad
+    assert_close(out, ref_attention(q.detach(), k, v)[0], n=9, mag=8, what="no_grad")

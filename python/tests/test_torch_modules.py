@@ -149,8 +149,12 @@ def compare_mha(cfg, dtype=F64, kpm=None, am=None, self_attention=False, batched
     names = [n_ for n_, _ in ours.named_parameters()]
     extra = [am_leaf] if am_leaf is not None and am_leaf.requires_grad else []
     rextra = [am_ref] if am_ref is not None and am_ref.requires_grad else []
-    got = torch.autograd.grad(out, leaves + extra + params, dout, allow_unused=True)
-    want = torch.autograd.grad(rout, rleaves + rextra + rparams, dout, allow_unused=True)
+    loss, rloss = (out * dout).sum(), (rout * dout).sum()
+    if need_weights:  # a loss on the weights too: they are differentiable, as in PyTorch
+        dw = randn(*w.shape, dtype=dtype, seed=211)
+        loss, rloss = loss + (w * dw).sum(), rloss + (rw * dw).sum()
+    got = torch.autograd.grad(loss, leaves + extra + params, allow_unused=True)
+    want = torch.autograd.grad(rloss, rleaves + rextra + rparams, allow_unused=True)
     gnames = ["dquery", "dkey", "dvalue"][:len(leaves)] + ["dattn_mask"] * len(extra) + names
     for name, g, wg in zip(gnames, got, want):
         assert (g is None) == (wg is None), f"{what}: gradient {name} missing on one side"
