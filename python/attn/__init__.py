@@ -31,6 +31,8 @@ from typing import Any, List, NamedTuple, Optional, Sequence, Tuple, Union
 from . import _core
 from ._core import Error, KVCache as _CoreKVCache
 
+Error.__module__ = "attn"  # shown as attn.Error
+
 __all__ = [
     "Error", "DotScore", "ScaledDotScore", "GeneralScore", "AdditiveScore", "ConcatScore",
     "CosineScore", "LocationScore", "TrilinearScore", "LocalAttention", "AttentionOutput",
