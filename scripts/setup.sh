@@ -7,6 +7,8 @@ packages=(
   libopenblas-dev libhwy-dev libomp-dev
   libgtest-dev libbenchmark-dev libcli11-dev nlohmann-json3-dev libxxhash-dev
   clang-14 libfuzzer-14-dev
+  python3-dev pybind11-dev python3-numpy python3-torch python3-pytest python3-venv
+  python3-setuptools python3-wheel
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Builds attn and runs the test suite:
-#   1. Release build, every test (ctest);
+#   1. Release build, every test (ctest: the C++ suites and the Python package's pytest files);
+#      then the Python package installed as the README says (pip into a virtual environment
+#      that sees Debian's numpy and torch) and its examples run from outside the source tree;
 #   2. the tests whose results go through BLAS (label blas) again under a second OpenBLAS kernel
 #      (scripts/blas_kernels.sh), so that no bound depends on one kernel's summation order;
 #   3. AddressSanitizer + UndefinedBehaviorSanitizer build, every test but the slow whole-model
@@ -21,6 +23,17 @@ cmake --build build -j "$jobs"
 build/bin/attn --version
 stage "Release tests"
 ctest --test-dir build --output-on-failure -j "$jobs"
+
+stage "Python package: pip install into a virtual environment, examples"
+rm -rf build/venv
+/usr/bin/python3 -m venv --system-site-packages build/venv
+ATTN_CMAKE_BUILD_DIR="$PWD/build" build/venv/bin/pip install --quiet --no-build-isolation .
+root="$PWD"
+for example in python/examples/*.py; do
+  (cd /tmp && OMP_WAIT_POLICY=passive PATH="$root/build/bin:$PATH" \
+     "$root/build/venv/bin/python" "$root/$example" > /dev/null)
+  echo "[test] ran $example"
+done
 
 second=$(second_blas_kernel)
 stage "BLAS tests under OPENBLAS_CORETYPE=$second"
