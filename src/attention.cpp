@@ -59,44 +59,72 @@ Normalised normalise(const Tensor& q, const Tensor& k, const Tensor& v,
   return {q.contiguous(), k.contiguous(), v.contiguous(), detail::convert_params(params, dtype)};
 }
 
+// K or V as the decode kernel reads it: in place (a KV cache's strided rows, a bf16 cache
+// without widening) whenever the feature dimension is contiguous; otherwise a packed copy.
+Tensor readable_in_place(const Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); }
+
+// The dtype that bf16 K and V are widened to for a query of dtype `q` (a bf16 query computes
+// in float32).
+DType widened(DType q) { return q == DType::f64 ? DType::f64 : DType::f32; }
+
+// bf16 K and V (a bf16 KV cache) against a query of any float dtype. Decoder steps (Tq <= 16,
+// dot-product scores) read K and V in place through the decode kernel, widening each row in
+// registers; a bf16 query may take the vdpbf16ps kernel where it is chosen for this CPU;
+// everything else widens K and V (exactly) to the query's precision and takes the float paths.
+AttentionOutput attention_bf16_kv(const detail::AttentionDims& dims, const Tensor& q,
+                                  const Tensor& k, const Tensor& v, const AttentionParams& params) {
+  if (q.dtype() != DType::f64) {
+    const AttentionParams params32 = detail::convert_params(params, DType::f32);
+    const bool fused_prefill =
+        dims.Tq >= kMinFusedQueryRows && kernels::flash_attention_supported(DType::f32, params32);
+    if (!fused_prefill && !kernels::additive_attention_supported(DType::f32, params32) &&
+        kernels::decode_attention_supported(DType::f32, dims, params32))
+      return kernels::decode_attention(dims, q.to(DType::f32).contiguous(), readable_in_place(k),
+                                       readable_in_place(v), params32);
+    if (q.dtype() == DType::bf16 && kernels::flash_attention_bf16_supported(params32))
+      return kernels::flash_attention_bf16(dims, q.contiguous(), k.contiguous(), v.contiguous(),
+                                           params32);
+  }
+  // (contiguous() first: the packed bf16 -> float32 conversion is the fast one.)
+  const DType wide = widened(q.dtype());
+  return attention(q.contiguous().to(wide), k.contiguous().to(wide), v.contiguous().to(wide),
+                   params);
+}
+
 }  // namespace
 
 AttentionOutput attention(const Tensor& q, const Tensor& k, const Tensor& v,
                           const AttentionParams& params) {
   const detail::AttentionDims dims = detail::validate_attention("attention", q, k, v, params);
-  if (q.dtype() == DType::bf16) {
-    // bf16 inputs: the bf16 dot-product kernel when the CPU and the params allow it; otherwise
-    // widen (exactly) to float32 and take the float32 paths. Output and lse are float32.
-    const AttentionParams params32 = detail::convert_params(params, DType::f32);
-    if (kernels::flash_attention_bf16_supported(params32))
-      return kernels::flash_attention_bf16(dims, q.contiguous(), k.contiguous(), v.contiguous(),
-                                           params32);
-    return attention(q.to(DType::f32), k.to(DType::f32), v.to(DType::f32), params);
-  }
-  const Normalised n = normalise(q, k, v, params);
+  if (k.dtype() == DType::bf16) return attention_bf16_kv(dims, q, k, v, params);
+  const DType dtype = q.dtype();
+  const AttentionParams converted = detail::convert_params(params, dtype);
   // Additive/concat: project q and k once, stream v . tanh(qp_i + kp_j) into an online softmax.
-  if (kernels::additive_attention_supported(q.dtype(), n.params))
-    return kernels::additive_attention_forward(dims, n.q, n.k, n.v, n.params);
-  if (dims.Tq >= kMinFusedQueryRows && kernels::flash_attention_supported(q.dtype(), n.params))
-    return kernels::flash_attention(dims, n.q, n.k, n.v, n.params);
-  // Few queries against many keys (decoder steps): split over the keys, merged by log-sum-exp.
-  if (kernels::decode_attention_supported(q.dtype(), dims, n.params))
-    return kernels::decode_attention(dims, n.q, n.k, n.v, n.params);
+  const bool additive = kernels::additive_attention_supported(dtype, converted);
+  const bool fused = dims.Tq >= kMinFusedQueryRows && kernels::flash_attention_supported(dtype, converted);
+  // Few queries against many keys (decoder steps): split over the keys, merged by log-sum-exp,
+  // K and V read in place (a KV cache's rows strided over its capacity are not packed first).
+  if (!additive && !fused && kernels::decode_attention_supported(dtype, dims, converted))
+    return kernels::decode_attention(dims, q.contiguous(), readable_in_place(k),
+                                     readable_in_place(v), converted);
+  const Normalised n{q.contiguous(), k.contiguous(), v.contiguous(), converted};
+  if (additive) return kernels::additive_attention_forward(dims, n.q, n.k, n.v, n.params);
+  if (fused) return kernels::flash_attention(dims, n.q, n.k, n.v, n.params);
   // General, cosine, trilinear and location scores: transform q and k once, then the fused
   // dot-product kernel, or the decode kernel for decoder steps (a Luong-general step, Tq = 1).
   // (The transform is skipped when neither kernel could take the result.)
   AttentionParams as_dot = n.params;
   as_dot.score = DotScore{};
   const bool many_queries = dims.Tq >= kMinFusedQueryRows;
-  if (many_queries ? kernels::flash_attention_supported(q.dtype(), as_dot)
-                   : kernels::decode_attention_supported(q.dtype(), dims, as_dot)) {
+  if (many_queries ? kernels::flash_attention_supported(dtype, as_dot)
+                   : kernels::decode_attention_supported(dtype, dims, as_dot)) {
     if (auto form = detail::to_dot_form(dims, n.q, n.k, n.params)) {
       if (many_queries)
         return kernels::flash_attention(form->dims, form->q, form->k, n.v, form->params);
       return kernels::decode_attention(form->dims, form->q, form->k, n.v, form->params);
     }
   }
-  if (q.dtype() == DType::f32)
+  if (dtype == DType::f32)
     return kernels::composed_attention_forward<float>(dims, n.q, n.k, n.v, n.params);
   return kernels::composed_attention_forward<double>(dims, n.q, n.k, n.v, n.params);
 }
@@ -107,9 +135,12 @@ AttentionGrads attention_backward(const Tensor& q, const Tensor& k, const Tensor
   const char* op = "attention_backward";
   const detail::AttentionDims dims = detail::validate_attention(op, q, k, v, params);
   detail::validate_attention_backward(op, dims, forward, dout);
-  if (q.dtype() == DType::bf16)  // float32 gradients of the (exactly) widened inputs
-    return attention_backward(q.to(DType::f32), k.to(DType::f32), v.to(DType::f32), params,
-                              forward, dout);
+  // bf16 inputs (all three, or K and V of a mixed-precision call): gradients of the exactly
+  // widened inputs, in float32 (float64 for a float64 query).
+  if (q.dtype() == DType::bf16 || k.dtype() == DType::bf16) {
+    const DType wide = widened(q.dtype());
+    return attention_backward(q.to(wide), k.to(wide), v.to(wide), params, forward, dout);
+  }
   const Normalised n = normalise(q, k, v, params);
   const DType dtype = q.dtype();
   AttentionOutput saved = forward;

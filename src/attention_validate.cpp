@@ -157,8 +157,14 @@ AttentionDims validate_attention(const char* op, const Tensor& q, const Tensor& 
   // bf16 is a storage format for q, k, v only: scoring parameters, bias and dout stay float.
   ATTN_CHECK(is_float(q.dtype()) || q.dtype() == DType::bf16, op,
              "query must be float32, float64 or bf16, got ", dtype_name(q.dtype()));
-  ATTN_CHECK(k.dtype() == q.dtype() && v.dtype() == q.dtype(), op, "query, key and value dtypes differ: ",
-             dtype_name(q.dtype()), ", ", dtype_name(k.dtype()), ", ", dtype_name(v.dtype()));
+  // One dtype for all three, or mixed precision: bf16 K and V (a bf16 KV cache) against a
+  // float32 or float64 query.
+  const bool same = k.dtype() == q.dtype() && v.dtype() == q.dtype();
+  const bool mixed = k.dtype() == DType::bf16 && v.dtype() == DType::bf16 && is_float(q.dtype());
+  ATTN_CHECK(same || mixed, op, "query, key and value dtypes differ: ", dtype_name(q.dtype()),
+             ", ", dtype_name(k.dtype()), ", ", dtype_name(v.dtype()),
+             " (allowed: one dtype for all three, or bf16 key and value with a float32 or float64"
+             " query)");
   AttentionDims d;
   d.B = q.size(0);
   d.Hq = q.size(1);

@@ -390,8 +390,9 @@ KVCache KVCache::create(const MultiHeadConfig& config, const KVCacheOptions& opt
   ATTN_CHECK(options.batch >= 0 && options.capacity >= 0, op,
              "batch and capacity must be >= 0, got batch ", options.batch, ", capacity ",
              options.capacity);
-  ATTN_CHECK(options.dtype == DType::f32 || options.dtype == DType::f64, op,
-             "dtype must be float32 or float64, got ", dtype_name(options.dtype));
+  ATTN_CHECK(options.dtype == DType::f32 || options.dtype == DType::f64 ||
+                 options.dtype == DType::bf16,
+             op, "dtype must be float32, float64 or bf16, got ", dtype_name(options.dtype));
   KVCache cache;
   cache.k = Tensor::zeros({options.batch, d.Hkv, options.capacity, d.Dk}, options.dtype);
   cache.v = Tensor::zeros({options.batch, d.Hkv, options.capacity, d.Dv}, options.dtype);
@@ -416,17 +417,6 @@ void copy_rows(const Tensor& src, int64_t src_rows, Tensor& dst, int64_t dst_row
                 static_cast<std::size_t>(count * D * elem));
 }
 
-// Rows [0, length) of a contiguous cache tensor [B, H, capacity, D] as a contiguous tensor: the
-// view itself when it already is contiguous, else a packed copy.
-Tensor packed_rows(const Tensor& cache, int64_t length) {
-  const Tensor view = cache.slice(2, 0, length);
-  if (view.is_contiguous() || view.numel() == 0) return view;
-  const int64_t B = cache.size(0), H = cache.size(1), D = cache.size(3);
-  Tensor out = Tensor::empty({B, H, length, D}, cache.dtype());
-  copy_rows(cache, cache.size(2), out, length, 0, length, B * H, D);
-  return out;
-}
-
 }  // namespace
 
 void KVCache::append(const Tensor& new_k, const Tensor& new_v) {
@@ -439,8 +429,9 @@ void KVCache::append(const Tensor& new_k, const Tensor& new_v) {
              op, "new_k ", new_k.shape_str(), " and new_v ", new_v.shape_str(),
              " differ in batch, heads or length");
   if (!k.defined()) {  // the first append fixes batch, heads, widths and dtype
-    ATTN_CHECK(new_k.dtype() == DType::f32 || new_k.dtype() == DType::f64, op,
-               "new_k must be float32 or float64, got ", dtype_name(new_k.dtype()));
+    ATTN_CHECK(new_k.dtype() == DType::f32 || new_k.dtype() == DType::f64 ||
+                   new_k.dtype() == DType::bf16,
+               op, "new_k must be float32, float64 or bf16, got ", dtype_name(new_k.dtype()));
     k = Tensor::zeros({new_k.size(0), new_k.size(1), 0, new_k.size(3)}, new_k.dtype());
     v = Tensor::zeros({new_v.size(0), new_v.size(1), 0, new_v.size(3)}, new_k.dtype());
     length = 0;
@@ -500,8 +491,9 @@ MultiHeadOutput multihead_attention_step(const MultiHeadConfig& config,
                "cache k ", cache.k.shape_str(), " and v ", cache.v.shape_str(),
                " do not match the config: ", d.Hkv, " kv heads, head_dim ", d.Dk,
                ", value_head_dim ", d.Dv);
-    ATTN_CHECK(cache.k.dtype() == dtype, op, "cache dtype ", dtype_name(cache.k.dtype()),
-               " differs from the query's ", dtype_name(dtype));
+    ATTN_CHECK(cache.k.dtype() == dtype || cache.k.dtype() == DType::bf16, op, "cache dtype ",
+               dtype_name(cache.k.dtype()), " differs from the query's ", dtype_name(dtype),
+               " (a cache holds the query's dtype, or bf16)");
   }
   MultiHeadOutput out;
   if (dtype == DType::f32) {
@@ -513,11 +505,11 @@ MultiHeadOutput multihead_attention_step(const MultiHeadConfig& config,
     cache.append(project_heads<double>(key_step, weights.w_k, weights.b_k, d.Hkv, d.Dk),
                  project_heads<double>(value_step, weights.w_v, weights.b_v, d.Hkv, d.Dv));
   }
-  // The valid rows are strided over the capacity dimension (unless B * Hkv == 1 or the cache is
-  // full), and attention() takes contiguous tensors: pack them here with one memcpy per
-  // (batch, head) block rather than through the front-end's element-wise generic copy.
-  out.k = packed_rows(cache.k, cache.length);
-  out.v = packed_rows(cache.v, cache.length);
+  // The valid rows, strided over the capacity dimension: attention() reads them in place on the
+  // decode path (a bf16 cache too, widened row by row in registers), so a step reads the cache
+  // once and copies nothing.
+  out.k = cache.keys();
+  out.v = cache.values();
   // The new rows are the last `n` positions of the sequence the cache holds.
   AttentionParams step_params = params;
   step_params.mask.alignment = Alignment::bottom_right;

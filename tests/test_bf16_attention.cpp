@@ -282,12 +282,15 @@ TEST(Bf16Attention, UnsupportedParamsWidenToFloat32) {
 }
 
 // The backward widens bf16 inputs exactly and computes in float32: it matches the reference
-// backward on the same inputs to float32 accuracy (both given the reference forward).
+// backward on the same inputs to float32 accuracy (both given the reference forward). Also with
+// a float32 query against bf16 K and V (mixed precision, attention.h): dk and dv are float32.
 TEST(Bf16Attention, BackwardMatchesReferenceOnSameInputs) {
-  for (bool causal : {false, true}) {
-    SCOPED_TRACE(causal ? "causal" : "full");
+  for (bool causal : {false, true})
+  for (bool mixed : {false, true}) {
+    SCOPED_TRACE(std::string(causal ? "causal" : "full") + (mixed ? ", float32 query" : ""));
     const int64_t B = 2, Hq = 4, Hkv = 2, Tq = 40, Tk = 57, D = 24;
-    const Tensor q = random_tensor({B, Hq, Tq, D}, DType::f32, 11).to(DType::bf16);
+    const Tensor q32 = random_tensor({B, Hq, Tq, D}, DType::f32, 11);
+    const Tensor q = mixed ? q32 : q32.to(DType::bf16);
     const Tensor k = random_tensor({B, Hkv, Tk, D}, DType::f32, 12).to(DType::bf16);
     const Tensor v = random_tensor({B, Hkv, Tk, D}, DType::f32, 13).to(DType::bf16);
     const Tensor dout = random_tensor({B, Hq, Tq, D}, DType::f32, 14);
@@ -298,6 +301,7 @@ TEST(Bf16Attention, BackwardMatchesReferenceOnSameInputs) {
     const AttentionGrads got = attention_backward(q, k, v, params, fwd, dout);
     const AttentionGrads want = reference::attention_backward(q, k, v, params, fwd, dout);
     EXPECT_EQ(got.dq.dtype(), DType::f32);
+    EXPECT_EQ(got.dk.dtype(), DType::f32);
     const Tolerance tol = tolerance_for(DType::f32, Tk * D);
     EXPECT_TRUE(all_close(got.dq, want.dq, tol, "dq"));
     EXPECT_TRUE(all_close(got.dk, want.dk, tol, "dk"));
@@ -326,7 +330,8 @@ TEST(Bf16Attention, MixedDtypesAreRejected) {
   const Tensor qbf = q32.to(DType::bf16);
   testing::expect_error([&] { attention(qbf, q32, q32); },
                         {"[attention]", "dtypes differ", "bf16", "float32"});
-  testing::expect_error([&] { attention(q32, qbf, qbf); },
+  // (bf16 key AND value against a float32 query is mixed precision: test_mixed_precision.)
+  testing::expect_error([&] { attention(q32, qbf, q32); },
                         {"[attention]", "dtypes differ", "float32", "bf16"});
   const AttentionOutput fwd = attention(qbf, qbf, qbf);
   testing::expect_error([&] { attention_backward(qbf, q32, qbf, {}, fwd, q32); },

@@ -8,11 +8,22 @@
 //
 //   q [B, Hq, Tq, Dq]   k [B, Hkv, Tk, Dk]   v [B, Hkv, Tk, Dv]   ->   out [B, Hq, Tq, Dv]
 //
-// q, k and v share one dtype (float32, float64 or bf16); parameters are converted to it (to
-// float32 for bf16 inputs, whose out, lse, weights and gradients are float32: bf16 is a storage
-// format, softmax and accumulation run in float32; the backward widens the inputs). Any strides
-// are accepted. Empty sequences are allowed: Tq == 0 gives an empty output; Tk == 0 makes every
-// row fully masked.
+// Dtypes: q, k and v share one dtype (float32, float64 or bf16), or, mixed precision, k and v
+// are bf16 (a bf16 KV cache) and q is float32 or float64. Computation runs in q's dtype, float32
+// for a bf16 q: parameters are converted to it, and out, lse, weights and gradients have it
+// (float32 for bf16 inputs: bf16 is a storage format, softmax and accumulation run in float32).
+// bf16 values are widened exactly (a bf16 is the upper half of a float32), so the only rounding
+// bf16 adds is the caller's, when the values were stored; a float32 query is never rounded to
+// bf16. Where bf16 K and V are read:
+//   Tq <= 16 with a dot or scaled-dot score (decoder steps): read in place, row by row, by the
+//     decode kernel (no copy or widened copy of the cache per call), any strides;
+//   all-bf16 inputs, otherwise: the AVX512_BF16 dot-product kernel where it is chosen for this
+//     CPU (attn/runtime.h; P is rounded to bf16 there), else widened to float32;
+//   a float32 / float64 query, otherwise (prefill): K and V widened to the query's dtype once
+//     per call (O(Tk D) against the O(Tq Tk D) of the attention), then the float paths.
+// The backward widens bf16 inputs and returns float32 gradients (float64 for a float64 query).
+// Any strides are accepted. Empty sequences are allowed: Tq == 0 gives an empty output; Tk == 0
+// makes every row fully masked.
 //
 // Masks: ONE polarity everywhere in attn — true means "may attend". Every mask kind below
 // composes with every other (a key is visible only if every mask allows it):

@@ -101,6 +101,12 @@ MultiHeadGrads multihead_attention_backward(const MultiHeadConfig& config,
 // KV cache for incremental decoding: the projected keys and values of every position seen so far.
 // Rows [0, length) of the capacity dimension are valid. Appending past the capacity reallocates
 // to max(2 * capacity, length + n) (amortised O(1) copies per appended row).
+//
+// dtype: float32 or float64 (the query's dtype), or bf16 (half the memory and half the bytes a
+// decoder step reads): appended rows are rounded to bf16 once (nearest, ties to even), and
+// multihead_attention_step attends a float32 (or float64) query against them through
+// attention()'s mixed precision (attention.h): the query, the projections and the output stay
+// in the query's dtype, and the cache rows are widened exactly as they are read.
 
 struct KVCacheOptions {
   int64_t batch = 1;
@@ -131,9 +137,12 @@ struct KVCache {
 // at the end of the sequence: with params.mask.causal, row i sees positions
 // <= length - n + i, and decoding a sequence token by token gives the rows of the full causal
 // forward. Masks given in params (bias, allowed, ...) must broadcast to [B, Hq, n, length].
-// An undefined cache is allocated on the first call. Inference only: there is no backward through
-// the cache (use multihead_attention for training). In the returned MultiHeadOutput, k and v hold
-// all cache.length valid positions (a packed copy when the cache rows are strided).
+// An undefined cache is allocated on the first call (in the query's dtype; create a bf16 cache
+// with KVCache::create to store bf16). The cache's dtype must be the query's or bf16.
+// Inference only: there is no backward through the cache (use multihead_attention for
+// training). In the returned MultiHeadOutput, k and v are cache.keys() and cache.values(): views
+// of all cache.length valid positions in the cache's dtype, strided over its capacity and
+// aliasing it (attention() reads them in place: a step copies no cache rows).
 MultiHeadOutput multihead_attention_step(const MultiHeadConfig& config,
                                          const MultiHeadWeights& weights, KVCache& cache,
                                          const Tensor& query_step, const Tensor& key_step,

@@ -59,9 +59,14 @@ AttentionOutput decode_attention(const detail::AttentionDims& dims, const Tensor
 
   DecodeAttentionArgs args;
   args.q = q.data<float>();
-  args.k = {k.data<float>(), dims.Hkv * dims.Tk * dims.Dk, dims.Tk * dims.Dk, dims.Dk};
-  args.v = {v.data<float>(), dims.Hkv * dims.Tk * dims.Dv, dims.Tk * dims.Dv, dims.Dv};
-  args.kv_type = KvType::f32;
+  // K and V in place through their strides (rows of a cache with spare capacity, any layout
+  // whose feature dimension is contiguous), float32 or bf16.
+  const auto view = [](const Tensor& t) {
+    return KvView{t.raw_data(), t.stride(0), t.stride(1), t.stride(2)};
+  };
+  args.k = view(k);
+  args.v = view(v);
+  args.kv_type = k.dtype() == DType::bf16 ? KvType::bf16 : KvType::f32;
   args.out = result.out.data<float>();
   args.lse = result.lse.data<float>();
   args.scale = dot_scale(params.score, dims);

@@ -125,8 +125,10 @@ constexpr int64_t kDecodeMaxQueries = 16;
 bool decode_attention_supported(DType dtype, const detail::AttentionDims& dims,
                                 const AttentionParams& params);
 
-// Runs the kernel on validated, contiguous float32 tensors (params as detail::convert_params
-// returns them); fills out and lse, and weights and mean_weights when params.return_weights.
+// Runs the kernel on validated tensors (params as detail::convert_params returns them for
+// float32): q float32 contiguous; k and v both float32 or both bf16, any strides with a
+// contiguous feature dimension (stride(3) == 1), read in place. Fills out and lse (float32), and
+// weights and mean_weights when params.return_weights.
 AttentionOutput decode_attention(const detail::AttentionDims& dims, const Tensor& q,
                                  const Tensor& k, const Tensor& v, const AttentionParams& params);
 
