@@ -31,6 +31,7 @@
 #include "seq2seq/safetensors.h"
 #include "seq2seq/train.h"
 #include "cli_options.h"
+#include "experiments/experiments.h"
 
 namespace s2s = attn::seq2seq;
 
@@ -363,6 +364,8 @@ void prefer_passive_openmp_waits(char** argv) {
 
 int main(int argc, char** argv) {
   prefer_passive_openmp_waits(argv);
+  if (argc > 1 && std::string(argv[1]) == "experiments")  // its own parser: tools/experiments/
+    return attn::experiments::main_experiments(std::vector<std::string>(argv + 2, argv + argc));
   attn::cli::ParsedCommandLine parsed;
   try {
     parsed = attn::cli::parse_command_line(std::vector<std::string>(argv + 1, argv + argc));
