@@ -137,3 +137,39 @@ def test_multihead_errors_name_the_op():
     with pytest.raises(attn.Error, match="num_kv_heads"):
         attn.multihead_attention(attn.MultiHeadConfig(d_model=8, num_heads=4, num_kv_heads=3),
                                  w, query, key, value)
+
+
+def test_bf16_kv_cache_decodes_like_the_float32_one_within_bf16_rounding():
+    config = CONFIGS["grouped"]
+    w = attn.MultiHeadWeights.init(config, "float32", seed=4)
+    x = RNG.standard_normal((2, 6, config.d_model)).astype(np.float32)
+    caches = {d: attn.KVCache(config, batch=2, capacity=8, dtype=d) for d in ("float32", "bfloat16")}
+    rows = {d: [] for d in caches}
+    for t in range(6):
+        step = x[:, t:t + 1]
+        for d, cache in caches.items():
+            rows[d].append(attn.multihead_attention_step(config, w, cache, step, step, step,
+                                                         causal=True).output)
+    f32, bf16 = (np.concatenate(rows[d], axis=1) for d in ("float32", "bfloat16"))
+    # NumPy has no bfloat16: the bf16 cache's views come back widened (exactly) to float32.
+    keys = caches["bfloat16"].keys()
+    assert keys.dtype == np.float32 and keys.shape == (2, 2, 6, 3)
+    ref_keys = caches["float32"].keys()
+    assert_close(keys, ref_keys, 2 ** -8 * np.abs(ref_keys), "bf16 keys")  # one rounding
+    # Rounding K and V to bf16 (relative 2^-9) moves each output by at most about that relative
+    # amount of the magnitudes it sums, through the value and output projections.
+    mag = np.abs(x).max() * np.abs(w.w_v).sum(axis=1).max() * np.abs(w.w_o).sum(axis=1).max()
+    assert_close(bf16, f32, 8 * 2 ** -9 * (1 + mag), "bf16 cache outputs")
+
+
+def test_float32_query_against_bf16_keys_and_values():
+    torch = pytest.importorskip("torch")
+    q = torch.randn(1, 4, 2, 16)
+    k, v = torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
+    kb, vb = k.to(torch.bfloat16), v.to(torch.bfloat16)
+    got = attn.attention(q, kb, vb, causal=True, alignment="bottom_right")
+    assert got.out.dtype == torch.float32
+    want = attn.reference.attention(q.double(), kb.double(), vb.double(), causal=True,
+                                    alignment="bottom_right")
+    tol = 16 * np.finfo(np.float32).eps * (1 + np.abs(want.out.numpy()))
+    assert_close(got.out.numpy(), want.out.numpy(), tol, "f32 query, bf16 K/V")
