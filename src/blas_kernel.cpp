@@ -20,6 +20,7 @@
 #include <sstream>
 
 #include "attn/runtime.h"
+#include "kernels/flash_attention_bf16.h"
 #include "kernels/simd_target.h"
 
 namespace attn::detail {
@@ -163,6 +164,9 @@ RuntimeInfo runtime_info() {
     const std::lock_guard<std::mutex> lock(c.mutex);
     info.blas_kernel_by = c.by;
   }
+  const kernels::Bf16KernelChoice bf16 = kernels::bf16_kernel_choice();
+  info.bf16_kernel = bf16.dot ? "dot" : "widen";
+  info.bf16_kernel_by = bf16.by;
   info.blas_threads = openblas_get_num_threads();
   info.openmp_threads = omp_get_max_threads();
   cpu_set_t set;
@@ -176,6 +180,7 @@ std::string runtime_summary() {
   out << "SIMD target: " << r.simd_target << "\n"
       << "BLAS: " << r.blas_library << "\n"
       << "BLAS kernel: " << r.blas_kernel << " (chosen by " << r.blas_kernel_by << ")\n"
+      << "bf16 attention kernel: " << r.bf16_kernel << " (" << r.bf16_kernel_by << ")\n"
       << "threads: " << r.openmp_threads << " OpenMP, " << r.blas_threads << " BLAS, "
       << r.cores << " cores available\n";
   return out.str();

@@ -16,6 +16,7 @@
 
 #include "attn/attention.h"
 #include "attn/reference.h"
+#include "attn/runtime.h"
 #include "kernels/bf16.h"
 #include "kernels/flash_attention_bf16.h"
 #include "kernels/simd_target.h"
@@ -156,7 +157,8 @@ std::optional<int64_t> target_below_avx3() {
   return std::nullopt;
 }
 
-// Selects the vdpbf16ps kernel (ATTN_BF16_KERNEL=dot) for the scope; the default is widening.
+// Selects the vdpbf16ps kernel (ATTN_BF16_KERNEL=dot) for the scope; the default is measured
+// per CPU (KernelChoiceIsMeasuredOrFollowsTheEnvironment).
 class ScopedBf16DotKernel {
  public:
   ScopedBf16DotKernel() { setenv("ATTN_BF16_KERNEL", "dot", 1); }
@@ -204,6 +206,7 @@ class Bf16AttentionTest : public ::testing::TestWithParam<Path> {
 };
 
 TEST_P(Bf16AttentionTest, SizeSweep) {
+  // (Tq = 1 takes the decode kernel, which reads bf16 K/V in place: attention.h.)
   uint64_t seed = 100;
   for (int64_t tq : {1, 16, 127, 128, 129})
     for (int64_t tk : {1, 16, 127, 128, 129}) {
@@ -341,17 +344,32 @@ TEST(Bf16Attention, MixedDtypesAreRejected) {
 }
 
 }  // namespace
-// Without ATTN_BF16_KERNEL the front-end widens bf16 inputs (faster on CPUs whose bf16 dot
-// product runs at half the float32 FMA rate); "dot" selects the kernel; anything else is an error
+// Without ATTN_BF16_KERNEL the choice is measured once per process on CPUs that can run the
+// kernel (attn/runtime.h reports it); "dot" and "widen" override it; anything else is an error
 // naming the variable.
-TEST(Bf16Attention, KernelChoiceFollowsTheEnvironment) {
+TEST(Bf16Attention, KernelChoiceIsMeasuredOrFollowsTheEnvironment) {
   AttentionParams params;
   params.score = ScaledDotScore{};
   unsetenv("ATTN_BF16_KERNEL");
-  EXPECT_FALSE(kernels::bf16_dot_kernel_requested());
-  EXPECT_FALSE(kernels::flash_attention_bf16_supported(params));
+  const kernels::Bf16KernelChoice measured = kernels::bf16_kernel_choice();
+  SCOPED_TRACE(measured.by);
+  if (kernels::flash_attention_bf16_available()) {
+    EXPECT_EQ(measured.by.rfind("measured: ", 0), 0u);
+    EXPECT_GT(measured.time_ratio, 0.0);
+    EXPECT_EQ(measured.dot, measured.time_ratio < kernels::kBf16DotThreshold);
+    // Kept for the process: asked again, the same answer without a second measurement.
+    const kernels::Bf16KernelChoice again = kernels::bf16_kernel_choice();
+    EXPECT_EQ(again.time_ratio, measured.time_ratio);
+  } else {
+    EXPECT_FALSE(measured.dot);
+  }
+  EXPECT_EQ(kernels::flash_attention_bf16_supported(params),
+            measured.dot && kernels::flash_attention_bf16_available());
+  EXPECT_EQ(runtime_info().bf16_kernel, measured.dot ? "dot" : "widen");
   setenv("ATTN_BF16_KERNEL", "widen", 1);
   EXPECT_FALSE(kernels::bf16_dot_kernel_requested());
+  EXPECT_FALSE(kernels::flash_attention_bf16_supported(params));
+  EXPECT_EQ(runtime_info().bf16_kernel_by, "ATTN_BF16_KERNEL");
   {
     const ScopedBf16DotKernel dot_kernel;
     EXPECT_TRUE(kernels::bf16_dot_kernel_requested());

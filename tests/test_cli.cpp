@@ -106,7 +106,7 @@ TEST_F(Cli, VersionNamesTheSimdTargetAndBlasKernel) {
   const Process r = run_attn("--version");
   EXPECT_EQ(r.status, 0) << r.output;
   for (const char* part : {"attn ", "SIMD target: ", "BLAS: ", "BLAS kernel: ", "chosen by ",
-                           " OpenMP, ", " BLAS, ", " cores available"})
+                           "bf16 attention kernel: ", " OpenMP, ", " BLAS, ", " cores available"})
     EXPECT_NE(r.output.find(part), std::string::npos) << part << " missing from:\n" << r.output;
   EXPECT_EQ(r.output.find("BLAS kernel:  "), std::string::npos) << r.output;
 }

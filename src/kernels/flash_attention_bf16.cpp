@@ -31,6 +31,9 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <chrono>
+#include <iomanip>
+#include <sstream>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -40,6 +43,8 @@
 
 #include "hwy/aligned_allocator.h"
 #include "hwy/targets.h"
+#include "kernels/bf16.h"
+#include "kernels/flash_attention.h"
 #include "kernels/fused_args.h"
 #include "kernels/simd_common-inl.h"
 #include "kernels/simd_target.h"
@@ -355,14 +360,74 @@ bool flash_attention_bf16_available() {
   return (hwy::SupportedTargets() & (HWY_AVX3 | HWY_AVX3_DL)) != 0;
 }
 
-bool bf16_dot_kernel_requested() {
-  const char* value = std::getenv("ATTN_BF16_KERNEL");
-  if (value == nullptr || *value == '\0') return false;
-  const std::string choice(value);
-  ATTN_CHECK(choice == "dot" || choice == "widen", "attention",
-             "ATTN_BF16_KERNEL must be \"dot\" or \"widen\", got \"", choice, "\"");
-  return choice == "dot";
+namespace {
+
+// The measurement behind the default (flash_attention_bf16.h): one head, Tq = Tk = 512,
+// D = Dv = 64, one thread, each way timed alternately kTrials times after a warm-up, best call
+// of each. Under 1 ms per call: about 10 ms once per process.
+Bf16KernelChoice measure_bf16_kernels() {
+  constexpr int64_t T = 512, D = 64;
+  constexpr int kTrials = 5;
+  const detail::AttentionDims dims{.B = 1, .Hq = 1, .Hkv = 1, .Tq = T, .Tk = T,
+                                   .Dq = D, .Dk = D, .Dv = D};
+  const auto input = [&](uint32_t seed) {  // values in [-1, 1), bf16
+    Tensor t = Tensor::empty({1, 1, T, D}, DType::bf16);
+    auto* bits = static_cast<uint16_t*>(t.raw_data());
+    uint32_t x = seed;
+    for (int64_t i = 0; i < T * D; ++i) {
+      x = x * 1664525u + 1013904223u;
+      bits[i] = float_to_bf16(static_cast<float>(x >> 8) * 0x1p-23f - 1.0f);
+    }
+    return t;
+  };
+  const Tensor q = input(1), k = input(2), v = input(3);
+  AttentionParams params;
+  params.score = ScaledDotScore{};
+  const int threads = omp_get_max_threads();
+  omp_set_num_threads(1);
+  const auto seconds = [](auto&& run) {
+    const auto start = std::chrono::steady_clock::now();
+    run();
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  };
+  const auto dot = [&] { (void)flash_attention_bf16(dims, q, k, v, params); };
+  const auto widen = [&] {
+    (void)flash_attention(dims, q.to(DType::f32), k.to(DType::f32), v.to(DType::f32), params);
+  };
+  dot();
+  widen();
+  double best_dot = 1e30, best_widen = 1e30;
+  for (int i = 0; i < kTrials; ++i) {
+    best_dot = std::min(best_dot, seconds(dot));
+    best_widen = std::min(best_widen, seconds(widen));
+  }
+  omp_set_num_threads(threads);
+  Bf16KernelChoice c;
+  c.time_ratio = best_dot / best_widen;
+  c.dot = c.time_ratio < kBf16DotThreshold;
+  std::ostringstream by;
+  by << "measured: dot kernel " << std::fixed << std::setprecision(2) << c.time_ratio
+     << "x the time of widening";
+  c.by = by.str();
+  return c;
 }
+
+}  // namespace
+
+Bf16KernelChoice bf16_kernel_choice() {
+  if (const char* value = std::getenv("ATTN_BF16_KERNEL"); value != nullptr && *value != '\0') {
+    const std::string choice(value);
+    ATTN_CHECK(choice == "dot" || choice == "widen", "attention",
+               "ATTN_BF16_KERNEL must be \"dot\" or \"widen\", got \"", choice, "\"");
+    return {choice == "dot", 0.0, "ATTN_BF16_KERNEL"};
+  }
+  if (!cpu_has_bf16_dot()) return {false, 0.0, "CPU without AVX512_BF16"};
+  if (!flash_attention_bf16_available()) return {false, 0.0, "SIMD target capped below AVX3"};
+  static const Bf16KernelChoice measured = measure_bf16_kernels();  // once per process
+  return measured;
+}
+
+bool bf16_dot_kernel_requested() { return bf16_kernel_choice().dot; }
 
 bool flash_attention_bf16_supported(const AttentionParams& params) {
   const bool dot_family = std::holds_alternative<DotScore>(params.score) ||

@@ -28,6 +28,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "attention_validate.h"
 #include "attn/attention.h"
@@ -50,12 +51,28 @@ struct FlashBf16Args : ProblemSizes, IntervalMasks {
 // target cap (ATTN_SIMD_TARGET, ScopedSimdTarget) still allows an AVX3 target.
 bool flash_attention_bf16_available();
 
-// Whether attention() should use this kernel for bf16 inputs at all. On the Xeon (Emerald
-// Rapids) this was built on, vdpbf16ps retires about one every two cycles against two float32
-// FMAs per cycle, so the bf16 kernel runs at half the speed of widening the inputs (exactly) and
-// running the float32 kernel (BENCHMARKS.md). Widening is therefore the default; the environment
-// variable ATTN_BF16_KERNEL=dot selects this kernel (for CPUs whose bf16 dot product is faster),
-// ATTN_BF16_KERNEL=widen (or unset) the float32 route. Read at every call.
+// Whether attention() should use this kernel for bf16 inputs, decided per CPU. On the Xeon
+// (Emerald Rapids) this was built on, vdpbf16ps retires about one every two cycles against two
+// float32 FMAs per cycle, so the kernel runs at half the speed of widening the inputs (exactly)
+// and running the float32 kernel; on an AMD Zen 4 it takes 0.6-0.8x the time of widening
+// (BENCHMARKS.md). So the default is measured: the first time it is asked (a bf16 call, or
+// runtime_info()) on a CPU that can run the kernel, both ways run on one thread over a small
+// problem (one head, 512 x 512, D = 64; about 10 ms) and the kernel is chosen when it takes
+// under kBf16DotThreshold of the widening time; the answer is kept for the process. The two
+// CPUs measured sit well away from the threshold (Zen 4: 0.72-0.77 at this size on a loaded
+// machine; the Xeon ~2), so noise does not flip it.
+// ATTN_BF16_KERNEL=dot or =widen overrides the measurement (read at every call; anything else
+// is an error naming the variable). Without AVX512_BF16, or under a SIMD cap below AVX3:
+// widen (not measured, not cached).
+constexpr double kBf16DotThreshold = 0.9;
+struct Bf16KernelChoice {
+  bool dot = false;         // take the vdpbf16ps kernel
+  double time_ratio = 0.0;  // measured dot time / widening time (0 when not measured)
+  std::string by;           // "ATTN_BF16_KERNEL", "measured: ...", or why the kernel cannot run
+};
+Bf16KernelChoice bf16_kernel_choice();
+
+// bf16_kernel_choice().dot.
 bool bf16_dot_kernel_requested();
 
 // True when attention() should take this kernel: bf16_dot_kernel_requested(), the kernel can run

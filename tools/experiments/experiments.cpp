@@ -177,8 +177,8 @@ s2s::TrainConfig base_rnn_config(const Context& ctx) {
   s2s::TrainConfig c;
   c.model.embedding = ctx.quick() ? 32 : 64;
   c.model.hidden = ctx.quick() ? 64 : 128;
-  c.batch_size = ctx.quick() ? 32 : 64;
-  c.epochs = ctx.quick() ? 2 : 4;
+  c.batch_size = ctx.quick() ? 16 : 64;
+  c.epochs = ctx.quick() ? 3 : 4;
   c.lr = ctx.quick() ? 1e-2 : 5e-3;
   c.schedule.warmup_steps = ctx.quick() ? 10 : 100;
   c.model.max_source_steps = 64;
@@ -193,8 +193,8 @@ s2s::TrainConfig base_transformer_config(const Context& ctx, int64_t heads) {
   c.model.encoder_layers = c.model.decoder_layers = ctx.quick() ? 1 : 2;
   c.model.ffn = 2 * c.model.hidden;
   c.model.dropout = ctx.quick() ? 0.0 : 0.1;
-  c.batch_size = ctx.quick() ? 32 : 64;
-  c.epochs = ctx.quick() ? 2 : 4;
+  c.batch_size = ctx.quick() ? 16 : 64;
+  c.epochs = ctx.quick() ? 3 : 4;
   c.lr = ctx.quick() ? 3e-3 : 2e-3;
   c.schedule.warmup_steps = ctx.quick() ? 20 : 200;
   return c;
