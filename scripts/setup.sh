@@ -7,6 +7,7 @@ packages=(
   libopenblas-dev libhwy-dev libomp-dev
   libgtest-dev libbenchmark-dev libcli11-dev nlohmann-json3-dev libxxhash-dev
   clang-14 libfuzzer-14-dev
+  libopenmpi-dev openmpi-bin
   python3-dev pybind11-dev python3-numpy python3-torch python3-pytest python3-venv
   python3-setuptools python3-wheel
   chromium  # renders the `attn experiments` report in tests/test_experiments_report.cpp
