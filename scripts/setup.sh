@@ -6,6 +6,7 @@ packages=(
   build-essential cmake ninja-build pkg-config
   libopenblas-dev libhwy-dev libomp-dev
   libgtest-dev libbenchmark-dev libcli11-dev nlohmann-json3-dev libxxhash-dev
+  libsentencepiece-dev gettext
   clang-14 libfuzzer-14-dev
   libopenmpi-dev openmpi-bin
   python3-dev pybind11-dev python3-numpy python3-torch python3-pytest python3-venv

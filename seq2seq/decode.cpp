@@ -202,10 +202,14 @@ Translation beam_search(DecodingSession& session, int64_t source_length, const D
   }
   ATTN_CHECK(!finished.empty(), "beam_search", "no hypothesis survived (max_length ", max_steps, ")");
   // Best by normalised score; the earliest finished wins ties (stable).
-  std::size_t best = 0;
-  for (std::size_t i = 1; i < finished.size(); ++i)
-    if (finished[i].score > finished[best].score) best = i;
-  return finished[best];
+  std::stable_sort(finished.begin(), finished.end(),
+                   [](const Translation& a, const Translation& b) { return a.score > b.score; });
+  Translation best = finished[0];
+  if (config.nbest > 1) {
+    const std::size_t n = std::min<std::size_t>(static_cast<std::size_t>(config.nbest), finished.size());
+    best.nbest.assign(finished.begin(), finished.begin() + static_cast<std::ptrdiff_t>(n));
+  }
+  return best;
 }
 
 void check_beam(const DecodeConfig& config) {

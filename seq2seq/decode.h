@@ -26,6 +26,7 @@ struct DecodeConfig {
   double length_penalty = 1.0;   // alpha
   int64_t max_length = 0;        // output tokens, <eos> included; 0: 2 x source length + 10
   bool alignment = true;         // fill Translation::alignment
+  int64_t nbest = 1;             // > 1 (beam search only, at most beam): fill Translation::nbest
 };
 
 struct Translation {
@@ -39,6 +40,10 @@ struct Translation {
   // A copying model's tokens may be extended ids V + k (batching.h): copied_words[k] is the
   // source word behind V + k (filled by Translator::translate).
   Tokens copied_words;
+  // With DecodeConfig::nbest > 1: the nbest best-scoring hypotheses the beam finished (or, when
+  // fewer finished, the unfinished ones), best first; nbest[0] is this translation. Each has
+  // its own tokens, scores and alignment, and an empty nbest.
+  std::vector<Translation> nbest;
 };
 
 // Sources are id sequences without <eos> (make_source_batch appends it).

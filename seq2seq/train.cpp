@@ -9,6 +9,7 @@
 #include <map>
 #include <numeric>
 #include <type_traits>
+#include <unordered_map>
 
 #include <cblas.h>
 #include <omp.h>
@@ -78,6 +79,11 @@ void put_config(Metadata& md, const TrainConfig& c) {
   md["train.clip_norm"] = exact(c.clip_norm);
   md["train.label_smoothing"] = exact(c.label_smoothing);
   md["train.seed"] = std::to_string(c.seed);
+  md["train.subword"] = c.subword.enabled ? subword_kind_name(c.subword.kind) : "none";
+  if (c.subword.enabled) {
+    md["train.subword_vocab_size"] = std::to_string(c.subword.vocab_size);
+    md["train.subword_joint"] = c.subword.joint ? "true" : "false";
+  }
 }
 
 class MetadataReader {
@@ -196,6 +202,15 @@ TrainConfig read_config(const Metadata& md, const std::string& source) {
   c.clip_norm = r.f64("train.clip_norm");
   c.label_smoothing = r.f64("train.label_smoothing");
   c.seed = static_cast<uint64_t>(r.i64("train.seed"));
+  // Checkpoints written before subword vocabularies have no train.subword: word-level.
+  if (md.count("train.subword") && r.str("train.subword") != "none") {
+    const std::string kind = r.str("train.subword");
+    ATTN_CHECK(kind == "bpe" || kind == "unigram", "checkpoint", source, ": unknown subword kind ", kind);
+    c.subword.enabled = true;
+    c.subword.kind = kind == "bpe" ? SubwordKind::bpe : SubwordKind::unigram;
+    c.subword.vocab_size = r.i64("train.subword_vocab_size");
+    c.subword.joint = r.boolean("train.subword_joint");
+  }
   return c;
 }
 
@@ -395,16 +410,46 @@ std::vector<Translation> Translator::translate(const std::vector<std::string>& s
   // The source words behind a copying model's extended ids (batching.h's extend_source, as the
   // model derived them from the ids).
   if (const auto* rnn = std::get_if<Seq2Seq>(&model); rnn && rnn->config.copy)
-    for (std::size_t i = 0; i < out.size(); ++i)
+    for (std::size_t i = 0; i < out.size(); ++i) {
       out[i].copied_words =
           copy_words(tokenised[i], extend_source(ids[i], rnn->copy_map, rnn->config.target_vocab));
+      for (Translation& alternative : out[i].nbest) alternative.copied_words = out[i].copied_words;
+    }
   if (source_tokens) *source_tokens = std::move(tokenised);
+  return out;
+}
+
+std::vector<Translation> Translator::translate_all(const std::vector<std::string>& sentences,
+                                                  const DecodeConfig& config,
+                                                  std::vector<Tokens>* source_tokens,
+                                                  int64_t batch) const {
+  // Greedy decoding batches sentences; sorting by length keeps padding small.
+  std::vector<std::size_t> order(sentences.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
+    return sentences[a].size() < sentences[b].size();
+  });
+  std::vector<Translation> out(sentences.size());
+  if (source_tokens) source_tokens->assign(sentences.size(), {});
+  const std::size_t chunk_size = static_cast<std::size_t>(std::max<int64_t>(1, batch));
+  for (std::size_t start = 0; start < order.size(); start += chunk_size) {
+    const std::size_t end = std::min(order.size(), start + chunk_size);
+    std::vector<std::string> chunk;
+    for (std::size_t i = start; i < end; ++i) chunk.push_back(sentences[order[i]]);
+    std::vector<Tokens> tokens;
+    std::vector<Translation> done = translate(chunk, config, source_tokens ? &tokens : nullptr);
+    for (std::size_t i = start; i < end; ++i) {
+      out[order[i]] = std::move(done[i - start]);
+      if (source_tokens) (*source_tokens)[order[i]] = std::move(tokens[i - start]);
+    }
+  }
   return out;
 }
 
 int64_t Translator::max_source_tokens() const { return config().max_source_steps - 1; }
 
 Tokens Translator::source_tokens(std::string_view sentence) const {
+  if (source_subword) return source_subword->encode(sentence);
   TokenizeOptions options;
   options.is_name = [this](std::string_view w) {
     return source_vocab.contains(w) || is_corpus_name(w);
@@ -432,6 +477,25 @@ Tokens Translator::target_tokens(const Translation& t) const {
   return out;
 }
 
+std::string Translator::target_text(const Translation& t) const {
+  const Tokens tokens = target_tokens(t);
+  if (!target_subword) return join_tokens(tokens);
+  // Byte pieces can spell any byte: a line break or tab in the output would break the one
+  // line per sentence of every file format, so they become spaces.
+  std::string text = target_subword->decode(tokens);
+  for (char& c : text)
+    if (c == '\n' || c == '\r' || c == '\t') c = ' ';
+  return text;
+}
+
+Tokens Translator::training_source_tokens(std::string_view text) const {
+  return source_subword ? source_subword->encode(text) : tokenize_training_text(text);
+}
+
+Tokens Translator::training_target_tokens(std::string_view text) const {
+  return target_subword ? target_subword->encode(text) : tokenize_training_text(text);
+}
+
 Translator Translator::load(const std::string& path) {
   const std::string file_path = resolve_checkpoint(path);
   const SafetensorsFile file = SafetensorsFile::load(file_path);
@@ -440,6 +504,14 @@ Translator Translator::load(const std::string& path) {
   MetadataReader r(file.metadata, file_path);
   t.source_vocab = Vocab::from_json(r.str("source_vocab"), file_path + " source_vocab");
   t.target_vocab = Vocab::from_json(r.str("target_vocab"), file_path + " target_vocab");
+  if (config.subword.enabled) {
+    const auto model = [&](const std::string& key) {
+      return std::make_shared<const SubwordModel>(SubwordModel::from_serialized(
+          base64_decode(r.str(key), file_path + " " + key), file_path + " " + key));
+    };
+    t.source_subword = model("source_subword");
+    t.target_subword = config.subword.joint ? t.source_subword : model("target_subword");
+  }
   ATTN_CHECK(t.source_vocab.size() == config.model.source_vocab &&
                  t.target_vocab.size() == config.model.target_vocab,
              "checkpoint", file_path, ": vocabulary sizes disagree with the configuration");
@@ -454,28 +526,21 @@ EvalResult evaluate(const Translator& translator, const std::vector<SentencePair
                     const DecodeConfig& config) {
   EvalResult r;
   if (pairs.empty()) return r;
-  // Greedy decoding batches sentences; sorting by length keeps padding small.
-  std::vector<std::size_t> order(pairs.size());
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
-    return pairs[a].source.size() < pairs[b].source.size();
-  });
-  r.hypotheses.resize(pairs.size());
-  r.references.resize(pairs.size());
-  constexpr std::size_t kChunk = 64;
-  for (std::size_t start = 0; start < order.size(); start += kChunk) {
-    std::vector<std::string> chunk;
-    const std::size_t end = std::min(order.size(), start + kChunk);
-    for (std::size_t i = start; i < end; ++i) chunk.push_back(pairs[order[i]].source);
-    DecodeConfig c = config;
-    c.alignment = false;
-    const std::vector<Translation> out = translator.translate(chunk, c);
-    for (std::size_t i = start; i < end; ++i) {
-      r.hypotheses[order[i]] = translator.target_tokens(out[i - start]);
-      r.references[order[i]] = tokenize_training_text(pairs[order[i]].target);
-    }
+  std::vector<std::string> sources;
+  for (const SentencePair& p : pairs) sources.push_back(p.source);
+  DecodeConfig c = config;
+  c.alignment = false;
+  const std::vector<Translation> out = translator.translate_all(sources, c);
+  for (std::size_t i = 0; i < pairs.size(); ++i) {
+    r.hypotheses.push_back(translator.target_tokens(out[i]));
+    r.hypothesis_texts.push_back(translator.target_text(out[i]));
+    r.references.push_back(translator.training_target_tokens(pairs[i].target));
   }
   r.bleu = corpus_bleu(r.hypotheses, r.references);
+  std::vector<std::vector<std::string>> reference_texts(1);
+  for (const SentencePair& p : pairs) reference_texts[0].push_back(p.target);
+  r.sacre_bleu = sacre_bleu(r.hypothesis_texts, reference_texts);
+  r.chrf = corpus_chrf(r.hypothesis_texts, reference_texts);
   r.exact_match = exact_match(r.hypotheses, r.references);
   return r;
 }
@@ -489,13 +554,35 @@ Trainer::Trainer(const TrainConfig& config, std::vector<SentencePair> train,
   ATTN_CHECK(!train_.empty(), kOp, "no training pairs");
   ATTN_CHECK(config_.epochs >= 1 && config_.batch_size >= 1, kOp, "epochs (", config_.epochs,
              ") and batch size (", config_.batch_size, ") must be >= 1");
-  std::vector<Tokens> src, tgt;
-  for (const SentencePair& p : train_) {
-    src.push_back(tokenize_training_text(p.source));
-    tgt.push_back(tokenize_training_text(p.target));
+  if (config_.subword.enabled) {
+    SubwordConfig sc;
+    sc.kind = config_.subword.kind;
+    sc.vocab_size = config_.subword.vocab_size;
+    sc.seed = config_.seed;
+    std::vector<std::string> sources, targets;
+    for (const SentencePair& p : train_) {
+      sources.push_back(p.source);
+      targets.push_back(p.target);
+    }
+    if (config_.subword.joint) {
+      sources.insert(sources.end(), targets.begin(), targets.end());
+      translator_.source_subword = std::make_shared<const SubwordModel>(SubwordModel::train(sources, sc));
+      translator_.target_subword = translator_.source_subword;
+    } else {
+      translator_.source_subword = std::make_shared<const SubwordModel>(SubwordModel::train(sources, sc));
+      translator_.target_subword = std::make_shared<const SubwordModel>(SubwordModel::train(targets, sc));
+    }
+    translator_.source_vocab = subword_vocab(*translator_.source_subword);
+    translator_.target_vocab = subword_vocab(*translator_.target_subword);
+  } else {
+    std::vector<Tokens> src, tgt;
+    for (const SentencePair& p : train_) {
+      src.push_back(tokenize_training_text(p.source));
+      tgt.push_back(tokenize_training_text(p.target));
+    }
+    translator_.source_vocab = Vocab::build(src, config_.vocab);
+    translator_.target_vocab = Vocab::build(tgt, config_.vocab);
   }
-  translator_.source_vocab = Vocab::build(src, config_.vocab);
-  translator_.target_vocab = Vocab::build(tgt, config_.vocab);
   config_.model.source_vocab = translator_.source_vocab.size();
   config_.model.target_vocab = translator_.target_vocab.size();
   translator_.model = create_model(config_.model, config_.seed);
@@ -507,16 +594,26 @@ Trainer::Trainer(const TrainConfig& config, std::vector<SentencePair> train,
 
 void Trainer::prepare_data() {
   encoded_.clear();
+  dropped_long_pairs_ = 0;
   int64_t line = 0;
   for (const SentencePair& p : train_) {
     ++line;
     EncodedPair e = encode_pair(translator_.source_vocab, translator_.target_vocab,
-                                tokenize_training_text(p.source), tokenize_training_text(p.target));
+                                translator_.training_source_tokens(p.source),
+                                translator_.training_target_tokens(p.target));
+    // A subword run cannot check lengths when reading the file (pieces are not words).
+    if (translator_.source_subword &&
+        static_cast<int64_t>(e.source.size()) + 1 > config_.model.max_source_steps) {
+      ++dropped_long_pairs_;
+      continue;
+    }
     ATTN_CHECK(static_cast<int64_t>(e.source.size()) + 1 <= config_.model.max_source_steps, kOp,
                "training pair ", line, " has ", e.source.size(),
                " source tokens; the model allows ", config_.model.max_source_steps - 1);
     encoded_.push_back(std::move(e));
   }
+  ATTN_CHECK(!encoded_.empty(), kOp, "every training pair has more than ",
+             config_.model.max_source_steps - 1, " source pieces (raise --max-source)");
   batches_ = bucket_batches(encoded_, config_.batch_size, config_.seed);
   total_steps_ = config_.epochs * static_cast<int64_t>(batches_.size());
   if (config_.schedule.total_steps <= 0) config_.schedule.total_steps = total_steps_;
@@ -525,6 +622,10 @@ void Trainer::prepare_data() {
 
 std::string Trainer::checkpoint_file(const std::string& out_dir) {
   return (std::filesystem::path(out_dir) / "checkpoint.safetensors").string();
+}
+
+std::string Trainer::best_checkpoint_file(const std::string& out_dir) {
+  return (std::filesystem::path(out_dir) / "best.safetensors").string();
 }
 
 void Trainer::save_checkpoint(const std::string& path) const {
@@ -540,6 +641,13 @@ void Trainer::save_checkpoint(const std::string& path) const {
   file.metadata["source_vocab"] = translator_.source_vocab.to_json();
   file.metadata["target_vocab"] = translator_.target_vocab.to_json();
   file.metadata["data_fingerprint"] = hex(fingerprint_);
+  if (translator_.source_subword) {
+    file.metadata["source_subword"] = base64_encode(translator_.source_subword->serialized());
+    if (!config_.subword.joint)
+      file.metadata["target_subword"] = base64_encode(translator_.target_subword->serialized());
+  }
+  file.metadata["run.best_bleu"] = exact(best_bleu_);
+  file.metadata["run.evals_since_best"] = std::to_string(evals_since_best_);
   const nn::ParameterList params = translator_.parameters();
   for (const nn::Parameter& p : params) file.add("model." + p.name, p.value);
   optimizer_->save(file, params);
@@ -572,22 +680,33 @@ Trainer Trainer::resume(const std::string& checkpoint_path, std::vector<Sentence
   t.epoch_ = pos[0];
   t.batch_in_epoch_ = pos[1];
   t.step_ = pos[2];
+  if (file.metadata.count("run.best_bleu")) {
+    t.best_bleu_ = r.f64("run.best_bleu");
+    t.evals_since_best_ = r.i64("run.evals_since_best");
+  }
   return t;
 }
 
 EvalReport Trainer::evaluate_now(int64_t sentences) {
   EvalReport report;
   report.step = step_;
-  const std::vector<SentencePair>& pool = valid_.empty() ? train_ : valid_;
-  const int64_t n = std::min<int64_t>(sentences, static_cast<int64_t>(pool.size()));
-  std::vector<SentencePair> subset(pool.begin(), pool.begin() + n);
-  report.sentences = n;
-  if (n == 0) return report;
+  // Only validation pairs: scores on the training data would say nothing about translation.
+  const int64_t n = std::min<int64_t>(sentences, static_cast<int64_t>(valid_.size()));
+  std::vector<SentencePair> subset;
+  for (const SentencePair& p : valid_) {
+    if (static_cast<int64_t>(subset.size()) >= n) break;
+    // A source longer than the model takes cannot be translated; skip it.
+    if (static_cast<int64_t>(translator_.source_tokens(p.source).size()) <= translator_.max_source_tokens())
+      subset.push_back(p);
+  }
+  report.sentences = static_cast<int64_t>(subset.size());
+  if (subset.empty()) return report;
   // Teacher-forced NLL over the subset.
   std::vector<EncodedPair> enc;
   for (const SentencePair& p : subset)
     enc.push_back(encode_pair(translator_.source_vocab, translator_.target_vocab,
-                              tokenize_training_text(p.source), tokenize_training_text(p.target)));
+                              translator_.training_source_tokens(p.source),
+                              translator_.training_target_tokens(p.target)));
   double nll_sum = 0.0;
   int64_t tokens = 0;
   for (const auto& idx : bucket_batches(enc, config_.batch_size, config_.seed)) {
@@ -598,7 +717,8 @@ EvalReport Trainer::evaluate_now(int64_t sentences) {
   }
   report.valid_loss = tokens ? nll_sum / static_cast<double>(tokens) : 0.0;
   const EvalResult e = evaluate(translator_, subset);
-  report.bleu = e.bleu;
+  report.bleu = e.sacre_bleu;
+  report.chrf = e.chrf;
   report.exact_match = e.exact_match;
   return report;
 }
@@ -622,9 +742,27 @@ bool Trainer::run(const RunControl& control, const TrainCallbacks& callbacks) {
     save_checkpoint(path);
     if (callbacks.on_checkpoint) callbacks.on_checkpoint(path);
   };
-  auto eval = [&] {
-    if (!callbacks.on_eval) return;
-    callbacks.on_eval(evaluate_now(control.eval_sentences));
+  // Evaluates on the validation pairs (none: nothing to do); a better BLEU than any before is
+  // saved as best.safetensors. Returns true when the patience has run out.
+  auto eval = [&]() -> bool {
+    if (valid_.empty() || control.eval_sentences <= 0) return false;
+    if (!callbacks.on_eval && control.out_dir.empty() && control.patience <= 0) return false;
+    EvalReport report = evaluate_now(control.eval_sentences);
+    if (report.sentences == 0) return false;
+    if (report.bleu.bleu > best_bleu_) {
+      best_bleu_ = report.bleu.bleu;
+      evals_since_best_ = 0;
+      report.best = true;
+      if (!control.out_dir.empty()) {
+        std::filesystem::create_directories(control.out_dir);
+        save_checkpoint(best_checkpoint_file(control.out_dir));
+      }
+    } else {
+      ++evals_since_best_;
+    }
+    report.evals_since_best = evals_since_best_;
+    if (callbacks.on_eval) callbacks.on_eval(report);
+    return control.patience > 0 && evals_since_best_ >= control.patience;
   };
   CrossEntropyConfig ce;
   ce.label_smoothing = config_.label_smoothing;
@@ -692,16 +830,46 @@ bool Trainer::run(const RunControl& control, const TrainCallbacks& callbacks) {
         tokens_since = 0;
         last_report = now;
       }
-      if (control.eval_every > 0 && step_ % control.eval_every == 0) eval();
-      if (control.checkpoint_every > 0 && step_ % control.checkpoint_every == 0) checkpoint();
+      const bool stop = control.eval_every > 0 && step_ % control.eval_every == 0 && eval();
+      if (stop || (control.checkpoint_every > 0 && step_ % control.checkpoint_every == 0)) checkpoint();
+      if (stop) return false;
     }
     ++epoch_;
     batch_in_epoch_ = 0;
-    if (control.eval_every == 0) eval();
-    if (control.checkpoint_every == 0 && epoch_ < config_.epochs) checkpoint();
+    const bool stop = control.eval_every == 0 && eval();
+    if (stop || (control.checkpoint_every == 0 && epoch_ < config_.epochs)) checkpoint();
+    if (stop) return false;
   }
   checkpoint();
   return true;
+}
+
+}  // namespace attn::seq2seq
+
+namespace attn::seq2seq {
+
+std::vector<SentencePair> hold_out_validation(std::vector<SentencePair>& train, int64_t count,
+                                              uint64_t seed) {
+  ATTN_CHECK(count >= 0, kOp, "validation size must be >= 0, got ", count);
+  if (count == 0) return {};
+  std::unordered_map<std::string, int64_t> source_count;
+  for (const SentencePair& p : train) ++source_count[p.source];
+  // Candidates: pairs whose source occurs once, in an order drawn from the seed.
+  std::vector<std::pair<uint64_t, std::size_t>> keyed;
+  for (std::size_t i = 0; i < train.size(); ++i)
+    if (source_count[train[i].source] == 1) keyed.push_back({mix64(seed ^ mix64(i + 1)), i});
+  ATTN_CHECK(static_cast<int64_t>(keyed.size()) >= 2 * count, kOp, "cannot hold out ", count,
+             " validation pairs: only ", keyed.size(), " of the ", train.size(),
+             " training pairs have a source that occurs once (give --valid FILE or a smaller "
+             "--valid-size)");
+  std::sort(keyed.begin(), keyed.end());
+  std::vector<bool> held(train.size(), false);
+  for (int64_t k = 0; k < count; ++k) held[keyed[k].second] = true;
+  std::vector<SentencePair> valid, rest;
+  for (std::size_t i = 0; i < train.size(); ++i)
+    (held[i] ? valid : rest).push_back(std::move(train[i]));
+  train = std::move(rest);
+  return valid;
 }
 
 }  // namespace attn::seq2seq

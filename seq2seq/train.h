@@ -20,7 +20,15 @@
 //   train.position          I64 [epoch, batch in epoch, step]
 //   train.seed              I64 [seed]
 //   __metadata__            format, configuration (config.*, train.*), both vocabularies as
-//                           JSON, a fingerprint of the training data (checked on resume)
+//                           JSON, a fingerprint of the training data (checked on resume), the
+//                           subword models (source_subword, target_subword: SentencePiece's
+//                           serialized model in base64) when TrainConfig::subword is on, and the
+//                           validation state (run.best_bleu, run.evals_since_best)
+// Validation (RunControl): every evaluation scores the validation pairs (never the training
+// pairs: with no validation pairs there is no evaluation); when its sacreBLEU beats every
+// earlier one, the weights are also saved as <out>/best.safetensors (a checkpoint like the
+// other, loadable by Translator::load), and after `patience` evaluations in a row without a
+// better score the run stops early.
 #pragma once
 
 #include <cstdint>
@@ -36,15 +44,26 @@
 #include "seq2seq/model.h"
 #include "seq2seq/optim.h"
 #include "seq2seq/pairs_file.h"
+#include "seq2seq/sacrebleu.h"
+#include "seq2seq/subword.h"
 #include "seq2seq/transformer_model.h"
 #include "seq2seq/vocab.h"
 
 namespace attn::seq2seq {
 
+// Subword vocabularies (subword.h): off keeps the word-level tokeniser (vocab.h).
+struct SubwordTrainConfig {
+  bool enabled = false;
+  SubwordKind kind = SubwordKind::bpe;
+  int64_t vocab_size = 8000;  // per model: the joint one, or each side's
+  bool joint = true;          // one model over sources and targets, else one per side
+};
+
 // What changes the arithmetic of a run (saved in checkpoints).
 struct TrainConfig {
   ModelConfig model;          // vocabulary sizes are filled in from the data
-  VocabConfig vocab;
+  VocabConfig vocab;          // word-level vocabularies (subword off)
+  SubwordTrainConfig subword;
   int64_t epochs = 10;
   int64_t batch_size = 64;
   double lr = 2e-3;
@@ -64,6 +83,9 @@ struct RunControl {
   int64_t checkpoint_every = 0;  // steps between checkpoints; 0: end of every epoch and the run
   int64_t progress_every = 50;   // steps between progress reports
   std::string out_dir;           // where checkpoint.safetensors goes; empty: no checkpoints
+  // Early stopping: stop after this many evaluations in a row without a better validation
+  // BLEU (0: never). Needs validation pairs.
+  int64_t patience = 0;
 };
 
 struct Progress {
@@ -81,9 +103,12 @@ struct Progress {
 struct EvalReport {
   int64_t step = 0;
   double valid_loss = 0.0;  // teacher-forced, label smoothing off (the NLL per token)
-  BleuScore bleu;
+  BleuScore bleu;           // sacreBLEU-style on the detokenised output (sacrebleu.h)
+  ChrfScore chrf;
   double exact_match = 0.0;
-  int64_t sentences = 0;
+  int64_t sentences = 0;    // 0: no validation pairs, nothing was evaluated
+  bool best = false;        // the best BLEU so far (saved as best.safetensors when checkpointing)
+  int64_t evals_since_best = 0;
 };
 
 struct TrainCallbacks {
@@ -115,6 +140,8 @@ struct Translator {
   TranslationModel model;
   Vocab source_vocab;
   Vocab target_vocab;
+  // Subword models (null: the word-level tokeniser). Joint models are one object shared.
+  std::shared_ptr<const SubwordModel> source_subword, target_subword;
 
   const ModelConfig& config() const;
   nn::ParameterList parameters() const;
@@ -124,7 +151,20 @@ struct Translator {
   std::vector<Translation> translate(const std::vector<std::string>& sentences,
                                      const DecodeConfig& config,
                                      std::vector<Tokens>* source_tokens = nullptr) const;
+  // translate() over any number of sentences: sorted by length and decoded `batch` at a time
+  // (greedy decoding runs a batch at once), returned in input order.
+  std::vector<Translation> translate_all(const std::vector<std::string>& sentences,
+                                         const DecodeConfig& config,
+                                         std::vector<Tokens>* source_tokens = nullptr,
+                                         int64_t batch = 64) const;
   Tokens target_tokens(const Translation& t) const;
+  // The translation as text, one line: the subword model's decoding (cased, detokenised; any
+  // line break or tab a byte piece spells becomes a space), or the word-level tokens joined by
+  // spaces.
+  std::string target_text(const Translation& t) const;
+  // Tokens of training text: the subword pieces, or tokenize_training_text.
+  Tokens training_source_tokens(std::string_view text) const;
+  Tokens training_target_tokens(std::string_view text) const;
 
   // The longest source translate() accepts, in tokens without <eos>: the model's
   // max_source_steps - 1, the --max-source its training data was held to. Longer input is
@@ -140,13 +180,17 @@ struct Translator {
 };
 
 struct EvalResult {
-  BleuScore bleu;
+  BleuScore bleu;                      // over tokens (bleu.h), lowercased for word-level models
+  BleuScore sacre_bleu;                // sacreBLEU-style over the texts (sacrebleu.h)
+  ChrfScore chrf;
   double exact_match = 0.0;
   std::vector<Tokens> hypotheses;
   std::vector<Tokens> references;
+  std::vector<std::string> hypothesis_texts;  // Translator::target_text, in input order
 };
 
-// Translates every source and scores against the targets (tokenised the same way).
+// Translates every source and scores against the targets: token BLEU against the targets
+// tokenised as in training, sacreBLEU and chrF against the target texts as written.
 EvalResult evaluate(const Translator& translator, const std::vector<SentencePair>& pairs,
                     const DecodeConfig& config = {});
 
@@ -159,7 +203,7 @@ class Trainer {
   Trainer(const TrainConfig& config, std::vector<SentencePair> train,
           std::vector<SentencePair> valid);
   // Continues from a checkpoint; `train` must be the data the run started with (checked by
-  // fingerprint).
+  // fingerprint). Subword models are learnt on `train` (a fresh run), or restored (resume).
   static Trainer resume(const std::string& checkpoint_path, std::vector<SentencePair> train,
                         std::vector<SentencePair> valid);
 
@@ -172,6 +216,10 @@ class Trainer {
   void save_checkpoint(const std::string& path) const;
 
   const TrainConfig& config() const { return config_; }
+  // Training pairs left out because their source has more than max_source_steps - 1 subword
+  // pieces (subword runs only; word-level runs refuse such a pair).
+  int64_t dropped_long_pairs() const { return dropped_long_pairs_; }
+  double best_bleu() const { return best_bleu_; }
   const Translator& translator() const { return translator_; }
   int64_t step() const { return step_; }
   int64_t total_steps() const { return total_steps_; }
@@ -182,6 +230,8 @@ class Trainer {
 
   // The checkpoint path of an output directory: <out_dir>/checkpoint.safetensors.
   static std::string checkpoint_file(const std::string& out_dir);
+  // <out_dir>/best.safetensors: the checkpoint of the best validation BLEU.
+  static std::string best_checkpoint_file(const std::string& out_dir);
 
  private:
   Trainer() = default;
@@ -197,6 +247,15 @@ class Trainer {
   uint64_t fingerprint_ = 0;
   std::vector<double> losses_;
   int64_t skipped_steps_ = 0;
+  int64_t dropped_long_pairs_ = 0;
+  double best_bleu_ = -1.0;
+  int64_t evals_since_best_ = 0;
 };
+
+// Moves `count` pairs out of `train` into the returned validation set: pairs drawn by `seed`
+// whose source occurs once in `train`, so no validation source is ever trained on. Throws when
+// `train` would be left with fewer than `count` pairs.
+std::vector<SentencePair> hold_out_validation(std::vector<SentencePair>& train, int64_t count,
+                                              uint64_t seed);
 
 }  // namespace attn::seq2seq

@@ -456,4 +456,97 @@ TEST_F(CliGuards, BlankLinesGiveBlankLines) {
   EXPECT_EQ(blank.output, "\n\n");
 }
 
+std::string read_file(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+// The lines of `text`, without the tool's "translated N sentences ..." report (stderr, which
+// run_attn merges into the output).
+std::vector<std::string> split_lines(const std::string& text) {
+  std::vector<std::string> lines;
+  std::size_t start = 0;
+  for (std::size_t at; (at = text.find('\n', start)) != std::string::npos; start = at + 1)
+    if (text.compare(start, 11, "translated ") != 0) lines.push_back(text.substr(start, at - start));
+  return lines;
+}
+
+// Real-text features end to end: a SentencePiece vocabulary learnt by `attn train` (stored
+// beside the checkpoint), validation held out of --train with best.safetensors kept, and the
+// translator's file, n-best and JSON outputs; eval writes its translations and reports
+// sacreBLEU-style BLEU and chrF.
+TEST_F(Cli, SubwordValidationAndTranslatorOutputs) {
+  const s2s::Corpus corpus = write_small_corpus();
+  std::vector<s2s::SentencePair> pairs = corpus.train;
+  pairs.push_back({"Could not open '%s': %d errors", "Impossible d'ouvrir « %s » : %d erreurs"});
+  s2s::write_pairs_file((dir_ / "mixed.tsv").string(), pairs);
+  const fs::path model = dir_ / "sub";
+  const Process t = run_attn("train --train " + (dir_ / "mixed.tsv").string() + " --out " +
+                             model.string() + " --arch transformer --hidden 32 --heads 2 --ffn 64 "
+                             "--subword bpe --vocab-size 400 --valid-size 20 --max-steps 12 "
+                             "--eval-every 6 --eval-sentences 10 --threads 1");
+  ASSERT_EQ(t.status, 0) << t.output;
+  EXPECT_NE(t.output.find("validation: 20 pairs held out"), std::string::npos) << t.output;
+  EXPECT_NE(t.output.find("chrF2"), std::string::npos) << t.output;
+  EXPECT_TRUE(fs::exists(model / "subword.model"));
+  EXPECT_TRUE(fs::exists(model / "best.safetensors"));
+
+  const fs::path input = dir_ / "in.txt", output = dir_ / "out.txt";
+  std::ofstream(input) << corpus.test[0].source << "\n\nSaved %s in {0}\n";
+  const Process tr = run_attn("translate --model " + model.string() + " --input " + input.string() +
+                              " --output " + output.string());
+  ASSERT_EQ(tr.status, 0) << tr.output;
+  EXPECT_NE(tr.output.find("sentences/s"), std::string::npos) << tr.output;
+  const std::vector<std::string> lines = split_lines(read_file(output));
+  ASSERT_EQ(lines.size(), 3u) << read_file(output);
+  EXPECT_EQ(lines[1], "");
+  EXPECT_EQ(lines[0].find("\xe2\x96\x81"), std::string::npos) << lines[0];  // detokenised: no ▁
+
+  const Process nbest = run_attn("translate --model " + model.string() + " --nbest 3 --input " +
+                                 input.string());
+  ASSERT_EQ(nbest.status, 0) << nbest.output;
+  const std::vector<std::string> n_lines = split_lines(nbest.output);
+  ASSERT_EQ(n_lines.size(), 7u) << nbest.output;  // 3 + blank line's 1 + 3
+  EXPECT_EQ(n_lines[0].rfind("0 ||| ", 0), 0u) << n_lines[0];
+  EXPECT_EQ(n_lines[3], "1 |||  ||| 0");
+  EXPECT_EQ(n_lines[6].rfind("2 ||| ", 0), 0u) << n_lines[6];
+
+  const Process json = run_attn("translate --model " + model.string() + " --json --nbest 2 --input " +
+                                input.string());
+  ASSERT_EQ(json.status, 0) << json.output;
+  const std::vector<std::string> j_lines = split_lines(json.output);
+  ASSERT_EQ(j_lines.size(), 3u) << json.output;
+  for (const char* key : {"\"translation\":", "\"tokens\":", "\"score\":", "\"alignment\":", "\"nbest\":"})
+    EXPECT_NE(j_lines[0].find(key), std::string::npos) << key << " in " << j_lines[0];
+  EXPECT_EQ(j_lines[1], "{\"line\":2,\"source\":\"\",\"translation\":\"\"}");
+
+  const fs::path hyp = dir_ / "hyp.txt";
+  const Process e = run_attn("eval --model " + (model / "best.safetensors").string() + " --test " +
+                             (dir_ / "test.tsv").string() + " --output " + hyp.string());
+  ASSERT_EQ(e.status, 0) << e.output;
+  EXPECT_NE(e.output.find("BLEU|nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp = "), std::string::npos) << e.output;
+  EXPECT_NE(e.output.find("chrF2|nrefs:1|"), std::string::npos) << e.output;
+  EXPECT_EQ(split_lines(read_file(hyp)).size(), corpus.test.size());
+
+  const Process bad = run_attn("translate --model " + model.string() + " --input " +
+                               (dir_ / "missing.txt").string());
+  EXPECT_EQ(bad.status, 1);
+  EXPECT_NE(bad.output.find("missing.txt"), std::string::npos) << bad.output;
+  EXPECT_EQ(run_attn("train --train x --out y --subword words").status, 2);
+}
+
+// Early stopping: with a learning rate too small to change anything, the validation BLEU never
+// improves after the first evaluation, so --patience 1 stops at the second.
+TEST_F(Cli, PatienceStopsEarly) {
+  write_small_corpus();
+  const fs::path model = dir_ / "patient";
+  const Process t = run_attn("train --train " + (dir_ / "train.tsv").string() + " --out " +
+                             model.string() + " --emb 8 --hidden 16 --lr 1e-12 --warmup 0 "
+                             "--eval-every 3 --eval-sentences 4 --patience 1 --max-steps 30 --threads 1");
+  ASSERT_EQ(t.status, 0) << t.output;
+  EXPECT_NE(t.output.find("stopping early"), std::string::npos) << t.output;
+  EXPECT_NE(t.output.find("stopped at step 6 "), std::string::npos) << t.output;
+  EXPECT_TRUE(fs::exists(model / "best.safetensors"));
+}
+
 }  // namespace

@@ -505,4 +505,21 @@ TEST(NonFinite, CorruptOrMissingCheckpointIsNamed) {
   fs::remove_all(empty);
 }
 
+// Validation held out of the training pairs: sources that occur once, never trained on.
+TEST(HoldOutValidation, SourcesNeverInTraining) {
+  std::vector<s2s::SentencePair> train;
+  for (int i = 0; i < 100; ++i) train.push_back({"s" + std::to_string(i % 60), "t" + std::to_string(i)});
+  const std::vector<s2s::SentencePair> all = train;
+  const std::vector<s2s::SentencePair> valid = s2s::hold_out_validation(train, 5, 7);
+  ASSERT_EQ(valid.size(), 5u);
+  EXPECT_EQ(train.size(), 95u);
+  for (const auto& v : valid)
+    for (const auto& t : train) EXPECT_NE(v.source, t.source);
+  EXPECT_EQ(s2s::hold_out_validation(train, 0, 7).size(), 0u);
+  std::vector<s2s::SentencePair> again = all;
+  EXPECT_EQ(s2s::hold_out_validation(again, 5, 7), valid);  // a pure function of the seed
+  std::vector<s2s::SentencePair> few = {{"a", "b"}, {"c", "d"}};
+  EXPECT_THROW(s2s::hold_out_validation(few, 2, 1), attn::Error);
+}
+
 }  // namespace

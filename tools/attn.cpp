@@ -17,6 +17,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <optional>
 #include <string>
@@ -31,6 +32,8 @@
 #include "seq2seq/safetensors.h"
 #include "seq2seq/train.h"
 #include "cli_options.h"
+
+#include <nlohmann/json.hpp>
 #include "experiments/experiments.h"
 
 namespace s2s = attn::seq2seq;
@@ -105,6 +108,25 @@ void remove_stale_temporaries(const std::string& out_dir) {
 
 using TrainArgs = attn::cli::TrainOptions;
 
+// The subword models beside the checkpoint (which holds them too), for SentencePiece's own
+// tools: subword.model (joint), or source.model and target.model.
+void write_subword_models(const s2s::Translator& t, const std::string& out_dir) {
+  if (!t.source_subword) return;
+  std::filesystem::create_directories(out_dir);
+  const auto write = [&](const s2s::SubwordModel& m, const char* name) {
+    const std::string path = (std::filesystem::path(out_dir) / name).string();
+    std::ofstream f(path, std::ios::binary);
+    f << m.serialized();
+    if (!f.flush()) throw std::runtime_error("cannot write " + path);
+  };
+  if (t.source_subword == t.target_subword) {
+    write(*t.source_subword, "subword.model");
+  } else {
+    write(*t.source_subword, "source.model");
+    write(*t.target_subword, "target.model");
+  }
+}
+
 int run_train(const TrainArgs& a) {
   apply_threads(a.threads);
   const std::string checkpoint = s2s::Trainer::checkpoint_file(a.out);
@@ -124,12 +146,24 @@ int run_train(const TrainArgs& a) {
     valid = std::move(corpus.valid);
   } else {
     s2s::PairsReadOptions options;
-    options.max_tokens = a.max_source - 1;
+    // Subword runs count pieces, not words: the trainer leaves out sources over the limit.
+    options.max_tokens = a.subword == "none" ? a.max_source - 1 : 0;
     options.policy = a.skip_bad_lines ? s2s::BadLinePolicy::skip : s2s::BadLinePolicy::refuse;
     s2s::PairsFile file = s2s::read_pairs_file(a.train_file, options);
     std::cerr << file.report.summary(a.train_file) << "\n";
     train = std::move(file.pairs);
-    if (!a.valid_file.empty()) valid = s2s::read_pairs_file(a.valid_file, options).pairs;
+    if (!a.valid_file.empty()) {
+      valid = s2s::read_pairs_file(a.valid_file, options).pairs;
+    } else {
+      // Never validate on the training data: hold a slice out (sources that occur once).
+      const int64_t n = static_cast<int64_t>(train.size());
+      const int64_t size = a.valid_size >= 0 ? a.valid_size : n < 100 ? 0 : std::min<int64_t>(1000, n / 50);
+      valid = s2s::hold_out_validation(train, size, a.seed);
+      if (!valid.empty())
+        std::cerr << "validation: " << valid.size() << " pairs held out of " << a.train_file
+                  << " (their sources never occur in training); " << train.size()
+                  << " pairs left to train on\n";
+    }
   }
   std::optional<s2s::Trainer> trainer;
   if (a.resume) {
@@ -186,7 +220,18 @@ int run_train(const TrainArgs& a) {
     if (!known)
       throw UsageError("--schedule must be constant, linear, cosine or inverse_sqrt, got " + a.schedule);
     c.seed = a.seed;
+    if (a.subword != "none") {
+      c.subword.enabled = true;
+      c.subword.kind = a.subword == "bpe" ? s2s::SubwordKind::bpe : s2s::SubwordKind::unigram;
+      c.subword.vocab_size = a.vocab_size;
+      c.subword.joint = !a.subword_per_side;
+    }
     trainer.emplace(c, std::move(train), std::move(valid));
+    write_subword_models(trainer->translator(), a.out);
+    if (trainer->dropped_long_pairs() > 0)
+      std::cerr << "left out " << trainer->dropped_long_pairs()
+                << " training pairs whose source has more than " << a.max_source - 1
+                << " subword pieces (--max-source " << a.max_source << ")\n";
     const auto& m = trainer->config().model;
     if (transformer)
       std::cerr << "model: transformer, " << m.encoder_layers << " + " << m.decoder_layers
@@ -211,6 +256,7 @@ int run_train(const TrainArgs& a) {
   control.checkpoint_every = a.checkpoint_every;
   control.progress_every = a.progress_every;
   control.out_dir = a.out;
+  control.patience = a.patience;
   s2s::TrainCallbacks callbacks;
   callbacks.on_progress = [](const s2s::Progress& p) {
     char buf[256];
@@ -221,12 +267,19 @@ int run_train(const TrainArgs& a) {
                   p.tokens_per_s, format_duration(p.elapsed_s).c_str(), format_duration(p.eta_s).c_str());
     std::cerr << buf << std::endl;
   };
-  callbacks.on_eval = [](const s2s::EvalReport& e) {
-    char buf[256];
-    std::snprintf(buf, sizeof buf, "eval step %lld: valid nll %.4f, BLEU %.2f, exact match %.1f%% (%lld sentences)",
-                  static_cast<long long>(e.step), e.valid_loss, e.bleu.bleu, e.exact_match,
-                  static_cast<long long>(e.sentences));
-    std::cerr << buf << std::endl;
+  callbacks.on_eval = [patience = a.patience](const s2s::EvalReport& e) {
+    char buf[320];
+    std::snprintf(buf, sizeof buf,
+                  "eval step %lld: valid nll %.4f, BLEU %.2f, chrF2 %.2f, exact match %.1f%% (%lld "
+                  "sentences)%s",
+                  static_cast<long long>(e.step), e.valid_loss, e.bleu.bleu, e.chrf.score,
+                  e.exact_match, static_cast<long long>(e.sentences),
+                  e.best ? ", best so far" : "");
+    std::cerr << buf;
+    if (!e.best && patience > 0)
+      std::cerr << " (" << e.evals_since_best << "/" << patience << " without improvement"
+                << (e.evals_since_best >= patience ? ": stopping early" : "") << ")";
+    std::cerr << std::endl;
   };
   callbacks.on_skipped_step = [](int64_t step, double loss, double grad_norm) {
     std::cerr << "attn: warning: step " << step << " skipped: loss " << loss << ", gradient norm "
@@ -237,6 +290,9 @@ int run_train(const TrainArgs& a) {
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   std::cerr << (complete ? "finished" : "stopped") << " at step " << trainer->step() << " after "
             << format_duration(seconds) << "; checkpoint in " << a.out << "\n";
+  if (trainer->best_bleu() >= 0)
+    std::cerr << "best validation BLEU " << trainer->best_bleu() << ": "
+              << s2s::Trainer::best_checkpoint_file(a.out) << "\n";
   std::cout << "train_seconds " << seconds << "\n";
   return 0;
 }
@@ -251,18 +307,61 @@ std::string numbered_path(const std::string& path, std::size_t index, std::size_
   return (p.parent_path() / (p.stem().string() + "-" + std::to_string(index + 1) + p.extension().string())).string();
 }
 
+// Lines of `path` ("" or "-": stdin), CR of CRLF endings dropped.
+std::vector<std::string> read_lines(const std::string& path) {
+  std::vector<std::string> lines;
+  std::ifstream file;
+  if (!path.empty() && path != "-") {
+    file.open(path, std::ios::binary);
+    if (!file) throw std::runtime_error("--input: cannot open " + path);
+  }
+  std::istream& in = path.empty() || path == "-" ? std::cin : file;
+  std::string line;
+  while (std::getline(in, line)) {
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    lines.push_back(std::move(line));
+  }
+  return lines;
+}
+
+// Standard output, or the file `path` names ("" or "-": standard output).
+struct OutputStream {
+  std::ofstream file;
+  std::ostream* stream = &std::cout;
+  OutputStream(const std::string& path, const char* option) {
+    if (path.empty() || path == "-") return;
+    file.open(path, std::ios::binary | std::ios::trunc);
+    if (!file) throw std::runtime_error(std::string(option) + ": cannot write " + path);
+    stream = &file;
+  }
+  void close(const std::string& path, const char* option) {
+    if (!stream->flush()) throw std::runtime_error(std::string(option) + ": error writing " + path);
+  }
+};
+
+nlohmann::ordered_json translation_json(const s2s::Translator& translator, const s2s::Translation& t) {
+  nlohmann::ordered_json j;
+  j["translation"] = translator.target_text(t);
+  j["tokens"] = translator.target_tokens(t);
+  j["score"] = t.score;
+  j["log_prob"] = t.log_prob;
+  j["finished"] = t.finished;
+  return j;
+}
+
 // One output line per input line, always: a blank input line gives a blank output line (and no
 // heatmap), so outputs can be pasted next to their inputs. Every line is checked against the
-// model's longest input before anything is decoded, so decoding time stays bounded.
+// model's longest input before anything is decoded, so decoding time stays bounded. With
+// --nbest K: K lines "LINE ||| translation ||| score" per input line (LINE counts from 0, as
+// Moses's n-best lists); with --json one object per input line.
 int run_translate(TranslateArgs a) {
   apply_threads(a.threads);
   const s2s::Translator translator = s2s::Translator::load(a.model);
-  const bool from_stdin = a.sentences.empty();
-  if (from_stdin) {
-    std::string line;
-    while (std::getline(std::cin, line)) a.sentences.push_back(line);
-  }
-  if (a.sentences.empty()) throw UsageError("no sentences to translate (arguments or stdin)");
+  const bool from_args = !a.sentences.empty();
+  if (!from_args) a.sentences = read_lines(a.input);
+  if (a.sentences.empty())
+    throw UsageError("no sentences to translate (arguments, --input FILE or stdin)");
+  const std::string where = from_args ? "sentence argument " : a.input.empty() || a.input == "-" ? "line " : a.input + ":";
   const int64_t limit = translator.max_source_tokens();
   std::vector<std::string> sentences;  // the non-blank lines
   std::vector<std::size_t> line_of;    // their 0-based index in a.sentences
@@ -270,42 +369,87 @@ int run_translate(TranslateArgs a) {
     std::string& line = a.sentences[i];
     if (!line.empty() && line.back() == '\r') line.pop_back();
     if (line.find_first_not_of(" \t") == std::string::npos) continue;
+    if (!s2s::is_valid_utf8(line))
+      throw std::runtime_error("translate: " + where + std::to_string(i + 1) + " is not valid UTF-8");
     const std::size_t tokens = translator.source_tokens(line).size();
     if (static_cast<int64_t>(tokens) > limit)
       throw std::runtime_error(
-          std::string("translate: ") + (from_stdin ? "line " : "sentence argument ") +
-          std::to_string(i + 1) + " has " + std::to_string(tokens) + " tokens; the model in " + a.model +
-          " takes at most " + std::to_string(limit) + " (its training --max-source " +
-          std::to_string(limit + 1) + ", <eos> included); split the line");
+          "translate: " + where + std::to_string(i + 1) + " has " + std::to_string(tokens) +
+          " tokens; the model in " + a.model + " takes at most " + std::to_string(limit) +
+          " (its training --max-source " + std::to_string(limit + 1) + ", <eos> included); split the line");
     sentences.push_back(line);
     line_of.push_back(i);
   }
   s2s::DecodeConfig config;
-  config.beam = a.beam;
+  config.beam = std::max(a.beam, a.nbest);
+  config.nbest = a.nbest;
   config.length_penalty = a.length_penalty;
+  const bool terminal = !a.json && a.nbest == 1 && a.input.empty() && (a.output.empty() || a.output == "-");
+  config.alignment = a.json || !a.heatmap.empty() || (terminal && !a.no_alignment);
   std::vector<s2s::Tokens> sources;
+  const auto start = std::chrono::steady_clock::now();
   const auto out = sentences.empty() ? std::vector<s2s::Translation>{}
-                                     : translator.translate(sentences, config, &sources);
+                                     : translator.translate_all(sentences, config, &sources);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  OutputStream output(a.output, "--output");
+  std::ostream& os = *output.stream;
   std::size_t next = 0;  // the next translation to print
   for (std::size_t line = 0; line < a.sentences.size(); ++line) {
-    if (next >= out.size() || line_of[next] != line) {
-      std::cout << "\n";
+    const bool blank = next >= out.size() || line_of[next] != line;
+    if (a.json) {
+      nlohmann::ordered_json j;
+      j["line"] = line + 1;
+      j["source"] = a.sentences[line];
+      if (blank) {
+        j["translation"] = "";
+      } else {
+        const s2s::Translation& t = out[next];
+        j.update(translation_json(translator, t));
+        j["source_tokens"] = sources[next];
+        j["alignment"] = t.alignment;
+        if (a.nbest > 1) {
+          j["nbest"] = nlohmann::ordered_json::array();
+          for (const s2s::Translation& alt : t.nbest) j["nbest"].push_back(translation_json(translator, alt));
+        }
+        ++next;
+      }
+      os << j.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace) << "\n";
+      continue;
+    }
+    if (a.nbest > 1) {
+      if (blank) {
+        os << line << " |||  ||| 0\n";
+        continue;
+      }
+      for (const s2s::Translation& alt : out[next].nbest) {
+        char score[32];
+        std::snprintf(score, sizeof score, "%.6f", alt.score);
+        os << line << " ||| " << translator.target_text(alt) << " ||| " << score << "\n";
+      }
+      ++next;
+      continue;
+    }
+    if (blank) {
+      os << "\n";
       continue;
     }
     const std::size_t i = next++;
-    s2s::Tokens target = translator.target_tokens(out[i]);
-    std::cout << s2s::join_tokens(target) << "\n";
+    os << translator.target_text(out[i]) << "\n";
     if (out[i].alignment.empty()) continue;
-    s2s::Tokens src = sources[i], tgt = target;
+    s2s::Tokens src = sources[i], tgt = translator.target_tokens(out[i]);
     src.push_back("<eos>");
     if (out[i].finished) tgt.push_back("<eos>");
-    if (!a.no_alignment) std::cout << s2s::terminal_heatmap(src, tgt, out[i].alignment) << "\n";
+    if (terminal && !a.no_alignment) os << s2s::terminal_heatmap(src, tgt, out[i].alignment) << "\n";
     if (!a.heatmap.empty()) {
       const std::string path = numbered_path(a.heatmap, i, out.size());
       s2s::write_heatmap(path, src, tgt, out[i].alignment);
       std::cerr << "wrote " << path << "\n";
     }
   }
+  output.close(a.output, "--output");
+  if (!terminal && !out.empty())
+    std::cerr << "translated " << out.size() << " sentences in " << format_duration(seconds) << " ("
+              << static_cast<double>(out.size()) / std::max(seconds, 1e-9) << " sentences/s)\n";
   return 0;
 }
 
@@ -343,8 +487,16 @@ int run_eval(const EvalArgs& a) {
   config.beam = a.beam;
   config.length_penalty = a.length_penalty;
   const s2s::EvalResult r = s2s::evaluate(translator, pairs, config);
-  std::printf("%s: %zu sentences\n%s\nexact match %.2f%%\n", name.c_str(), pairs.size(),
-              s2s::format_bleu(r.bleu).c_str(), r.exact_match);
+  if (!a.output.empty()) {
+    OutputStream output(a.output, "--output");
+    for (const std::string& text : r.hypothesis_texts) *output.stream << text << "\n";
+    output.close(a.output, "--output");
+  }
+  // sacreBLEU and chrF over the detokenised output against the references as written; then
+  // the token BLEU of the training tokenisation (lowercased words for word-level models).
+  std::printf("%s: %zu sentences\n%s\n%s\ntokens: %s\nexact match %.2f%%\n", name.c_str(),
+              pairs.size(), s2s::format_sacre_bleu(r.sacre_bleu).c_str(),
+              s2s::format_chrf(r.chrf).c_str(), s2s::format_bleu(r.bleu).c_str(), r.exact_match);
   return 0;
 }
 

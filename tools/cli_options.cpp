@@ -143,6 +143,22 @@ void add_train_options(CLI::App& train, TrainOptions& ta, CLI::Option*& emb,
       ->capture_default_str()->check(kNonNegative);
   train.add_option("--progress-every", ta.progress_every, "Steps between progress lines")
       ->capture_default_str()->check(kPositive);
+  train.add_option("--subword", ta.subword,
+                   "Vocabulary: none (words, the embedded corpus's tokeniser), or a SentencePiece "
+                   "bpe or unigram model learnt from the training data (cased, detokenised output)")
+      ->capture_default_str();
+  train.add_option("--vocab-size", ta.vocab_size,
+                   "Subword vocabulary size (per model; at least 256 byte pieces + characters)")
+      ->capture_default_str()->check(CLI::Range(int64_t{8}, int64_t{1000000}));
+  train.add_flag("--subword-per-side", ta.subword_per_side,
+                 "One subword model per language instead of a joint one");
+  train.add_option("--valid-size", ta.valid_size,
+                   "Pairs held out of --train for validation when no --valid is given (-1: 2%, at "
+                   "most 1000; 0: none)")
+      ->capture_default_str()->check(CLI::Range(int64_t{-1}, int64_t{1000000000}));
+  train.add_option("--patience", ta.patience,
+                   "Stop after this many evaluations without a better validation BLEU (0: never)")
+      ->capture_default_str()->check(kNonNegative);
 }
 
 // The checks CLI11 cannot express: names from fixed lists and mutually exclusive options.
@@ -150,6 +166,13 @@ void check_train(const TrainOptions& a) {
   if (a.corpus == !a.train_file.empty())
     throw UsageError("give exactly one of --corpus or --train FILE");
   if (a.resume && a.force) throw UsageError("give at most one of --resume and --force");
+  if (a.subword != "none" && a.subword != "bpe" && a.subword != "unigram")
+    throw UsageError("--subword must be none, bpe or unigram, got " + a.subword);
+  if (a.corpus && a.valid_size > 0)
+    throw UsageError("--valid-size holds pairs out of --train; the embedded corpus has its own "
+                     "validation split");
+  if (!a.valid_file.empty() && a.valid_size > 0)
+    throw UsageError("give at most one of --valid FILE and --valid-size N");
   if (a.arch != "gru" && a.arch != "lstm" && a.arch != "transformer")
     throw UsageError("--arch must be gru, lstm or transformer, got " + a.arch);
   if (a.norm != "pre" && a.norm != "post")
@@ -177,6 +200,9 @@ void check_translate(const TranslateOptions& a) {
           "--heatmap writes SVG or PNG: give a file name ending in .svg or .png, got " + a.heatmap);
   }
   if (a.beam < 1) throw UsageError("--beam must be >= 1, got " + std::to_string(a.beam));
+  if (a.nbest < 1) throw UsageError("--nbest must be >= 1, got " + std::to_string(a.nbest));
+  if (!a.input.empty() && !a.sentences.empty())
+    throw UsageError("give sentences as arguments or --input FILE, not both");
 }
 
 void check_eval(const EvalOptions& a) {
@@ -223,6 +249,15 @@ ParsedCommandLine parse_command_line(const std::vector<std::string>& args) {
                         "(numbered when several sentences)");
   translate->add_flag("--no-alignment", tr.no_alignment, "Do not print the terminal heatmap");
   translate->add_option("--threads", tr.threads, kThreadsHelp)->check(kPositive);
+  translate->add_option("--input,-i", tr.input, "Read sentences from this file, one per line ('-': stdin)");
+  translate->add_option("--output,-o", tr.output, "Write translations to this file ('-': stdout)");
+  translate->add_option("--nbest", tr.nbest,
+                        "Print the K best translations with their scores (beam search with a beam "
+                        "of at least K): 'LINE ||| translation ||| score' lines, or in --json")
+      ->capture_default_str();
+  translate->add_flag("--json", tr.json,
+                      "One JSON object per input line: translation, tokens, score, log_prob, "
+                      "alignment (and nbest)");
 
   EvalOptions& ev = out.eval;
   CLI::App* eval = app.add_subcommand("eval", "Print BLEU and exact match on a test set");
@@ -240,6 +275,7 @@ ParsedCommandLine parse_command_line(const std::vector<std::string>& args) {
       ->capture_default_str()->check(kFinite);
   eval->add_option("--limit", ev.limit, "Evaluate only the first N pairs")->check(kNonNegative);
   eval->add_option("--threads", ev.threads, kThreadsHelp)->check(kPositive);
+  eval->add_option("--output,-o", ev.output, "Write the translations to this file, one per pair");
 
   // CLI11 consumes its argument vector from the back.
   std::vector<std::string> reversed(args.rbegin(), args.rend());

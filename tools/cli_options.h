@@ -48,6 +48,14 @@ struct TrainOptions {
   bool corpus = false, resume = false, skip_bad_lines = false;
   bool force = false;  // a fresh run may replace the checkpoint already in `out`
   CorpusOptions corpus_options;
+  // Subword vocabularies: "none" (word-level), "bpe" or "unigram"; joint unless per_side.
+  std::string subword = "none";
+  int64_t vocab_size = 8000;
+  bool subword_per_side = false;
+  // Validation held out of --train when no --valid is given: -1 automatic (2% of the pairs,
+  // at most 1000; none below 100 pairs), 0 none.
+  int64_t valid_size = -1;
+  int64_t patience = 0;  // early stopping after this many evaluations without a better BLEU
 };
 
 // `attn translate`. heatmap is empty or ends in .svg / .png (any case); beam >= 1.
@@ -59,6 +67,9 @@ struct TranslateOptions {
   std::string heatmap;
   bool no_alignment = false;
   int64_t threads = 0;
+  std::string input, output;  // files instead of arguments/stdin and stdout ("-": standard)
+  int64_t nbest = 1;          // > 1: the K best translations with their scores (beam >= K)
+  bool json = false;          // one JSON object per input line: tokens, scores, alignment
 };
 
 // `attn eval`. Exactly one of test_file and split (a known split name); beam >= 1.
@@ -68,6 +79,7 @@ struct EvalOptions {
   double length_penalty = 1.0;
   CorpusOptions corpus_options;
   int64_t threads = 0;
+  std::string output;  // write the translations (detokenised), one line per pair
 };
 
 // version: `attn --version` (tools/attn.cpp prints attn::runtime_summary()).
