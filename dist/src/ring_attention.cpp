@@ -1,0 +1,701 @@
+// Ring attention over MPI: see attn/dist/ring_attention.h for the contract.
+#include "attn/dist/ring_attention.h"
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <variant>
+
+namespace attn::dist {
+namespace {
+
+constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+// attn::attention takes its fused kernels (which honour a given lse in the backward) from this
+// many query rows on; shorter query runs are padded with hidden rows in the backward.
+constexpr int64_t kMinFusedRows = 16;
+
+// ---------------------------------------------------------------------------------------------
+// Collective error agreement: every rank learns the first failing rank's message and throws it.
+
+void agree(MPI_Comm comm, const char* op, const std::string& local_error) {
+  int rank = 0, size = 1;
+  MPI_Comm_rank(comm, &rank);
+  MPI_Comm_size(comm, &size);
+  int mine = local_error.empty() ? size : rank, first = size;
+  MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, comm);
+  if (first == size) return;
+  std::string message = local_error;
+  int length = static_cast<int>(message.size());
+  MPI_Bcast(&length, 1, MPI_INT, first, comm);
+  message.resize(static_cast<std::size_t>(length));
+  MPI_Bcast(message.data(), length, MPI_CHAR, first, comm);
+  throw Error(op, (size > 1 ? "rank " + std::to_string(first) + ": " : std::string()) + message);
+}
+
+// A private duplicate of the caller's communicator, so that the ring's messages never match the
+// caller's own.
+class Comm {
+ public:
+  explicit Comm(MPI_Comm parent) {
+    MPI_Comm_dup(parent, &comm_);
+    MPI_Comm_rank(comm_, &rank_);
+    MPI_Comm_size(comm_, &size_);
+  }
+  ~Comm() { MPI_Comm_free(&comm_); }
+  Comm(const Comm&) = delete;
+  Comm& operator=(const Comm&) = delete;
+  MPI_Comm get() const { return comm_; }
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+  int next() const { return (rank_ + 1) % size_; }
+  int prev() const { return (rank_ + size_ - 1) % size_; }
+
+ private:
+  MPI_Comm comm_ = MPI_COMM_NULL;
+  int rank_ = 0, size_ = 1;
+};
+
+uint64_t fnv(uint64_t h, const void* data, std::size_t bytes) {
+  const auto* p = static_cast<const unsigned char*>(data);
+  for (std::size_t i = 0; i < bytes; ++i) h = (h ^ p[i]) * 1099511628211ull;
+  return h;
+}
+uint64_t fnv_tensor(uint64_t h, const Tensor& t) {
+  if (!t.defined()) return fnv(h, "undef", 5);
+  const Tensor c = t.contiguous();
+  for (int64_t d : c.shape()) h = fnv(h, &d, sizeof d);
+  return fnv(h, c.raw_data(), static_cast<std::size_t>(c.numel()) * dtype_size(c.dtype()));
+}
+
+// The tensors of a score (parameters, or their gradients).
+std::vector<Tensor*> score_tensors(Score& score) {
+  return std::visit(
+      [](auto& s) -> std::vector<Tensor*> {
+        using S = std::decay_t<decltype(s)>;
+        if constexpr (std::is_same_v<S, GeneralScore>) return {&s.weight, &s.u, &s.v};
+        else if constexpr (std::is_same_v<S, AdditiveScore>) return {&s.w_query, &s.w_key, &s.bias, &s.v};
+        else if constexpr (std::is_same_v<S, ConcatScore>) return {&s.weight, &s.v};
+        else if constexpr (std::is_same_v<S, CosineScore>) return {&s.tau};
+        else if constexpr (std::is_same_v<S, LocationScore>) return {&s.weight};
+        else if constexpr (std::is_same_v<S, TrilinearScore>) return {&s.weight};
+        else return {};
+      },
+      score);
+}
+
+// What cannot be sharded, or "" when the call can be.
+std::string unsupported(const AttentionParams& p, bool backward, DType qdtype) {
+  const Mask& m = p.mask;
+  if (std::holds_alternative<LocationScore>(p.score))
+    return "location scores have a parameter per key position and cannot be sharded";
+  if (!p.head_scores.empty()) return "head_scores are not supported";
+  if (m.window) return "windows are not supported";
+  if (m.allowed.defined()) return "boolean 'allowed' masks are not supported";
+  if (m.bias.defined()) return "additive biases are not supported";
+  if (!m.alibi_slopes.empty()) return "ALiBi is not supported";
+  if (m.local.kind != LocalKind::none) return "Luong local attention is not supported";
+  if (p.dropout.p > 0.0) return "dropout is not supported";
+  if (p.return_weights) return "return_weights is not supported (the weights span all ranks)";
+  if (m.causal && m.alignment == Alignment::bottom_right &&
+      (!m.key_lengths.empty() || !m.query_lengths.empty()))
+    return "causal with Alignment::bottom_right and lengths is not supported (use top_left)";
+  if (backward && qdtype == DType::f64)
+    return "the float64 backward is not supported (attn's float64 backward renormalises per "
+           "call and cannot take the global lse); use float32";
+  return "";
+}
+
+// Everything that must agree across ranks, as integers.
+std::vector<int64_t> signature(const Tensor& q, const Tensor& k, const Tensor& v,
+                               const AttentionParams& p, Layout layout) {
+  uint64_t h = 1469598103934665603ull;
+  const Mask& m = p.mask;
+  h = fnv(h, m.key_lengths.data(), m.key_lengths.size() * sizeof(int64_t));
+  h = fnv(h, "|", 1);
+  h = fnv(h, m.query_lengths.data(), m.query_lengths.size() * sizeof(int64_t));
+  Score score = p.score;
+  for (Tensor* t : score_tensors(score)) h = fnv_tensor(h, *t);
+  if (const auto* s = std::get_if<ScaledDotScore>(&p.score); s && s->scale) h = fnv(h, &*s->scale, 8);
+  if (const auto* s = std::get_if<CosineScore>(&p.score)) h = fnv(h, &s->eps, 8);
+  return {q.size(0), q.size(1), k.size(1), q.size(3), k.size(3), v.size(3),
+          static_cast<int64_t>(q.dtype()), static_cast<int64_t>(k.dtype()),
+          static_cast<int64_t>(v.dtype()), static_cast<int64_t>(p.score.index()),
+          m.causal ? 1 : 0, static_cast<int64_t>(m.alignment), static_cast<int64_t>(layout),
+          static_cast<int64_t>(m.key_lengths.size()), static_cast<int64_t>(m.query_lengths.size()),
+          static_cast<int64_t>(h & 0x7fffffffffffffffull)};
+}
+
+const char* kSignatureNames[] = {"batch", "query heads", "key/value heads", "query features",
+                                 "key features", "value features", "q dtype", "k dtype",
+                                 "v dtype", "score", "causal", "alignment", "layout",
+                                 "key_lengths size", "query_lengths size",
+                                 "key/query lengths or score parameters"};
+
+// The global picture, the same on every rank once validated.
+struct Plan {
+  int P = 1, rank = 0;
+  Layout layout = Layout::zigzag;
+  std::vector<int64_t> tq, tk;  // per-rank shard lengths
+  int64_t Tq = 0, Tk = 0;       // global lengths
+  std::vector<Range> q_ranges(int r) const { return ranges(tq, Tq, r); }
+  std::vector<Range> k_ranges(int r) const { return ranges(tk, Tk, r); }
+
+ private:
+  std::vector<Range> ranges(const std::vector<int64_t>& lens, int64_t total, int r) const {
+    if (layout == Layout::zigzag) return shard_ranges(total, P, r, layout);
+    int64_t start = 0;
+    for (int i = 0; i < r; ++i) start += lens[static_cast<std::size_t>(i)];
+    return {Range{start, 0, lens[static_cast<std::size_t>(r)]}};
+  }
+};
+
+// Collective validation: local checks, then agreement of every rank's shapes and parameters.
+Plan validate(const char* op, const Comm& comm, const Tensor& q, const Tensor& k, const Tensor& v,
+              const AttentionParams& params, Layout layout, bool backward) {
+  std::string error;
+  if (!q.defined() || !k.defined() || !v.defined() || q.dim() != 4 || k.dim() != 4 ||
+      v.dim() != 4) {
+    error = "q, k and v must be defined [B, H, T, D] tensors";
+  } else {
+    error = unsupported(params, backward, q.dtype());
+    if (error.empty() && params.mask.causal && q.size(2) != k.size(2))
+      error = "causal ring attention is self-attention: this rank holds " +
+              std::to_string(q.size(2)) + " queries and " + std::to_string(k.size(2)) + " keys";
+    if (error.empty()) {
+      // attn's own checks of shapes and score parameters, on one query against one key (the
+      // lengths are the global ones, so they are left out here).
+      try {
+        AttentionParams one = params;
+        one.mask.key_lengths.clear();
+        one.mask.query_lengths.clear();
+        one.mask.causal = false;
+        const int64_t nq = std::min<int64_t>(q.size(2), 1), nk = std::min<int64_t>(k.size(2), 1);
+        (void)attention(q.slice(2, 0, nq), k.slice(2, 0, nk), v.slice(2, 0, nk), one);
+        for (const auto* lengths : {&params.mask.key_lengths, &params.mask.query_lengths})
+          if (!lengths->empty() && static_cast<int64_t>(lengths->size()) != q.size(0))
+            error = "key_lengths and query_lengths need one entry per batch entry";
+      } catch (const Error& e) {
+        error = e.what();
+      }
+    }
+  }
+  agree(comm.get(), op, error);
+
+  std::vector<int64_t> sig = signature(q, k, v, params, layout);
+  sig.push_back(q.size(2));
+  sig.push_back(k.size(2));
+  const std::size_t n = sig.size();
+  std::vector<int64_t> all(n * static_cast<std::size_t>(comm.size()));
+  MPI_Allgather(sig.data(), static_cast<int>(n), MPI_INT64_T, all.data(), static_cast<int>(n),
+                MPI_INT64_T, comm.get());
+  Plan plan;
+  plan.P = comm.size();
+  plan.rank = comm.rank();
+  plan.layout = layout;
+  // The same verdict on every rank: all ranks look at the same gathered numbers.
+  std::string verdict;
+  for (int r = 1; r < plan.P && verdict.empty(); ++r)
+    for (std::size_t i = 0; i + 2 < n && verdict.empty(); ++i)
+      if (all[r * n + i] != all[i])
+        verdict = std::string(kSignatureNames[i]) + " differ between rank 0 and rank " +
+                  std::to_string(r);
+  for (int r = 0; r < plan.P; ++r) {
+    plan.tq.push_back(all[r * n + n - 2]);
+    plan.tk.push_back(all[r * n + n - 1]);
+    plan.Tq += plan.tq.back();
+    plan.Tk += plan.tk.back();
+  }
+  if (verdict.empty() && layout == Layout::zigzag) {
+    for (int r = 0; r < plan.P && verdict.empty(); ++r) {
+      int64_t want_q = 0, want_k = 0;
+      for (const Range& g : shard_ranges(plan.Tq, plan.P, r, layout)) want_q += g.length;
+      for (const Range& g : shard_ranges(plan.Tk, plan.P, r, layout)) want_k += g.length;
+      if (plan.tq[r] != want_q || plan.tk[r] != want_k)
+        verdict = "zigzag shards: rank " + std::to_string(r) + " holds " +
+                  std::to_string(plan.tq[r]) + " queries and " + std::to_string(plan.tk[r]) +
+                  " keys; global lengths " + std::to_string(plan.Tq) + " and " +
+                  std::to_string(plan.Tk) + " over " + std::to_string(plan.P) +
+                  " ranks give it " + std::to_string(want_q) + " and " + std::to_string(want_k);
+    }
+  }
+  if (!verdict.empty()) throw Error(op, verdict);
+  return plan;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Blocks: K and V of one rank packed into one byte buffer, so one message carries both.
+
+Tensor wrap_bytes(std::byte* p, DType dtype, const Shape& shape) {
+  switch (dtype) {
+    case DType::f32: return Tensor::wrap(reinterpret_cast<float*>(p), shape);
+    case DType::f64: return Tensor::wrap(reinterpret_cast<double*>(p), shape);
+    case DType::bf16: return Tensor::wrap(reinterpret_cast<BFloat16*>(p), shape);
+    case DType::b8: return Tensor::wrap(reinterpret_cast<bool*>(p), shape);
+  }
+  return {};
+}
+
+int count_of(int64_t bytes, const char* op) {
+  ATTN_CHECK(bytes <= INT_MAX, op, "a block of ", bytes, " bytes is more than one MPI message "
+             "carries (2^31 - 1); use more ranks");
+  return static_cast<int>(bytes);
+}
+
+// Two tensors [B, H, T, D1] and [B, H, T, D2] of rank-dependent T in one buffer.
+struct PairLayout {
+  int64_t B = 0, H = 0, D1 = 0, D2 = 0;
+  DType t1 = DType::f32, t2 = DType::f32;
+  int64_t bytes(int64_t T) const {
+    return B * H * T * (D1 * static_cast<int64_t>(dtype_size(t1)) +
+                        D2 * static_cast<int64_t>(dtype_size(t2)));
+  }
+  std::pair<Tensor, Tensor> view(std::vector<std::byte>& buf, int64_t T) const {
+    std::byte* p = buf.data();
+    Tensor a = wrap_bytes(p, t1, {B, H, T, D1});
+    Tensor b = wrap_bytes(p + B * H * T * D1 * static_cast<int64_t>(dtype_size(t1)), t2,
+                          {B, H, T, D2});
+    return {a, b};
+  }
+};
+
+// The relation of a query run and a key run under the mask.
+enum class Visibility { none, full, diagonal };
+Visibility visibility(const Range& qr, const Range& kr, bool causal) {
+  if (qr.length == 0 || kr.length == 0) return Visibility::none;
+  if (!causal) return Visibility::full;
+  if (kr.global_start + kr.length - 1 <= qr.global_start) return Visibility::full;
+  if (kr.global_start > qr.global_start + qr.length - 1) return Visibility::none;
+  return Visibility::diagonal;  // the same run: q and k are cut alike under a causal mask
+}
+
+std::vector<int64_t> local_lengths(const std::vector<int64_t>& global, const Range& r) {
+  std::vector<int64_t> out;
+  bool all = true;
+  for (int64_t len : global) {
+    out.push_back(std::clamp<int64_t>(len - r.global_start, 0, r.length));
+    all = all && out.back() == r.length;
+  }
+  if (all) out.clear();  // nothing hidden: leave the mask out
+  return out;
+}
+
+AttentionParams pair_params(const AttentionParams& base, const Range& qr, const Range& kr,
+                            Visibility vis) {
+  AttentionParams p = base;
+  p.mask.causal = vis == Visibility::diagonal;
+  p.mask.alignment = Alignment::top_left;
+  p.mask.key_lengths = local_lengths(base.mask.key_lengths, kr);
+  p.mask.query_lengths = local_lengths(base.mask.query_lengths, qr);
+  return p;
+}
+
+// The (query run, key run) pairs of one ring step, each visible fully or on its diagonal, in
+// slices of at most kSliceRows queries: between slices the ring's transfers are progressed
+// (MPI_Testall), since most MPI libraries move a large message only inside MPI calls. A diagonal
+// slice of queries [a, b) becomes keys [start, a) fully visible and keys [a, b) on the diagonal.
+constexpr int64_t kSliceRows = 256;
+std::vector<std::pair<Range, Range>> step_pairs(const std::vector<Range>& q_runs,
+                                                const std::vector<Range>& k_runs, bool causal) {
+  std::vector<std::pair<Range, Range>> pairs;
+  for (const Range& kr : k_runs) {
+    for (const Range& qr : q_runs) {
+      const Visibility vis = visibility(qr, kr, causal);
+      if (vis == Visibility::none) continue;
+      for (int64_t a = 0; a < qr.length; a += kSliceRows) {
+        const int64_t b = std::min(qr.length, a + kSliceRows);
+        const Range qs{qr.global_start + a, qr.local_start + a, b - a};
+        if (vis == Visibility::full) {
+          pairs.push_back({qs, kr});
+          continue;
+        }
+        if (a > 0) pairs.push_back({qs, Range{kr.global_start, kr.local_start, a}});
+        pairs.push_back({qs, Range{kr.global_start + a, kr.local_start + a, b - a}});
+      }
+    }
+  }
+  return pairs;
+}
+
+void progress(std::vector<MPI_Request>& requests) {
+  if (requests.empty()) return;
+  int done = 0;
+  MPI_Testall(static_cast<int>(requests.size()), requests.data(), &done, MPI_STATUSES_IGNORE);
+}
+
+// Running out and lse of this rank's queries, in float64, merged block by block.
+struct Accumulator {
+  int64_t rows_per_head = 0, D = 0, heads = 0;
+  std::vector<double> out, lse;
+  Accumulator(int64_t BH, int64_t T, int64_t D_)
+      : rows_per_head(T), D(D_), heads(BH), out(static_cast<std::size_t>(BH * T * D_), 0.0),
+        lse(static_cast<std::size_t>(BH * T), kNegInf) {}
+
+  template <class T>
+  void merge_typed(const Tensor& blk_out, const Tensor& blk_lse, int64_t row0, int64_t rows) {
+    const T* o = blk_out.data<T>();
+    const T* l = blk_lse.data<T>();
+    for (int64_t bh = 0; bh < heads; ++bh) {
+      for (int64_t i = 0; i < rows; ++i) {
+        const double l2 = static_cast<double>(l[bh * rows + i]);
+        if (l2 == kNegInf) continue;  // nothing visible in this block
+        const std::size_t row = static_cast<std::size_t>(bh * rows_per_head + row0 + i);
+        double* acc = out.data() + row * static_cast<std::size_t>(D);
+        const T* src = o + (bh * rows + i) * D;
+        const double l1 = lse[row];
+        if (l1 == kNegInf) {
+          for (int64_t d = 0; d < D; ++d) acc[d] = static_cast<double>(src[d]);
+          lse[row] = l2;
+          continue;
+        }
+        const double m = std::max(l1, l2);
+        const double total = m + std::log(std::exp(l1 - m) + std::exp(l2 - m));
+        const double a = std::exp(l1 - total), b = std::exp(l2 - total);
+        for (int64_t d = 0; d < D; ++d) acc[d] = a * acc[d] + b * static_cast<double>(src[d]);
+        lse[row] = std::isnan(l2) ? l2 : total;
+      }
+    }
+  }
+  void merge(const AttentionOutput& blk, int64_t row0, int64_t rows) {
+    const Tensor o = blk.out.contiguous(), l = blk.lse.contiguous();
+    if (o.dtype() == DType::f64) merge_typed<double>(o, l, row0, rows);
+    else merge_typed<float>(o, l, row0, rows);
+  }
+};
+
+// dst[rows row0.., all heads] += src (a [B, H, rows, D] tensor), float64 accumulator.
+void add_rows(std::vector<double>& dst, int64_t rows_per_head, const Tensor& src, int64_t row0) {
+  const Tensor s = src.to(DType::f64).contiguous();
+  const double* p = s.data<double>();
+  const int64_t BH = s.size(0) * s.size(1), rows = s.size(2), D = s.size(3);
+  for (int64_t bh = 0; bh < BH; ++bh)
+    for (int64_t i = 0; i < rows; ++i) {
+      double* d = dst.data() + (bh * rows_per_head + row0 + i) * D;
+      const double* x = p + (bh * rows + i) * D;
+      for (int64_t c = 0; c < D; ++c) d[c] += x[c];
+    }
+}
+
+Tensor from_doubles(const std::vector<double>& values, const Shape& shape, DType dtype) {
+  return Tensor::from(values, shape).to(dtype);
+}
+
+// Rows [start, start + len) of x along dim 2, at least `min_rows` rows: padded with zeros past len.
+Tensor rows_padded(const Tensor& x, int64_t start, int64_t len, int64_t min_rows) {
+  const Tensor part = x.slice(2, start, start + len);
+  if (len >= min_rows) return part;
+  Shape shape = x.shape();
+  shape[2] = min_rows;
+  Tensor padded = Tensor::zeros(shape, x.dtype());
+  padded.slice(2, 0, len).copy_from(part);
+  return padded;
+}
+Tensor lse_padded(const Tensor& lse, int64_t start, int64_t len, int64_t min_rows) {
+  const Tensor part = lse.slice(2, start, start + len);
+  if (len >= min_rows) return part;
+  Tensor padded = Tensor::full({lse.size(0), lse.size(1), min_rows}, kNegInf, lse.dtype());
+  padded.slice(2, 0, len).copy_from(part);
+  return padded;
+}
+
+void wait_all(std::vector<MPI_Request>& requests) {
+  if (requests.empty()) return;
+  MPI_Waitall(static_cast<int>(requests.size()), requests.data(), MPI_STATUSES_IGNORE);
+  requests.clear();
+}
+
+// One ring transfer: `recv_bytes` from the previous rank into `recv`, `send_bytes` of `send` to
+// the next rank, both non-blocking. Returns the bytes sent.
+int64_t exchange(std::vector<MPI_Request>& requests, const Comm& comm, std::vector<std::byte>& recv,
+                 int64_t recv_bytes, std::vector<std::byte>& send, int64_t send_bytes, int tag,
+                 const char* op) {
+  requests.resize(2);
+  MPI_Irecv(recv.data(), count_of(recv_bytes, op), MPI_BYTE, comm.prev(), tag, comm.get(),
+            &requests[0]);
+  MPI_Isend(send.data(), count_of(send_bytes, op), MPI_BYTE, comm.next(), tag, comm.get(),
+            &requests[1]);
+  return send_bytes;
+}
+
+// The end of a step: waits for the next block, records the step.
+void finish_step(std::vector<MPI_Request>& requests, RingStepStats step, double compute_s,
+                 RingStats* stats) {
+  const double t = MPI_Wtime();
+  wait_all(requests);
+  step.compute_s = compute_s;
+  step.wait_s = MPI_Wtime() - t;
+  if (stats) stats->steps.push_back(step);
+}
+
+DType result_dtype(DType q) { return q == DType::bf16 ? DType::f32 : q; }
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+
+std::vector<Range> shard_ranges(int64_t length, int ranks, int rank, Layout layout) {
+  ATTN_CHECK(ranks >= 1 && rank >= 0 && rank < ranks && length >= 0, "shard_ranges",
+             "rank ", rank, " of ", ranks, " ranks, length ", length);
+  auto piece = [](int64_t total, int64_t parts, int64_t i) {
+    const int64_t base = total / parts, extra = total % parts;
+    return std::pair<int64_t, int64_t>{i * base + std::min(i, extra), base + (i < extra ? 1 : 0)};
+  };
+  if (layout == Layout::contiguous) {
+    const auto [start, len] = piece(length, ranks, rank);
+    return {Range{start, 0, len}};
+  }
+  const auto [s0, l0] = piece(length, 2 * ranks, rank);
+  const auto [s1, l1] = piece(length, 2 * ranks, 2 * ranks - 1 - rank);
+  return {Range{s0, 0, l0}, Range{s1, l0, l1}};
+}
+
+Tensor shard_sequence(const Tensor& full, int64_t dim, int ranks, int rank, Layout layout) {
+  const std::vector<Range> runs = shard_ranges(full.size(dim), ranks, rank, layout);
+  Shape shape = full.shape();
+  int64_t total = 0;
+  for (const Range& r : runs) total += r.length;
+  shape[static_cast<std::size_t>(dim < 0 ? dim + full.dim() : dim)] = total;
+  Tensor out = Tensor::empty(shape, full.dtype());
+  for (const Range& r : runs)
+    if (r.length > 0)
+      out.slice(dim, r.local_start, r.local_start + r.length)
+          .copy_from(full.slice(dim, r.global_start, r.global_start + r.length));
+  return out;
+}
+
+Tensor gather_sequence(const Tensor& local, int64_t dim, Layout layout, MPI_Comm comm) {
+  int P = 1;
+  MPI_Comm_size(comm, &P);
+  if (dim < 0) dim += local.dim();
+  // Move `dim` to the front so that every shard is one contiguous run of bytes.
+  const Tensor front = local.transpose(0, dim).contiguous();
+  int64_t row_bytes = static_cast<int64_t>(dtype_size(local.dtype()));
+  for (int64_t d = 1; d < front.dim(); ++d) row_bytes *= front.size(d);
+  int64_t mine = local.size(dim);
+  std::vector<int64_t> lens(static_cast<std::size_t>(P));
+  MPI_Allgather(&mine, 1, MPI_INT64_T, lens.data(), 1, MPI_INT64_T, comm);
+  std::vector<int> counts(static_cast<std::size_t>(P)), displs(static_cast<std::size_t>(P));
+  int64_t total = 0;
+  for (int r = 0; r < P; ++r) {
+    counts[r] = count_of(lens[r] * row_bytes, "gather_sequence");
+    displs[r] = count_of(total * row_bytes, "gather_sequence");
+    total += lens[r];
+  }
+  Shape gathered_shape = front.shape();
+  gathered_shape[0] = total;
+  Tensor gathered = Tensor::empty(gathered_shape, local.dtype());
+  MPI_Allgatherv(front.raw_data(), count_of(mine * row_bytes, "gather_sequence"), MPI_BYTE,
+                 gathered.raw_data(), counts.data(), displs.data(), MPI_BYTE, comm);
+  // Put each rank's runs where they belong.
+  Tensor full = Tensor::empty(gathered_shape, local.dtype());
+  int64_t offset = 0;
+  for (int r = 0; r < P; ++r) {
+    std::vector<Range> runs;
+    if (layout == Layout::contiguous) runs = {Range{offset, 0, lens[r]}};
+    else runs = shard_ranges(total, P, r, layout);
+    for (const Range& run : runs)
+      if (run.length > 0)
+        full.slice(0, run.global_start, run.global_start + run.length)
+            .copy_from(gathered.slice(0, offset + run.local_start,
+                                      offset + run.local_start + run.length));
+    offset += lens[r];
+  }
+  return full.transpose(0, dim).contiguous();
+}
+
+AttentionOutput ring_attention(const Tensor& q, const Tensor& k, const Tensor& v,
+                               const AttentionParams& params, MPI_Comm parent,
+                               const RingOptions& options, RingStats* stats) {
+  const char* op = "ring_attention";
+  const double t_begin = MPI_Wtime();
+  const Comm comm(parent);
+  const Plan plan = validate(op, comm, q, k, v, params, options.layout, /*backward=*/false);
+  const int64_t B = q.size(0), Hq = q.size(1), Hkv = k.size(1), Dv = v.size(3);
+  const PairLayout kv{B, Hkv, k.size(3), Dv, k.dtype(), v.dtype()};
+  int64_t max_tk = 0;
+  for (int64_t t : plan.tk) max_tk = std::max(max_tk, t);
+  std::vector<std::byte> cur(static_cast<std::size_t>(kv.bytes(max_tk))), nxt(cur.size());
+  {
+    auto [kb, vb] = kv.view(cur, k.size(2));
+    kb.copy_from(k);
+    vb.copy_from(v);
+  }
+  const std::vector<Range> my_q = plan.q_ranges(plan.rank);
+  Accumulator acc(B * Hq, q.size(2), Dv);
+  if (stats) stats->steps.clear();
+  std::vector<MPI_Request> reqs;
+  for (int s = 0; s < plan.P; ++s) {
+    const int src = (plan.rank - s + plan.P) % plan.P;
+    const int incoming = (src - 1 + plan.P) % plan.P;
+    RingStepStats step;
+    if (s + 1 < plan.P)  // the next block travels while this one is computed
+      step.bytes_sent = exchange(reqs, comm, nxt, kv.bytes(plan.tk[incoming]), cur,
+                                 kv.bytes(plan.tk[src]), s, op);
+    const double t0 = MPI_Wtime();
+    auto [kb, vb] = kv.view(cur, plan.tk[src]);
+    for (const auto& [qr, kr] : step_pairs(my_q, plan.k_ranges(src), params.mask.causal)) {
+      const AttentionOutput part = attention(
+          q.slice(2, qr.local_start, qr.local_start + qr.length),
+          kb.slice(2, kr.local_start, kr.local_start + kr.length),
+          vb.slice(2, kr.local_start, kr.local_start + kr.length),
+          pair_params(params, qr, kr, visibility(qr, kr, params.mask.causal)));
+      acc.merge(part, qr.local_start, qr.length);
+      progress(reqs);
+    }
+    finish_step(reqs, step, MPI_Wtime() - t0, stats);
+    std::swap(cur, nxt);
+  }
+  const DType dtype = result_dtype(q.dtype());
+  AttentionOutput result;
+  result.out = from_doubles(acc.out, {B, Hq, q.size(2), Dv}, dtype);
+  result.lse = from_doubles(acc.lse, {B, Hq, q.size(2)}, dtype);
+  if (stats) stats->total_s = MPI_Wtime() - t_begin;
+  return result;
+}
+
+AttentionGrads ring_attention_backward(const Tensor& q, const Tensor& k, const Tensor& v,
+                                       const AttentionParams& params,
+                                       const AttentionOutput& forward, const Tensor& dout,
+                                       MPI_Comm parent, const RingOptions& options,
+                                       RingStats* stats) {
+  const char* op = "ring_attention_backward";
+  const double t_begin = MPI_Wtime();
+  const Comm comm(parent);
+  {
+    std::string error;
+    if (q.defined() && q.dim() == 4 && v.defined() && v.dim() == 4) {
+      const Shape out_shape{q.size(0), q.size(1), q.size(2), v.size(3)};
+      if (!forward.out.defined() || forward.out.shape() != out_shape ||
+          !forward.lse.defined() || forward.lse.shape() != Shape{q.size(0), q.size(1), q.size(2)} ||
+          !dout.defined() || dout.shape() != out_shape)
+        error = "forward.out and dout must be " + shape_str(out_shape) + " and forward.lse " +
+                shape_str({q.size(0), q.size(1), q.size(2)}) + " (this rank's rows)";
+    }
+    agree(comm.get(), op, error);
+  }
+  const Plan plan = validate(op, comm, q, k, v, params, options.layout, /*backward=*/true);
+  const int64_t B = q.size(0), Hq = q.size(1), Hkv = k.size(1), Dq = q.size(3), Dk = k.size(3),
+                Dv = v.size(3);
+  const DType gdtype = result_dtype(q.dtype());  // float32 here (float64 is refused)
+  const PairLayout kv{B, Hkv, Dk, Dv, k.dtype(), v.dtype()};
+  const PairLayout dkv{B, Hkv, Dk, Dv, gdtype, gdtype};
+  int64_t max_tk = 0;
+  for (int64_t t : plan.tk) max_tk = std::max(max_tk, t);
+  std::vector<std::byte> cur(static_cast<std::size_t>(kv.bytes(max_tk))), nxt(cur.size());
+  std::vector<std::byte> dsend(static_cast<std::size_t>(dkv.bytes(max_tk))), drecv(dsend.size());
+  {
+    auto [kb, vb] = kv.view(cur, k.size(2));
+    kb.copy_from(k);
+    vb.copy_from(v);
+  }
+  const Tensor out = forward.out.to(gdtype);
+  const Tensor lse = forward.lse.to(gdtype);
+  const Tensor g = dout.to(gdtype);
+  const std::vector<Range> my_q = plan.q_ranges(plan.rank);
+  std::vector<double> dq(static_cast<std::size_t>(B * Hq * q.size(2) * Dq), 0.0);
+  Score dscore = params.score;  // the same alternative; its tensors become float64 sums
+  std::vector<Tensor*> dparams = score_tensors(dscore);
+  for (Tensor* t : dparams)
+    if (t->defined()) *t = Tensor::zeros(t->shape(), DType::f64);
+  if (stats) stats->steps.clear();
+  std::vector<MPI_Request> kv_reqs, d_reqs;
+  for (int s = 0; s < plan.P; ++s) {
+    const int src = (plan.rank - s + plan.P) % plan.P;
+    const int incoming = (src - 1 + plan.P) % plan.P;
+    const int64_t tk = plan.tk[src];
+    RingStepStats step;
+    if (s + 1 < plan.P)
+      step.bytes_sent += exchange(kv_reqs, comm, nxt, kv.bytes(plan.tk[incoming]), cur,
+                                  kv.bytes(tk), s, op);
+    const double t0 = MPI_Wtime();
+    auto [kb, vb] = kv.view(cur, tk);
+    std::vector<double> dk(static_cast<std::size_t>(B * Hkv * tk * Dk), 0.0);
+    std::vector<double> dv(static_cast<std::size_t>(B * Hkv * tk * Dv), 0.0);
+    for (const auto& [qr, kr] : step_pairs(my_q, plan.k_ranges(src), params.mask.causal)) {
+      {
+        const Visibility vis = visibility(qr, kr, params.mask.causal);
+        // Short query runs are padded with hidden rows up to the fused kernels' minimum: those
+        // kernels recompute P = exp(s - lse) from the given (global) lse.
+        const int64_t rows = std::max(qr.length, kMinFusedRows);
+        AttentionParams pp = pair_params(params, qr, kr, vis);
+        if (rows > qr.length) {
+          std::vector<int64_t> ql = pp.mask.query_lengths;
+          if (ql.empty()) ql.assign(static_cast<std::size_t>(B), qr.length);
+          pp.mask.query_lengths = ql;
+        }
+        AttentionOutput fwd;
+        fwd.out = rows_padded(out, qr.local_start, qr.length, rows);
+        fwd.lse = lse_padded(lse, qr.local_start, qr.length, rows);
+        const AttentionGrads part = attention_backward(
+            rows_padded(q, qr.local_start, qr.length, rows),
+            kb.slice(2, kr.local_start, kr.local_start + kr.length),
+            vb.slice(2, kr.local_start, kr.local_start + kr.length), pp, fwd,
+            rows_padded(g, qr.local_start, qr.length, rows));
+        add_rows(dq, q.size(2), part.dq.slice(2, 0, qr.length), qr.local_start);
+        add_rows(dk, tk, part.dk, kr.local_start);
+        add_rows(dv, tk, part.dv, kr.local_start);
+        Score partial = part.dscore;
+        std::vector<Tensor*> pt = score_tensors(partial);
+        for (std::size_t i = 0; i < pt.size() && i < dparams.size(); ++i) {
+          if (!dparams[i]->defined() || !pt[i]->defined()) continue;
+          const Tensor x = pt[i]->to(DType::f64).contiguous();
+          double* a = dparams[i]->data<double>();
+          const double* b = x.data<double>();
+          for (int64_t e = 0; e < x.numel(); ++e) a[e] += b[e];
+        }
+      }
+      progress(kv_reqs);
+      progress(d_reqs);
+    }
+    const double t1 = MPI_Wtime();
+    // This block's dK and dV from the ranks it visited before: they were sent at the end of the
+    // previous step and travelled during this step's computation.
+    wait_all(d_reqs);
+    auto [dks, dvs] = dkv.view(dsend, tk);
+    {
+      Tensor dk_here = from_doubles(dk, {B, Hkv, tk, Dk}, gdtype);
+      Tensor dv_here = from_doubles(dv, {B, Hkv, tk, Dv}, gdtype);
+      if (s > 0) {
+        auto [dkr, dvr] = dkv.view(drecv, tk);
+        std::vector<double> sum_k = dkr.to_vector(), sum_v = dvr.to_vector();
+        const std::vector<double> hk = dk_here.to_vector(), hv = dv_here.to_vector();
+        for (std::size_t i = 0; i < sum_k.size(); ++i) sum_k[i] += hk[i];
+        for (std::size_t i = 0; i < sum_v.size(); ++i) sum_v[i] += hv[i];
+        dk_here = from_doubles(sum_k, {B, Hkv, tk, Dk}, gdtype);
+        dv_here = from_doubles(sum_v, {B, Hkv, tk, Dv}, gdtype);
+      }
+      dks.copy_from(dk_here);
+      dvs.copy_from(dv_here);
+    }
+    // Send this block's dK/dV on (at the last step: home to its owner, rank + 1), receive the
+    // next block's (at the last step: this rank's own, complete).
+    step.bytes_sent += exchange(d_reqs, comm, drecv, dkv.bytes(plan.tk[incoming]), dsend,
+                                dkv.bytes(tk), plan.P + s, op);
+    finish_step(kv_reqs, step, t1 - t0, stats);
+    std::swap(cur, nxt);
+  }
+  wait_all(d_reqs);
+  AttentionGrads grads;
+  grads.dq = from_doubles(dq, q.shape(), gdtype);
+  {
+    auto [dkr, dvr] = dkv.view(drecv, k.size(2));
+    grads.dk = dkr.clone();
+    grads.dv = dvr.clone();
+  }
+  // The score's parameters are shared by every rank: their gradient is the sum over ranks.
+  for (Tensor* t : dparams) {
+    if (!t->defined()) continue;
+    MPI_Allreduce(MPI_IN_PLACE, t->data<double>(), static_cast<int>(t->numel()), MPI_DOUBLE,
+                  MPI_SUM, comm.get());
+    *t = t->to(gdtype);
+  }
+  grads.dscore = dscore;
+  if (stats) stats->total_s = MPI_Wtime() - t_begin;
+  return grads;
+}
+
+}  // namespace attn::dist

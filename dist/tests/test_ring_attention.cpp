@@ -1,0 +1,326 @@
+// Ring attention (attn::dist) against single-process attn::attention on the gathered sequence.
+// Run under mpirun with any number of ranks (ctest: 1, 2, 3 and 4). Every rank builds the same
+// full tensors from the same seeds, runs the ring on its shard, and compares its rows of the
+// result with its rows of attn::attention / attention_backward on the full tensors.
+//
+// Bound: both sides are float32 computations of the same sums in different orders (the ring
+// merges per-block results by log-sum-exp), each within tolerance_for(f32, terms) of the exact
+// value, with `terms` the longest reduction feeding the result (Tk + D for out; Tq + Tk + D + A
+// for dq, dk, dv; Tq Tk + D + A for the score's parameter gradients, summed over every pair).
+// The absolute part scales with the largest magnitude of the expected tensor, since a gradient
+// element can be a cancelling sum of terms of that size.
+#include <gtest/gtest.h>
+#include <mpi.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "attn/dist/ring_attention.h"
+#include "support/test_support.h"
+
+namespace {
+
+using attn::AttentionGrads, attn::AttentionOutput, attn::AttentionParams, attn::DType, attn::Score,
+    attn::Tensor, attn::dist::Layout;
+using attn::testing::all_close, attn::testing::random_tensor, attn::testing::tolerance_for;
+
+int rank_of() {
+  int r = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &r);
+  return r;
+}
+int ranks() {
+  int p = 1;
+  MPI_Comm_size(MPI_COMM_WORLD, &p);
+  return p;
+}
+
+struct Case {
+  std::string name;
+  int64_t B = 2, Hq = 4, Hkv = 2, Tq = 37, Tk = 37, D = 16, Dv = 16;
+  bool causal = false;
+  Layout layout = Layout::zigzag;
+  std::vector<int64_t> key_lengths, query_lengths;
+  Score score = attn::ScaledDotScore{};
+  DType dtype = DType::f32;
+  bool backward = true;
+  int64_t A = 0;  // hidden width of additive / concat scores
+};
+
+double max_abs(const Tensor& t) {
+  double m = 0;
+  for (double x : t.to_vector())
+    if (std::isfinite(x)) m = std::max(m, std::fabs(x));
+  return m;
+}
+
+// all_close with the bound of the header comment.
+::testing::AssertionResult close(const Tensor& actual, const Tensor& expected, DType dtype,
+                                 int64_t terms, const std::string& what, double extra_atol = 0) {
+  attn::testing::Tolerance tol = tolerance_for(dtype == DType::f64 ? DType::f64 : DType::f32, terms);
+  tol.atol = tol.atol * std::max(1.0, max_abs(expected)) + extra_atol;
+  return all_close(actual, expected, tol, what);
+}
+
+Tensor shard(const Tensor& full, Layout layout) {
+  return attn::dist::shard_sequence(full, 2, ranks(), rank_of(), layout);
+}
+
+std::vector<Tensor*> score_tensors(Score& s) {
+  return std::visit(
+      [](auto& x) -> std::vector<Tensor*> {
+        using S = std::decay_t<decltype(x)>;
+        if constexpr (std::is_same_v<S, attn::GeneralScore>) return {&x.weight, &x.u, &x.v};
+        else if constexpr (std::is_same_v<S, attn::AdditiveScore>) return {&x.w_query, &x.w_key, &x.bias, &x.v};
+        else if constexpr (std::is_same_v<S, attn::ConcatScore>) return {&x.weight, &x.v};
+        else if constexpr (std::is_same_v<S, attn::CosineScore>) return {&x.tau};
+        else if constexpr (std::is_same_v<S, attn::TrilinearScore>) return {&x.weight};
+        else return {};
+      },
+      s);
+}
+
+void run_case(const Case& c) {
+  SCOPED_TRACE(c.name + " on " + std::to_string(ranks()) + " ranks");
+  const uint64_t seed = 1000 + c.name.size() * 7;
+  const DType out_dtype = c.dtype == DType::bf16 ? DType::f32 : c.dtype;
+  const Tensor q = random_tensor({c.B, c.Hq, c.Tq, c.D}, out_dtype, seed).to(c.dtype);
+  const Tensor k = random_tensor({c.B, c.Hkv, c.Tk, c.D}, out_dtype, seed + 1).to(c.dtype);
+  const Tensor v = random_tensor({c.B, c.Hkv, c.Tk, c.Dv}, out_dtype, seed + 2).to(c.dtype);
+  const Tensor dout = random_tensor({c.B, c.Hq, c.Tq, c.Dv}, out_dtype, seed + 3);
+  AttentionParams params;
+  params.score = c.score;
+  params.mask.causal = c.causal;
+  params.mask.key_lengths = c.key_lengths;
+  params.mask.query_lengths = c.query_lengths;
+
+  // All-bf16 inputs: attn's AVX512_BF16 kernel rounds P to bf16 (relative 2^-9) against the
+  // block's own running maximum, so the ring (other blocks) and the single call round differently:
+  // out moves by up to 2 2^-9 max|v|, which moves D_i = dO_i . O_i by Dv max|dO| times that, and
+  // dq (dk) by max|k| (max|q|) times D_i's change.
+  double out_extra = 0, grad_extra = 0;
+  if (c.dtype == DType::bf16) {
+    out_extra = std::ldexp(2.0, -9) * max_abs(v);
+    grad_extra = out_extra * static_cast<double>(c.Dv) * max_abs(dout) *
+                 std::max(max_abs(q), max_abs(k));
+  }
+  const AttentionOutput ref = attn::attention(q, k, v, params);
+  const AttentionOutput got =
+      attn::dist::ring_attention(shard(q, c.layout), shard(k, c.layout), shard(v, c.layout),
+                                 params, MPI_COMM_WORLD, {c.layout});
+  EXPECT_TRUE(close(got.out, shard(ref.out, c.layout), c.dtype, c.Tk + c.D + c.A, "out", out_extra));
+  EXPECT_TRUE(close(got.lse, shard(ref.lse, c.layout), c.dtype, c.Tk + c.D + c.A, "lse", out_extra));
+  if (!c.backward) return;
+
+  const AttentionGrads rg = attn::attention_backward(q, k, v, params, ref, dout);
+  AttentionGrads gg = attn::dist::ring_attention_backward(
+      shard(q, c.layout), shard(k, c.layout), shard(v, c.layout), params, got,
+      shard(dout, c.layout), MPI_COMM_WORLD, {c.layout});
+  const int64_t terms = c.Tq + c.Tk + c.D + c.A;
+  EXPECT_TRUE(close(gg.dq, shard(rg.dq, c.layout), c.dtype, terms, "dq", grad_extra));
+  EXPECT_TRUE(close(gg.dk, shard(rg.dk, c.layout), c.dtype, terms, "dk", grad_extra));
+  EXPECT_TRUE(close(gg.dv, shard(rg.dv, c.layout), c.dtype, terms, "dv", grad_extra));
+  Score expected = rg.dscore;
+  std::vector<Tensor*> want = score_tensors(expected), have = score_tensors(gg.dscore);
+  ASSERT_EQ(want.size(), have.size());
+  for (std::size_t i = 0; i < want.size(); ++i) {
+    ASSERT_EQ(want[i]->defined(), have[i]->defined()) << "score gradient " << i;
+    if (want[i]->defined()) {
+      EXPECT_TRUE(close(*have[i], *want[i], c.dtype, c.Tq * c.Tk + c.D + c.A,
+                        "score gradient " + std::to_string(i)));
+    }
+  }
+}
+
+TEST(RingAttention, ShardingRoundTrips) {
+  for (Layout layout : {Layout::contiguous, Layout::zigzag}) {
+    for (int64_t T : {0, 1, 5, 37, 64}) {
+      const Tensor full = random_tensor({2, 3, T, 4}, DType::f32, 7 + T);
+      const Tensor local = shard(full, layout);
+      const Tensor back = attn::dist::gather_sequence(local, 2, layout, MPI_COMM_WORLD);
+      EXPECT_EQ(back.to_vector(), full.to_vector()) << "T " << T;
+    }
+  }
+}
+
+TEST(RingAttention, NonCausalUnevenGqa) {
+  for (Layout layout : {Layout::contiguous, Layout::zigzag}) {
+    Case c;
+    c.name = layout == Layout::zigzag ? "noncausal-zigzag" : "noncausal-contiguous";
+    c.layout = layout;
+    run_case(c);
+  }
+}
+
+TEST(RingAttention, CausalZigzagAndContiguous) {
+  for (Layout layout : {Layout::zigzag, Layout::contiguous}) {
+    for (int64_t T : {37, 64, 3}) {
+      Case c;
+      c.name = "causal-T" + std::to_string(T) + (layout == Layout::zigzag ? "-zigzag" : "-contig");
+      c.layout = layout;
+      c.causal = true;
+      c.Tq = c.Tk = T;
+      run_case(c);
+    }
+  }
+}
+
+// Shards longer than the ring's query slices (256 rows, between which transfers progress):
+// diagonal blocks split into a fully visible part and a smaller diagonal.
+TEST(RingAttention, LongShardsInSlices) {
+  for (bool causal : {true, false}) {
+    Case c;
+    c.name = causal ? "long-causal" : "long";
+    c.layout = Layout::contiguous;
+    c.causal = causal;
+    c.B = 1;
+    c.Hq = 2;
+    c.Hkv = 1;
+    c.D = c.Dv = 8;
+    c.Tq = c.Tk = 1100;
+    c.key_lengths = {1000};
+    run_case(c);
+  }
+}
+
+TEST(RingAttention, KeyAndQueryPadding) {
+  for (bool causal : {false, true}) {
+    Case c;
+    c.name = causal ? "padding-causal" : "padding";
+    c.causal = causal;
+    c.key_lengths = {30, 5};
+    c.query_lengths = {37, 20};
+    run_case(c);
+    c.name += "-keys-only";
+    c.query_lengths.clear();
+    c.key_lengths = {0, 19};  // batch entry 0: no keys at all, every row fully masked
+    run_case(c);
+  }
+}
+
+TEST(RingAttention, CrossAttentionAndMultiQuery) {
+  Case c;
+  c.name = "cross";
+  c.Tq = 23;
+  c.Tk = 41;
+  c.Hkv = 1;  // multi-query: every query head reads one key/value head
+  c.Dv = 8;
+  c.key_lengths = {41, 17};
+  run_case(c);
+}
+
+TEST(RingAttention, EveryShardableScore) {
+  const int64_t D = 16, A = 8;
+  const uint64_t s = 77;
+  std::vector<std::pair<std::string, Score>> scores = {
+      {"dot", attn::DotScore{}},
+      {"scaled-dot-0.3", attn::ScaledDotScore{0.3}},
+      {"general", attn::GeneralScore{random_tensor({D, D}, DType::f32, s, -0.3, 0.3), {}, {}}},
+      {"general-lowrank", attn::GeneralScore{{}, random_tensor({4, D}, DType::f32, s + 1, -0.5, 0.5),
+                                             random_tensor({4, D}, DType::f32, s + 2, -0.5, 0.5)}},
+      {"additive", attn::AdditiveScore{random_tensor({A, D}, DType::f32, s + 3, -0.3, 0.3),
+                                       random_tensor({A, D}, DType::f32, s + 4, -0.3, 0.3),
+                                       random_tensor({A}, DType::f32, s + 5),
+                                       random_tensor({A}, DType::f32, s + 6)}},
+      {"concat", attn::ConcatScore{random_tensor({A, 2 * D}, DType::f32, s + 7, -0.3, 0.3),
+                                   random_tensor({A}, DType::f32, s + 8)}},
+      {"cosine", attn::CosineScore{Tensor::full({1}, 4.0), 1e-8}},
+      {"trilinear", attn::TrilinearScore{random_tensor({3 * D}, DType::f32, s + 9, -0.5, 0.5)}},
+  };
+  for (const auto& [name, score] : scores) {
+    for (bool causal : {false, true}) {
+      Case c;
+      c.name = name + (causal ? "-causal" : "");
+      c.score = score;
+      c.causal = causal;
+      c.Tq = c.Tk = 29;
+      c.key_lengths = {29, 21};
+      c.A = A;
+      run_case(c);
+    }
+  }
+}
+
+TEST(RingAttention, Bf16AndFloat64) {
+  Case c;
+  c.name = "bf16-causal";
+  c.dtype = DType::bf16;
+  c.causal = true;
+  run_case(c);
+  c.name = "f64-causal-forward";
+  c.dtype = DType::f64;
+  c.backward = false;
+  run_case(c);
+}
+
+// Bad input raises attn::Error on every rank, and the ring works afterwards (no rank hangs, no
+// stray message is left).
+TEST(RingAttention, BadInputRaisesOnEveryRank) {
+  const int P = ranks(), r = rank_of();
+  const Tensor q = random_tensor({1, 2, 20, 8}, DType::f32, 1);
+  const Tensor k = random_tensor({1, 2, 20, 8}, DType::f32, 2);
+  const Tensor v = random_tensor({1, 2, 20, 8}, DType::f32, 3);
+  auto sq = shard(q, Layout::zigzag), sk = shard(k, Layout::zigzag), sv = shard(v, Layout::zigzag);
+  using attn::testing::expect_error;
+
+  AttentionParams location;
+  location.score = attn::LocationScore{random_tensor({20, 8}, DType::f32, 4)};
+  expect_error([&] { attn::dist::ring_attention(sq, sk, sv, location, MPI_COMM_WORLD); },
+               {"ring_attention", "location"});
+  AttentionParams window;
+  window.mask.window = attn::Window{4, 0};
+  expect_error([&] { attn::dist::ring_attention(sq, sk, sv, window, MPI_COMM_WORLD); },
+               {"ring_attention", "windows"});
+  AttentionParams dropout;
+  dropout.dropout.p = 0.1;
+  expect_error([&] { attn::dist::ring_attention(sq, sk, sv, dropout, MPI_COMM_WORLD); },
+               {"dropout"});
+  // attn's own shape checks, raised on one rank, reach every rank.
+  const Tensor bad_v = r == P - 1 ? random_tensor({1, 3, sv.size(2), 8}, DType::f32, 5) : sv;
+  expect_error([&] { attn::dist::ring_attention(sq, sk, bad_v, {}, MPI_COMM_WORLD); },
+               {"ring_attention"});
+  // float64 backward.
+  const Tensor q64 = sq.to(DType::f64), k64 = sk.to(DType::f64), v64 = sv.to(DType::f64);
+  const AttentionOutput f64 = attn::dist::ring_attention(q64, k64, v64, {}, MPI_COMM_WORLD);
+  expect_error([&] {
+    attn::dist::ring_attention_backward(q64, k64, v64, {}, f64, f64.out, MPI_COMM_WORLD);
+  }, {"ring_attention_backward", "float64"});
+  if (P > 1) {
+    // Shard sizes that do not follow the zigzag layout (one row moved from rank 0 to the last).
+    const Tensor q2 = r == 0 ? sq.slice(2, 0, sq.size(2) - 1)
+                             : (r == P - 1 ? random_tensor({1, 2, sq.size(2) + 1, 8}, DType::f32, 6) : sq);
+    const Tensor k2 = r == 0 ? sk.slice(2, 0, sk.size(2) - 1)
+                             : (r == P - 1 ? random_tensor({1, 2, sk.size(2) + 1, 8}, DType::f32, 7) : sk);
+    const Tensor v2 = r == 0 ? sv.slice(2, 0, sv.size(2) - 1)
+                             : (r == P - 1 ? random_tensor({1, 2, sv.size(2) + 1, 8}, DType::f32, 8) : sv);
+    expect_error([&] { attn::dist::ring_attention(q2, k2, v2, {}, MPI_COMM_WORLD); },
+                 {"zigzag shards"});
+    // Features that differ between ranks.
+    const Tensor q3 = r == P - 1 ? random_tensor({1, 2, sq.size(2), 4}, DType::f32, 9) : sq;
+    const Tensor k3 = r == P - 1 ? random_tensor({1, 2, sk.size(2), 4}, DType::f32, 10) : sk;
+    expect_error([&] { attn::dist::ring_attention(q3, k3, sv, {}, MPI_COMM_WORLD); },
+                 {"differ between rank 0 and rank"});
+    // Key lengths that differ between ranks.
+    AttentionParams lengths;
+    lengths.mask.key_lengths = {r == 0 ? 10 : 11};
+    expect_error([&] { attn::dist::ring_attention(sq, sk, sv, lengths, MPI_COMM_WORLD); },
+                 {"differ between rank 0 and rank"});
+  }
+  // The ring still works.
+  const AttentionOutput ref = attn::attention(q, k, v, {});
+  const AttentionOutput got = attn::dist::ring_attention(sq, sk, sv, {}, MPI_COMM_WORLD);
+  EXPECT_TRUE(close(got.out, shard(ref.out, Layout::zigzag), DType::f32, 28, "out after errors"));
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  MPI_Init(&argc, &argv);
+  ::testing::InitGoogleTest(&argc, argv);
+  if (rank_of() != 0) ::testing::GTEST_FLAG(brief) = true;  // failures only, from other ranks
+  const int failed = RUN_ALL_TESTS();
+  MPI_Finalize();
+  return failed;
+}
