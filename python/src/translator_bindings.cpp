@@ -18,6 +18,21 @@ namespace {
 
 namespace s2s = attn::seq2seq;
 
+// Model output as a Python str: an undertrained subword model can emit byte pieces that do not
+// form valid UTF-8; those bytes become U+FFFD (as bytes.decode("utf-8", "replace") does) rather
+// than raising in the middle of a batch.
+py::str text(const std::string& s) {
+  PyObject* u = PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), "replace");
+  if (u == nullptr) throw py::error_already_set();
+  return py::reinterpret_steal<py::str>(u);
+}
+
+py::list texts(const s2s::Tokens& tokens) {
+  py::list out;
+  for (const std::string& t : tokens) out.append(text(t));
+  return out;
+}
+
 // One translation as a dict: text, tokens, source_tokens (with <eos>), target_tokens (the
 // alignment's rows: the output tokens, then <eos> when it was emitted), alignment
 // [rows, len(source_tokens)] float64 (None for a model without attention), log_prob, score,
@@ -26,12 +41,12 @@ py::dict to_dict(const s2s::Translator& translator, const s2s::Translation& t,
                  s2s::Tokens source) {
   py::dict d;
   s2s::Tokens target = translator.target_tokens(t);
-  d["text"] = s2s::join_tokens(target);
-  d["tokens"] = target;
+  d["text"] = text(translator.target_text(t));  // cased and detokenised with a subword model
+  d["tokens"] = texts(target);
   source.push_back("<eos>");
   if (t.finished) target.push_back("<eos>");
-  d["source_tokens"] = source;
-  d["target_tokens"] = target;
+  d["source_tokens"] = texts(source);
+  d["target_tokens"] = texts(target);
   d["log_prob"] = t.log_prob;
   d["score"] = t.score;
   d["finished"] = t.finished;
