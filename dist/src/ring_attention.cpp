@@ -427,7 +427,7 @@ void finish_step(std::vector<MPI_Request>& requests, RingStepStats step, double 
   const double t = MPI_Wtime();
   wait_all(requests);
   step.compute_s = compute_s;
-  step.wait_s = MPI_Wtime() - t;
+  step.wait_s += MPI_Wtime() - t;
   if (stats) stats->steps.push_back(step);
 }
 
@@ -654,7 +654,9 @@ AttentionGrads ring_attention_backward(const Tensor& q, const Tensor& k, const T
     const double t1 = MPI_Wtime();
     // This block's dK and dV from the ranks it visited before: they were sent at the end of the
     // previous step and travelled during this step's computation.
+    const double t_dkv = MPI_Wtime();
     wait_all(d_reqs);
+    step.wait_s = MPI_Wtime() - t_dkv;
     auto [dks, dvs] = dkv.view(dsend, tk);
     {
       Tensor dk_here = from_doubles(dk, {B, Hkv, tk, Dk}, gdtype);
@@ -678,7 +680,9 @@ AttentionGrads ring_attention_backward(const Tensor& q, const Tensor& k, const T
     finish_step(kv_reqs, step, t1 - t0, stats);
     std::swap(cur, nxt);
   }
-  wait_all(d_reqs);
+  const double t_last = MPI_Wtime();
+  wait_all(d_reqs);  // this rank's own dK/dV, home from the last rank its block visited
+  if (stats && !stats->steps.empty()) stats->steps.back().wait_s += MPI_Wtime() - t_last;
   AttentionGrads grads;
   grads.dq = from_doubles(dq, q.shape(), gdtype);
   {
