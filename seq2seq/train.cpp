@@ -744,9 +744,11 @@ bool Trainer::run(const RunControl& control, const TrainCallbacks& callbacks) {
   };
   // Evaluates on the validation pairs (none: nothing to do); a better BLEU than any before is
   // saved as best.safetensors. Returns true when the patience has run out.
+  int64_t last_eval_step = -1;
   auto eval = [&]() -> bool {
     if (valid_.empty() || control.eval_sentences <= 0) return false;
     if (!callbacks.on_eval && control.out_dir.empty() && control.patience <= 0) return false;
+    last_eval_step = step_;
     EvalReport report = evaluate_now(control.eval_sentences);
     if (report.sentences == 0) return false;
     if (report.bleu.bleu > best_bleu_) {
@@ -772,6 +774,8 @@ bool Trainer::run(const RunControl& control, const TrainCallbacks& callbacks) {
     while (batch_in_epoch_ < num_batches) {
       if ((control.max_steps > 0 && step_ >= control.max_steps) ||
           (control.time_limit_s > 0 && elapsed() >= control.time_limit_s)) {
+        // The steps since the last evaluation may hold the best weights: evaluate them too.
+        if (step_ > first_step && last_eval_step != step_) eval();
         checkpoint();
         return false;
       }

@@ -28,7 +28,8 @@
 // pairs: with no validation pairs there is no evaluation); when its sacreBLEU beats every
 // earlier one, the weights are also saved as <out>/best.safetensors (a checkpoint like the
 // other, loadable by Translator::load), and after `patience` evaluations in a row without a
-// better score the run stops early.
+// better score the run stops early. A run stopped by max_steps or time_limit_s evaluates its
+// last weights before it stops (unless that step was just evaluated).
 #pragma once
 
 #include <cstdint>

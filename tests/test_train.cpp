@@ -508,7 +508,12 @@ TEST(NonFinite, CorruptOrMissingCheckpointIsNamed) {
 // Validation held out of the training pairs: sources that occur once, never trained on.
 TEST(HoldOutValidation, SourcesNeverInTraining) {
   std::vector<s2s::SentencePair> train;
-  for (int i = 0; i < 100; ++i) train.push_back({"s" + std::to_string(i % 60), "t" + std::to_string(i)});
+  for (int i = 0; i < 100; ++i) {
+    s2s::SentencePair pair{"s", "t"};  // appended to, not "s" + ...: GCC 12's false -Wrestrict
+    pair.source += std::to_string(i % 60);
+    pair.target += std::to_string(i);
+    train.push_back(pair);
+  }
   const std::vector<s2s::SentencePair> all = train;
   const std::vector<s2s::SentencePair> valid = s2s::hold_out_validation(train, 5, 7);
   ASSERT_EQ(valid.size(), 5u);

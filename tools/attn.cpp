@@ -386,12 +386,12 @@ int run_translate(TranslateArgs a) {
   config.length_penalty = a.length_penalty;
   const bool terminal = !a.json && a.nbest == 1 && a.input.empty() && (a.output.empty() || a.output == "-");
   config.alignment = a.json || !a.heatmap.empty() || (terminal && !a.no_alignment);
+  OutputStream output(a.output, "--output");  // opened first: a bad path fails before decoding
   std::vector<s2s::Tokens> sources;
   const auto start = std::chrono::steady_clock::now();
   const auto out = sentences.empty() ? std::vector<s2s::Translation>{}
                                      : translator.translate_all(sentences, config, &sources);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  OutputStream output(a.output, "--output");
   std::ostream& os = *output.stream;
   std::size_t next = 0;  // the next translation to print
   for (std::size_t line = 0; line < a.sentences.size(); ++line) {
@@ -486,11 +486,12 @@ int run_eval(const EvalArgs& a) {
   s2s::DecodeConfig config;
   config.beam = a.beam;
   config.length_penalty = a.length_penalty;
+  std::optional<OutputStream> output;
+  if (!a.output.empty()) output.emplace(a.output, "--output");  // fails before decoding
   const s2s::EvalResult r = s2s::evaluate(translator, pairs, config);
-  if (!a.output.empty()) {
-    OutputStream output(a.output, "--output");
-    for (const std::string& text : r.hypothesis_texts) *output.stream << text << "\n";
-    output.close(a.output, "--output");
+  if (output) {
+    for (const std::string& text : r.hypothesis_texts) *output->stream << text << "\n";
+    output->close(a.output, "--output");
   }
   // sacreBLEU and chrF over the detokenised output against the references as written; then
   // the token BLEU of the training tokenisation (lowercased words for word-level models).
