@@ -528,6 +528,15 @@ TEST_F(Cli, SubwordValidationAndTranslatorOutputs) {
   EXPECT_NE(e.output.find("chrF2|nrefs:1|"), std::string::npos) << e.output;
   EXPECT_EQ(split_lines(read_file(hyp)).size(), corpus.test.size());
 
+  // Resuming needs no --subword (the checkpoint knows it); the same --valid-size holds out the
+  // same pairs again.
+  const Process resumed = run_attn("train --train " + (dir_ / "mixed.tsv").string() + " --out " +
+                                   model.string() + " --resume --valid-size 20 --max-steps 14 "
+                                   "--eval-every 7 --eval-sentences 10 --threads 1");
+  ASSERT_EQ(resumed.status, 0) << resumed.output;
+  EXPECT_NE(resumed.output.find("resuming"), std::string::npos) << resumed.output;
+  EXPECT_NE(resumed.output.find("eval step 14"), std::string::npos) << resumed.output;
+
   const Process bad = run_attn("translate --model " + model.string() + " --input " +
                                (dir_ / "missing.txt").string());
   EXPECT_EQ(bad.status, 1);

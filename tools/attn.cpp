@@ -146,8 +146,15 @@ int run_train(const TrainArgs& a) {
     valid = std::move(corpus.valid);
   } else {
     s2s::PairsReadOptions options;
-    // Subword runs count pieces, not words: the trainer leaves out sources over the limit.
-    options.max_tokens = a.subword == "none" ? a.max_source - 1 : 0;
+    // Subword runs count pieces, not words: the trainer leaves out sources over the limit. A
+    // resumed run is whatever its checkpoint says (--subword need not be given again).
+    bool subword = a.subword != "none";
+    if (a.resume) {
+      const auto metadata = s2s::SafetensorsFile::load(checkpoint).metadata;
+      const auto it = metadata.find("train.subword");
+      subword = it != metadata.end() && it->second != "none";
+    }
+    options.max_tokens = subword ? 0 : a.max_source - 1;
     options.policy = a.skip_bad_lines ? s2s::BadLinePolicy::skip : s2s::BadLinePolicy::refuse;
     s2s::PairsFile file = s2s::read_pairs_file(a.train_file, options);
     std::cerr << file.report.summary(a.train_file) << "\n";
