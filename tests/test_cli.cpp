@@ -87,7 +87,7 @@ class Cli : public ::testing::Test {
 };
 
 TEST_F(Cli, HelpForEveryCommand) {
-  for (const char* cmd : {"", "train", "translate", "eval"}) {
+  for (const char* cmd : {"", "train", "translate", "eval", "average"}) {
     const Process r = run_attn(std::string(cmd) + " --help");
     EXPECT_EQ(r.status, 0) << cmd << ": " << r.output;
     EXPECT_NE(r.output.find("--help"), std::string::npos) << cmd;
@@ -556,6 +556,29 @@ TEST_F(Cli, PatienceStopsEarly) {
   EXPECT_NE(t.output.find("stopping early"), std::string::npos) << t.output;
   EXPECT_NE(t.output.find("stopped at step 6 "), std::string::npos) << t.output;
   EXPECT_TRUE(fs::exists(model / "best.safetensors"));
+}
+
+TEST_F(CliGuards, KeptCheckpointsAverageIntoOneThatTranslates) {
+  write_small_corpus();
+  const fs::path model = dir_ / "averaged";
+  const Process t = train_tiny(model, "--checkpoint-every 1 --keep-checkpoints 2 --threads 1");  // 3 steps
+  ASSERT_EQ(t.status, 0) << t.output;
+  EXPECT_FALSE(fs::exists(model / "checkpoint-1.safetensors"));
+  EXPECT_TRUE(fs::exists(model / "checkpoint-2.safetensors"));
+  EXPECT_TRUE(fs::exists(model / "checkpoint-3.safetensors"));
+  const fs::path avg = model / "avg.safetensors";
+  const Process a = run_attn("average --model " + model.string() + " --last 2 -o " + avg.string());
+  ASSERT_EQ(a.status, 0) << a.output;
+  EXPECT_NE(a.output.find("averaged 2 checkpoints"), std::string::npos) << a.output;
+  const Process e = run_attn("eval --model " + avg.string() + " --test " + (dir_ / "test.tsv").string() +
+                             " --limit 3 --threads 1");
+  EXPECT_EQ(e.status, 0) << e.output;
+  EXPECT_NE(e.output.find("BLEU"), std::string::npos) << e.output;
+  const Process too_many = run_attn("average --model " + model.string() + " --last 3 -o " + avg.string());
+  EXPECT_EQ(too_many.status, 1);
+  EXPECT_NE(too_many.output.find("holds 2 numbered checkpoints"), std::string::npos) << too_many.output;
+  const Process neither = run_attn("average -o " + avg.string());
+  EXPECT_EQ(neither.status, 2) << neither.output;
 }
 
 }  // namespace

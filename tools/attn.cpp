@@ -26,6 +26,7 @@
 
 #include "attn/error.h"
 #include "attn/runtime.h"
+#include "seq2seq/checkpoint_average.h"
 #include "seq2seq/corpus.h"
 #include "seq2seq/heatmap.h"
 #include "seq2seq/pairs_file.h"
@@ -265,6 +266,10 @@ int run_train(const TrainArgs& a) {
   control.out_dir = a.out;
   control.patience = a.patience;
   s2s::TrainCallbacks callbacks;
+  if (a.keep_checkpoints > 0)
+    callbacks.on_checkpoint = [&trainer, keep = a.keep_checkpoints](const std::string& path) {
+      s2s::keep_numbered_checkpoint(path, trainer->step(), keep);
+    };
   callbacks.on_progress = [](const s2s::Progress& p) {
     char buf[256];
     std::snprintf(buf, sizeof buf,
@@ -463,6 +468,7 @@ int run_translate(TranslateArgs a) {
 // ---------------------------------------------------------------------------------------------
 
 using EvalArgs = attn::cli::EvalOptions;
+using attn::cli::AverageOptions;
 
 int run_eval(const EvalArgs& a) {
   apply_threads(a.threads);
@@ -508,6 +514,24 @@ int run_eval(const EvalArgs& a) {
   return 0;
 }
 
+int run_average(const AverageOptions& a) {
+  std::vector<std::string> inputs = a.inputs;
+  if (!a.model.empty()) {
+    const std::vector<s2s::NumberedCheckpoint> all = s2s::numbered_checkpoints(a.model);
+    if (static_cast<int64_t>(all.size()) < a.last)
+      throw std::runtime_error("--last " + std::to_string(a.last) + ": " + a.model + " holds " +
+                               std::to_string(all.size()) +
+                               " numbered checkpoints (train with --keep-checkpoints N to keep them)");
+    for (std::size_t i = all.size() - static_cast<std::size_t>(a.last); i < all.size(); ++i)
+      inputs.push_back(all[i].path);
+  }
+  s2s::average_checkpoints(inputs).save(a.output);
+  std::cerr << "averaged " << inputs.size() << " checkpoints into " << a.output << ":";
+  for (const std::string& p : inputs) std::cerr << " " << std::filesystem::path(p).filename().string();
+  std::cerr << "\n";
+  return 0;
+}
+
 }  // namespace
 
 // libgomp's default keeps OpenMP workers spinning after each parallel region, and OpenBLAS's
@@ -542,6 +566,7 @@ int main(int argc, char** argv) {
       case attn::cli::Command::train: return run_train(parsed.train);
       case attn::cli::Command::translate: return run_translate(parsed.translate);
       case attn::cli::Command::eval: return run_eval(parsed.eval);
+      case attn::cli::Command::average: return run_average(parsed.average);
     }
   } catch (const UsageError& e) {
     std::cerr << "attn: error: " << e.what() << "\n";

@@ -159,6 +159,10 @@ void add_train_options(CLI::App& train, TrainOptions& ta, CLI::Option*& emb,
   train.add_option("--patience", ta.patience,
                    "Stop after this many evaluations without a better validation BLEU (0: never)")
       ->capture_default_str()->check(kNonNegative);
+  train.add_option("--keep-checkpoints", ta.keep_checkpoints,
+                   "Also keep the last N checkpoints as checkpoint-<step>.safetensors, for "
+                   "`attn average` (0: only the latest)")
+      ->capture_default_str()->check(kNonNegative);
 }
 
 // The checks CLI11 cannot express: names from fixed lists and mutually exclusive options.
@@ -214,13 +218,22 @@ void check_eval(const EvalOptions& a) {
   if (a.beam < 1) throw UsageError("--beam must be >= 1, got " + std::to_string(a.beam));
 }
 
+void check_average(const AverageOptions& a) {
+  if (a.inputs.empty() == a.model.empty())
+    throw UsageError("give either the checkpoint files to average or --model DIR --last N (exactly one)");
+  if (!a.model.empty() && a.last < 1)
+    throw UsageError("--model DIR needs --last N (N >= 1): the number of its newest numbered "
+                     "checkpoints to average");
+  if (a.model.empty() && a.last > 0) throw UsageError("--last N needs --model DIR");
+}
+
 }  // namespace
 
 ParsedCommandLine parse_command_line(const std::vector<std::string>& args) {
   if (!args.empty() && !args[0].empty() && args[0][0] != '-' && args[0] != "train" &&
-      args[0] != "translate" && args[0] != "eval")
+      args[0] != "translate" && args[0] != "eval" && args[0] != "average")
     throw UsageError("unknown command '" + args[0] +
-                     "' (expected train, translate or eval; see attn --help)");
+                     "' (expected train, translate, eval, average or experiments; see attn --help)");
 
   ParsedCommandLine out;
   CLI::App app{"attn: attention encoder-decoder translators (train, translate, eval)", "attn"};
@@ -277,6 +290,18 @@ ParsedCommandLine parse_command_line(const std::vector<std::string>& args) {
   eval->add_option("--threads", ev.threads, kThreadsHelp)->check(kPositive);
   eval->add_option("--output,-o", ev.output, "Write the translations to this file, one per pair");
 
+  AverageOptions& av = out.average;
+  CLI::App* average = app.add_subcommand(
+      "average", "Average the weights of checkpoints of one model (e.g. the last N of a run)");
+  average->add_option("checkpoints", av.inputs, "Checkpoint files to average");
+  average->add_option("--model", av.model,
+                      "A training directory: average its newest numbered checkpoints "
+                      "(attn train --keep-checkpoints)");
+  average->add_option("--last", av.last, "How many of --model's numbered checkpoints")
+      ->check(kPositive);
+  average->add_option("--output,-o", av.output, "The averaged checkpoint (.safetensors) to write")
+      ->required();
+
   // CLI11 consumes its argument vector from the back.
   std::vector<std::string> reversed(args.rbegin(), args.rend());
   try {
@@ -307,6 +332,9 @@ ParsedCommandLine parse_command_line(const std::vector<std::string>& args) {
   } else if (*eval) {
     out.command = Command::eval;
     check_eval(out.eval);
+  } else if (*average) {
+    out.command = Command::average;
+    check_average(out.average);
   } else {
     throw UsageError("a subcommand is required (see attn --help)");  // require_subcommand(1)
   }

@@ -56,6 +56,9 @@ struct TrainOptions {
   // at most 1000; none below 100 pairs), 0 none.
   int64_t valid_size = -1;
   int64_t patience = 0;  // early stopping after this many evaluations without a better BLEU
+  // Keep numbered copies of the last N checkpoints (checkpoint-<step>.safetensors) for
+  // `attn average`; 0: only checkpoint.safetensors.
+  int64_t keep_checkpoints = 0;
 };
 
 // `attn translate`. heatmap is empty or ends in .svg / .png (any case); beam >= 1.
@@ -82,8 +85,17 @@ struct EvalOptions {
   std::string output;  // write the translations (detokenised), one line per pair
 };
 
+// `attn average`: the mean weights of several checkpoints of one model, written to output.
+// Either the files are given, or `last` N numbered checkpoints of the directory `model`.
+struct AverageOptions {
+  std::vector<std::string> inputs;
+  std::string model;
+  int64_t last = 0;
+  std::string output;
+};
+
 // version: `attn --version` (tools/attn.cpp prints attn::runtime_summary()).
-enum class Command { help, version, train, translate, eval };
+enum class Command { help, version, train, translate, eval, average };
 
 struct ParsedCommandLine {
   Command command = Command::help;
@@ -91,6 +103,7 @@ struct ParsedCommandLine {
   TrainOptions train;     // filled for Command::train
   TranslateOptions translate;
   EvalOptions eval;
+  AverageOptions average;
 };
 
 // Parses `args`, the arguments after the program name (argv[1..argc)). Returns the command and
