@@ -14,8 +14,10 @@
 //   peak_MB      peak resident memory of the process so far (VmHWM; inputs included)
 //   label        the Highway target the kernel dispatched to
 //
-// BM_DecodeApi: the same counters through the public attn::attention (float32 query, float32 or
-// bf16 cache read in place from a tensor with spare capacity), and the seq2seq decoder step.
+// BM_DecodeApi: the same counters through the public attn::attention (float32 query, float32,
+// bf16 or 8-bit (kv=2, attn/quantized.h: int8 + a float32 scale per 32 channels, 1.125 bytes per
+// element, scales counted) cache read in place from a tensor with spare capacity), and the
+// seq2seq decoder step.
 //
 // BM_Crossover: decode kernel vs the composed (BLAS) path on the Tensor glue, Tq = 1, for short
 // caches, 2 threads (the seq2seq rows also 1); decode_us / composed_us below 1 means the decode
@@ -44,6 +46,7 @@
 
 #include "attention_validate.h"
 #include "attn/attention.h"
+#include "attn/quantized.h"
 #include "attn/tensor.h"
 #include "kernels/attention_composed.h"
 #include "kernels/decode_attention.h"
@@ -191,13 +194,14 @@ BENCHMARK(BM_Decode)->Apply(DecodeCases);
 
 // The same through the public API, as a server would call it: attn::attention with a float32
 // query against a KV cache of L valid rows in a cache tensor with spare capacity (rows strided
-// over the capacity, as KVCache::keys() returns them), float32 or bf16. Counters as BM_Decode;
+// over the capacity, as KVCache::keys() returns them), float32, bf16 or 8-bit (kv = 0, 1, 2).
+// Counters as BM_Decode;
 // the stream reads the whole cache tensors (capacity rows included) and is rated per byte.
 // Also the seq2seq decoder step, B = 64, Tq = 1, Tk = 50, d = 256, one head.
 void BM_DecodeApi(benchmark::State& state) {
   const int64_t B = state.range(0), Hq = state.range(1), Hkv = state.range(2), L = state.range(3),
                 d = state.range(4);
-  const bool bf16 = state.range(5) != 0;
+  const bool bf16 = state.range(5) == 1, int8 = state.range(5) == 2;
   omp_set_num_threads(static_cast<int>(state.range(6)));
   const int64_t capacity = L + 64;
   const attn::DType cache_type = bf16 ? attn::DType::bf16 : attn::DType::f32;
@@ -209,36 +213,50 @@ void BM_DecodeApi(benchmark::State& state) {
   };
   const attn::Tensor k_cache = random_cache(2), v_cache = random_cache(3);
   const attn::Tensor k = k_cache.slice(2, 0, L), v = v_cache.slice(2, 0, L);
+  attn::QuantizedTensor k8_cache, v8_cache, k8, v8;
+  if (int8) {
+    k8_cache = attn::quantize_int8(k_cache), v8_cache = attn::quantize_int8(v_cache);
+    k8 = k8_cache.slice(2, 0, L), v8 = v8_cache.slice(2, 0, L);
+  }
   attn::Tensor q = attn::Tensor::empty({B, Hq, 1, d});
   const std::vector<float> qx = random_vector(size_t(q.numel()), 1);
   std::memcpy(q.data<float>(), qx.data(), qx.size() * sizeof(float));
   attn::AttentionParams params;
   params.mask.causal = true;
   params.mask.alignment = attn::Alignment::bottom_right;
-  const size_t cache_bytes = size_t(k_cache.numel()) * attn::dtype_size(cache_type);
-  benchmark::DoNotOptimize(attn::attention(q, k, v, params).out.raw_data());  // warm-up
+  const auto call = [&] {
+    return int8 ? attn::attention(q, k8, v8, params) : attn::attention(q, k, v, params);
+  };
+  // Bytes per element read by a call, and the buffers the stream baseline sums (the int8
+  // values: the scales are 1/32 of them, rated at the same per-byte rate).
+  const double elem_bytes =
+      int8 ? 1.0 + 4.0 / double(attn::kInt8Block) : double(attn::dtype_size(cache_type));
+  const size_t cache_bytes =
+      int8 ? size_t(k_cache.numel()) : size_t(k_cache.numel()) * attn::dtype_size(cache_type);
+  const void* k_stream = int8 ? static_cast<const void*>(k8_cache.values()) : k_cache.raw_data();
+  const void* v_stream = int8 ? static_cast<const void*>(v8_cache.values()) : v_cache.raw_data();
+  benchmark::DoNotOptimize(call().out.raw_data());  // warm-up
   double best = 1e30, best_stream = 1e30;
   for (auto _ : state) {
     auto start = Clock::now();
-    benchmark::DoNotOptimize(attn::attention(q, k, v, params).out.raw_data());
+    benchmark::DoNotOptimize(call().out.raw_data());
     best = std::min(best, seconds_since(start));
     state.PauseTiming();
     start = Clock::now();
-    benchmark::DoNotOptimize(
-        stream_sum(k_cache.raw_data(), cache_bytes, v_cache.raw_data(), cache_bytes));
+    benchmark::DoNotOptimize(stream_sum(k_stream, cache_bytes, v_stream, cache_bytes));
     best_stream = std::min(best_stream, seconds_since(start));
     state.ResumeTiming();
   }
-  const double bytes = 2.0 * double(B * Hkv * L * d) * double(attn::dtype_size(cache_type));
+  const double bytes = 2.0 * double(B * Hkv * L * d) * elem_bytes;
   state.counters["GB/s"] = bytes / best * 1e-9;
   state.counters["stream_GB/s"] = 2.0 * double(cache_bytes) / best_stream * 1e-9;
   state.counters["vs_stream"] = state.counters["GB/s"] / state.counters["stream_GB/s"];
   state.counters["us"] = best * 1e6;
 }
 BENCHMARK(BM_DecodeApi)
-    ->ArgsProduct({{1}, {8}, {8, 2}, {4096, 32768}, {128}, {0, 1}, {1, 2}})
-    ->ArgsProduct({{64}, {1}, {1}, {50}, {256}, {0, 1}, {1, 2}})
-    ->ArgNames({"B", "Hq", "Hkv", "L", "d", "bf16", "threads"})
+    ->ArgsProduct({{1}, {8}, {8, 2}, {4096, 32768}, {128}, {0, 1, 2}, {1, 2}})
+    ->ArgsProduct({{64}, {1}, {1}, {50}, {256}, {0, 1, 2}, {1, 2}})
+    ->ArgNames({"B", "Hq", "Hkv", "L", "d", "kv", "threads"})
     ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();
 

@@ -398,6 +398,13 @@ KVCache KVCache::create(const MultiHeadConfig& config, const KVCacheOptions& opt
   cache.v = Tensor::zeros({options.batch, d.Hkv, options.capacity, d.Dv}, options.dtype);
   return cache;
 }
+  if (options.int8) {
+    ATTN_CHECK(options.dtype != DType::bf16, op,
+               "an 8-bit cache takes float32 or float64 queries (dtype), got bf16");
+    cache.k_int8 = QuantizedTensor::zeros({options.batch, d.Hkv, options.capacity, d.Dk});
+    cache.v_int8 = QuantizedTensor::zeros({options.batch, d.Hkv, options.capacity, d.Dv});
+    return cache;
+  }
 
 Tensor KVCache::keys() const { return k.defined() ? k.slice(2, 0, length) : k; }
 Tensor KVCache::values() const { return v.defined() ? v.slice(2, 0, length) : v; }
@@ -405,6 +412,12 @@ Tensor KVCache::values() const { return v.defined() ? v.slice(2, 0, length) : v;
 namespace {
 
 // Copies rows [0, count) of every (b, h) block of src [BH, src_rows, D] into dst [BH, dst_rows, D]
+QuantizedTensor KVCache::int8_keys() const {
+  return k_int8.defined() ? k_int8.slice(2, 0, length) : k_int8;
+}
+QuantizedTensor KVCache::int8_values() const {
+  return v_int8.defined() ? v_int8.slice(2, 0, length) : v_int8;
+}
 // starting at row `at`. Both contiguous and of one dtype; `elem` is its size in bytes.
 void copy_rows(const Tensor& src, int64_t src_rows, Tensor& dst, int64_t dst_rows, int64_t at,
                int64_t count, int64_t BH, int64_t D) {
@@ -421,6 +434,22 @@ void copy_rows(const Tensor& src, int64_t src_rows, Tensor& dst, int64_t dst_row
 
 void KVCache::append(const Tensor& new_k, const Tensor& new_v) {
   const char* op = "KVCache::append";
+// An 8-bit cache tensor [B, H, cap, D] grown to `grown` rows, its first `length` rows kept.
+QuantizedTensor grow_int8(const QuantizedTensor& t, int64_t length, int64_t grown) {
+  const int64_t B = t.size(0), H = t.size(1), cap = t.size(2), D = t.size(3);
+  QuantizedTensor g = QuantizedTensor::zeros({B, H, grown, D});
+  const int64_t blocks = int8_blocks(D);
+  for (int64_t bh = 0; bh < B * H; ++bh) {
+    if (length == 0) break;
+    std::memcpy(g.values() + bh * grown * D, t.values() + bh * cap * D,
+                static_cast<std::size_t>(length * D));
+    std::memcpy(g.scales().data<float>() + bh * grown * blocks,
+                t.scales().data<float>() + bh * cap * blocks,
+                static_cast<std::size_t>(length * blocks) * sizeof(float));
+  }
+  return g;
+}
+
   ATTN_CHECK(new_k.defined() && new_v.defined() && new_k.dim() == 4 && new_v.dim() == 4, op,
              "new_k must be [B, Hkv, n, Dk] and new_v [B, Hkv, n, Dv], got ",
              detail::shape_or_undefined(new_k), " and ", detail::shape_or_undefined(new_v));
@@ -432,6 +461,32 @@ void KVCache::append(const Tensor& new_k, const Tensor& new_v) {
     ATTN_CHECK(new_k.dtype() == DType::f32 || new_k.dtype() == DType::f64 ||
                    new_k.dtype() == DType::bf16,
                op, "new_k must be float32, float64 or bf16, got ", dtype_name(new_k.dtype()));
+  if (is_int8()) {
+    ATTN_CHECK(v_int8.defined() && k_int8.dim() == 4 && v_int8.dim() == 4 &&
+                   k_int8.size(0) == v_int8.size(0) && k_int8.size(1) == v_int8.size(1) &&
+                   k_int8.size(2) == v_int8.size(2),
+               op, "8-bit cache tensors must be [B, Hkv, capacity, D], got k ",
+               k_int8.shape_str(), ", v ", v_int8.defined() ? v_int8.shape_str() : "(undefined)");
+    ATTN_CHECK(length >= 0 && length <= capacity(), op, "length ", length,
+               " is outside the capacity ", capacity());
+    ATTN_CHECK(new_k.size(0) == k_int8.size(0) && new_k.size(1) == k_int8.size(1) &&
+                   new_k.size(3) == k_int8.size(3) && new_v.size(3) == v_int8.size(3),
+               op, "new_k ", new_k.shape_str(), " and new_v ", new_v.shape_str(),
+               " do not match the 8-bit cache k ", k_int8.shape_str(), ", v ",
+               v_int8.shape_str());
+    const int64_t n = new_k.size(2);
+    if (length + n > capacity()) {
+      const int64_t grown = std::max(2 * capacity(), length + n);
+      k_int8 = grow_int8(k_int8, length, grown);
+      v_int8 = grow_int8(v_int8, length, grown);
+    }
+    QuantizedTensor k_rows = k_int8.slice(2, length, length + n);
+    QuantizedTensor v_rows = v_int8.slice(2, length, length + n);
+    quantize_int8_into(new_k, k_rows);
+    quantize_int8_into(new_v, v_rows);
+    length += n;
+    return;
+  }
     k = Tensor::zeros({new_k.size(0), new_k.size(1), 0, new_k.size(3)}, new_k.dtype());
     v = Tensor::zeros({new_v.size(0), new_v.size(1), 0, new_v.size(3)}, new_k.dtype());
     length = 0;
@@ -479,7 +534,14 @@ MultiHeadOutput multihead_attention_step(const MultiHeadConfig& config,
       detail::validate_multihead(op, config, weights, query_step, key_step, value_step);
   const detail::MultiHeadDims& d = p.dims;
   const DType dtype = query_step.dtype();
-  if (cache.k.defined()) {
+  if (cache.is_int8()) {
+    ATTN_CHECK(cache.k_int8.dim() == 4 && cache.v_int8.defined() && cache.k_int8.size(0) == p.B &&
+                   cache.k_int8.size(1) == d.Hkv && cache.k_int8.size(3) == d.Dk &&
+                   cache.v_int8.size(3) == d.Dv,
+               op, "8-bit cache k ", cache.k_int8.shape_str(),
+               " does not match the step: batch ", p.B, ", ", d.Hkv, " kv heads, head_dim ",
+               d.Dk, ", value_head_dim ", d.Dv);
+  } else if (cache.k.defined()) {
     // Name the step's op (not KVCache::append) for the mismatches a caller is likely to make.
     ATTN_CHECK(cache.k.dim() == 4 && cache.v.defined() && cache.v.dim() == 4, op,
                "cache must hold k [B, Hkv, capacity, Dk] and v [B, Hkv, capacity, Dv], got ",
@@ -508,12 +570,17 @@ MultiHeadOutput multihead_attention_step(const MultiHeadConfig& config,
   // The valid rows, strided over the capacity dimension: attention() reads them in place on the
   // decode path (a bf16 cache too, widened row by row in registers), so a step reads the cache
   // once and copies nothing.
-  out.k = cache.keys();
-  out.v = cache.values();
   // The new rows are the last `n` positions of the sequence the cache holds.
   AttentionParams step_params = params;
   step_params.mask.alignment = Alignment::bottom_right;
-  out.attention = attn::attention(out.q, out.k, out.v, step_params);
+  if (cache.is_int8()) {
+    out.attention =
+        attn::attention(out.q, cache.int8_keys(), cache.int8_values(), step_params);
+  } else {
+    out.k = cache.keys();
+    out.v = cache.values();
+    out.attention = attn::attention(out.q, out.k, out.v, step_params);
+  }
   out.output = dtype == DType::f32 ? output_projection<float>(out.attention.out, weights)
                                    : output_projection<double>(out.attention.out, weights);
   return out;

@@ -19,19 +19,13 @@
 #include "attn/attention.h"
 #include "attn/multihead.h"
 #include "attn/reference.h"
+#include "support/float32_tolerance.h"
 #include "support/test_support.h"
 
 namespace attn {
 namespace {
 
 using namespace attn::testing;  // random_tensor, Tolerance, tolerance_for, all_close
-
-Tolerance float32_tolerance(int64_t D, int64_t Tk, double max_abs_score) {
-  Tolerance tol = tolerance_for(DType::f32, D + Tk + 1);
-  tol.atol += 32.0 * unit_roundoff(DType::f32) * max_abs_score;
-  tol.rtol = tol.atol;
-  return tol;
-}
 
 // A bf16 cache [B, H, capacity, D] whose first `length` rows hold random values and whose
 // spare rows hold NaN (never to be read), and the view of the valid rows (strided over the

@@ -31,6 +31,7 @@
 #include <cstdint>
 
 #include "attn/attention.h"
+#include "attn/quantized.h"
 #include "attn/tensor.h"
 
 namespace attn {
@@ -107,25 +108,40 @@ MultiHeadGrads multihead_attention_backward(const MultiHeadConfig& config,
 // multihead_attention_step attends a float32 (or float64) query against them through
 // attention()'s mixed precision (attention.h): the query, the projections and the output stay
 // in the query's dtype, and the cache rows are widened exactly as they are read.
+//
+// int8 (options.int8 = true; attn/quantized.h): 8-bit rows with a float32 scale per block of 32
+// channels of each key (llama.cpp's q8_0), ~1.125 bytes per element, a quarter of float32.
+// Appended rows are quantised once (|x - s q| <= s / 2, s = block max / 127); steps attend the
+// query against the dequantised values through attention(q, QuantizedTensor...), which reads
+// the int8 rows in place on the decode path. k and v stay undefined; k_int8 and v_int8 hold it.
 
 struct KVCacheOptions {
   int64_t batch = 1;
   int64_t capacity = 0;  // rows allocated up front (positions); grows on demand
   DType dtype = DType::f32;
+  bool int8 = false;  // 8-bit storage (then dtype names the queries' dtype: float32 or float64)
 };
 
 struct KVCache {
   Tensor k;            // [B, Hkv, capacity, Dk]
   Tensor v;            // [B, Hkv, capacity, Dv]
+  QuantizedTensor k_int8;  // [B, Hkv, capacity, Dk], an 8-bit cache only
+  QuantizedTensor v_int8;  // [B, Hkv, capacity, Dv]
   int64_t length = 0;  // valid positions
 
   static KVCache create(const MultiHeadConfig& config, const KVCacheOptions& options);
 
-  int64_t capacity() const { return k.defined() ? k.size(2) : 0; }
+  bool is_int8() const { return k_int8.defined(); }
+  int64_t capacity() const {
+    return k.defined() ? k.size(2) : k_int8.defined() ? k_int8.size(2) : 0;
+  }
   // Views of the valid rows, [B, Hkv, length, Dk] and [B, Hkv, length, Dv] (strided over the
-  // capacity dimension; they alias the cache until the next reallocation).
+  // capacity dimension; they alias the cache until the next reallocation). keys()/values() are
+  // undefined for an 8-bit cache; int8_keys()/int8_values() are its views.
   Tensor keys() const;
   Tensor values() const;
+  QuantizedTensor int8_keys() const;
+  QuantizedTensor int8_values() const;
   // Appends new_k [B, Hkv, n, Dk] and new_v [B, Hkv, n, Dv] (any dtype, converted).
   void append(const Tensor& new_k, const Tensor& new_v);
   void clear() { length = 0; }
@@ -137,8 +153,9 @@ struct KVCache {
 // at the end of the sequence: with params.mask.causal, row i sees positions
 // <= length - n + i, and decoding a sequence token by token gives the rows of the full causal
 // forward. Masks given in params (bias, allowed, ...) must broadcast to [B, Hq, n, length].
-// An undefined cache is allocated on the first call (in the query's dtype; create a bf16 cache
-// with KVCache::create to store bf16). The cache's dtype must be the query's or bf16.
+// An undefined cache is allocated on the first call (in the query's dtype; create a bf16 or an
+// 8-bit cache with KVCache::create). The cache's dtype must be the query's or bf16, or it is
+// 8-bit (then out.k and out.v stay undefined: cache.int8_keys() / int8_values() are the views).
 // Inference only: there is no backward through the cache (use multihead_attention for
 // training). In the returned MultiHeadOutput, k and v are cache.keys() and cache.values(): views
 // of all cache.length valid positions in the cache's dtype, strided over its capacity and

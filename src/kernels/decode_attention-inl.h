@@ -59,6 +59,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "hwy/aligned_allocator.h"
@@ -121,6 +122,21 @@ struct Chunk<uint16_t> {
   static HWY_INLINE float Scalar(uint16_t x) { return bf16_to_float(x); }
 };
 
+// 8-bit K/V (attn/quantized.h): N int8 sign-extended and converted to float32. The block scale
+// is applied by the caller (BlockScale), one multiply per chunk shared by all the rows: a chunk
+// of N <= 16 elements lies inside one block of 32 because N divides 32 (the front-end sends
+// only D and Dv that are multiples of 32 here, so there is no scalar tail either).
+template <>
+struct Chunk<int8_t> {
+  static constexpr size_t kVecs = 1;
+  static HWY_INLINE void Load(DF df, const int8_t* HWY_RESTRICT p, VF* out) {
+    const hn::RebindToSigned<DF> di32;
+    const hn::Rebind<int8_t, DF> di8;
+    out[0] = hn::ConvertTo(df, hn::PromoteTo(di32, hn::LoadU(di8, p)));
+  }
+  static HWY_INLINE float Scalar(int8_t x) { return static_cast<float>(x); }
+};
+
 // Position of element e of a chunk-arranged row (q and the output accumulators): inside each
 // full chunk of W = kVecs * N elements, vector v lane i holds element kVecs * i + v; the tail
 // after the last full chunk is in natural order.
@@ -154,7 +170,25 @@ struct Scratch {
   // and its head's slope (0: no ALiBi).
   std::vector<const float*> bias_rows;
   std::vector<float> slopes;
+  // 8-bit K/V: the item's scale rows (key j's scales at k_scales + j * k_scale_stride).
+  const float* k_scales = nullptr;
+  const float* v_scales = nullptr;
+  int64_t k_scale_stride = 0, v_scale_stride = 0;
 };
+
+// Element e of a row as float32 (scaled by its block scale for 8-bit K/V): the scalar tails.
+template <typename T>
+HWY_INLINE float ScalarAt(const T* HWY_RESTRICT row, const float* HWY_RESTRICT scale_row,
+                          int64_t e) {
+  if constexpr (std::is_same_v<T, int8_t>) return static_cast<float>(row[e]) * scale_row[e / 32];
+  return Chunk<T>::Scalar(row[e]);
+}
+
+// Multiplies chunk vectors of row j starting at feature c by their block scale (8-bit K/V).
+template <typename T>
+HWY_INLINE void BlockScale(DF df, const float* HWY_RESTRICT scale_row, int64_t c, VF* x) {
+  if constexpr (std::is_same_v<T, int8_t>) x[0] = hn::Mul(x[0], hn::Set(df, scale_row[c / 32]));
+}
 
 // Per-split partial results: running max m, sum l (relative to m) and the unnormalised output
 // accumulator o (chunk-arranged) of every row of every item.
@@ -196,8 +230,12 @@ HWY_INLINE void ScoreBlock(DF df, Scratch& sc, size_t r, const T* HWY_RESTRICT k
   const int64_t W = static_cast<int64_t>(V) * N;
   const int64_t full = D / W * W;
   const T* HWY_RESTRICT krow[KR];
+  const float* HWY_RESTRICT kscale[KR];
 #pragma GCC unroll 16
-  for (size_t kk = 0; kk < KR; ++kk) krow[kk] = k + (j + static_cast<int64_t>(kk)) * k_stride;
+  for (size_t kk = 0; kk < KR; ++kk) {
+    krow[kk] = k + (j + static_cast<int64_t>(kk)) * k_stride;
+    kscale[kk] = sc.k_scales + (j + static_cast<int64_t>(kk)) * sc.k_scale_stride;
+  }
   const float* HWY_RESTRICT qrow[RR];
 #pragma GCC unroll 16
   for (size_t rr = 0; rr < RR; ++rr) qrow[rr] = sc.q_rows[r + rr];
@@ -208,7 +246,10 @@ HWY_INLINE void ScoreBlock(DF df, Scratch& sc, size_t r, const T* HWY_RESTRICT k
   for (int64_t c = 0; c < full; c += W) {
     VF kv[KR][V];
 #pragma GCC unroll 16
-    for (size_t kk = 0; kk < KR; ++kk) Chunk<T>::Load(df, krow[kk] + c, kv[kk]);
+    for (size_t kk = 0; kk < KR; ++kk) {
+      Chunk<T>::Load(df, krow[kk] + c, kv[kk]);
+      BlockScale<T>(df, kscale[kk], c, kv[kk]);
+    }
 #pragma GCC unroll 16
     for (size_t rr = 0; rr < RR; ++rr)
 #pragma GCC unroll 16
@@ -225,7 +266,7 @@ HWY_INLINE void ScoreBlock(DF df, Scratch& sc, size_t r, const T* HWY_RESTRICT k
     for (size_t rr = 0; rr < RR; ++rr)
       for (size_t kk = 0; kk < KR; ++kk)
         for (int64_t d = full; d < D; ++d)
-          sums[rr * KR + kk] += qrow[rr][d] * Chunk<T>::Scalar(krow[kk][d]);
+          sums[rr * KR + kk] += qrow[rr][d] * ScalarAt<T>(krow[kk], kscale[kk], d);
   }
   const float inf = std::numeric_limits<float>::infinity();
   const int64_t j_end = j + static_cast<int64_t>(KR);
@@ -290,8 +331,12 @@ HWY_INLINE void AccumulateBlock(DF df, Scratch& sc, size_t r, const T* HWY_RESTR
   const auto step = [&](size_t set, int64_t j) HWY_ATTR {
     VF vv[NV];
     const T* HWY_RESTRICT vrow = vcol + j * v_stride;
+    const float* HWY_RESTRICT vscale = sc.v_scales + j * sc.v_scale_stride;
 #pragma GCC unroll 16
-    for (size_t cg = 0; cg < CG; ++cg) Chunk<T>::Load(df, vrow + cg * W, vv + cg * V);
+    for (size_t cg = 0; cg < CG; ++cg) {
+      Chunk<T>::Load(df, vrow + cg * W, vv + cg * V);
+      BlockScale<T>(df, vscale, c + static_cast<int64_t>(cg) * W, vv + cg * V);
+    }
 #pragma GCC unroll 16
     for (size_t rr = 0; rr < RR; ++rr) {
       const VF p = hn::Set(df, prow[rr][j - jb]);
@@ -482,6 +527,12 @@ void ProcessItem(const DecodeAttentionArgs& a, const Problem& pb, Scratch& sc, i
 
   const T* k = static_cast<const T*>(a.k.data) + b * a.k.stride_b + kvh * a.k.stride_h;
   const T* v = static_cast<const T*>(a.v.data) + b * a.v.stride_b + kvh * a.v.stride_h;
+  if constexpr (std::is_same_v<T, int8_t>) {
+    sc.k_scales = a.k.scales + b * a.k.scale_stride_b + kvh * a.k.scale_stride_h;
+    sc.v_scales = a.v.scales + b * a.v.scale_stride_b + kvh * a.v.scale_stride_h;
+    sc.k_scale_stride = a.k.scale_stride_t;
+    sc.v_scale_stride = a.v.scale_stride_t;
+  }
   const int64_t full_dv = Dv / W * W;
   const size_t rows = static_cast<size_t>(R);
   for (int64_t jb = lo; jb < hi; jb += kKeyBlock) {
@@ -535,7 +586,7 @@ void ProcessItem(const DecodeAttentionArgs& a, const Problem& pb, Scratch& sc, i
         for (int64_t j = jb; j < je; ++j) {
           const T* vrow = v + j * a.v.stride_t;
           for (int64_t e = full_dv; e < Dv; ++e)
-            orow[e] += p[j - jb] * Chunk<T>::Scalar(vrow[e]);
+            orow[e] += p[j - jb] * ScalarAt<T>(vrow, sc.v_scales + j * sc.v_scale_stride, e);
         }
       }
     }
@@ -705,6 +756,8 @@ void Run(const DecodeAttentionArgs& a) {
 void DecodeAttentionForward(const DecodeAttentionArgs& a) {
   if (a.kv_type == KvType::bf16)
     decode::Run<uint16_t>(a);
+  else if (a.kv_type == KvType::int8)
+    decode::Run<int8_t>(a);
   else
     decode::Run<float>(a);
 }

@@ -51,22 +51,19 @@ bool decode_attention_supported(DType dtype, const detail::AttentionDims& dims,
          dims.Tq <= kDecodeMaxQueries && dims.Tk >= kDecodeMinKeys;
 }
 
-AttentionOutput decode_attention(const detail::AttentionDims& dims, const Tensor& q,
-                                 const Tensor& k, const Tensor& v, const AttentionParams& params) {
+namespace {
+
+AttentionOutput run_decode(const detail::AttentionDims& dims, const Tensor& q, KvView k, KvView v,
+                           KvType kv_type, const AttentionParams& params) {
   AttentionOutput result;
   result.out = Tensor::empty({dims.B, dims.Hq, dims.Tq, dims.Dv}, DType::f32);
   result.lse = Tensor::empty({dims.B, dims.Hq, dims.Tq}, DType::f32);
 
   DecodeAttentionArgs args;
   args.q = q.data<float>();
-  // K and V in place through their strides (rows of a cache with spare capacity, any layout
-  // whose feature dimension is contiguous), float32 or bf16.
-  const auto view = [](const Tensor& t) {
-    return KvView{t.raw_data(), t.stride(0), t.stride(1), t.stride(2)};
-  };
-  args.k = view(k);
-  args.v = view(v);
-  args.kv_type = k.dtype() == DType::bf16 ? KvType::bf16 : KvType::f32;
+  args.k = k;
+  args.v = v;
+  args.kv_type = kv_type;
   args.out = result.out.data<float>();
   args.lse = result.lse.data<float>();
   args.scale = dot_scale(params.score, dims);
@@ -82,6 +79,30 @@ AttentionOutput decode_attention(const detail::AttentionDims& dims, const Tensor
   decode_attention_forward(args);
   if (params.return_weights) result.mean_weights = mean_over_heads(result.weights);
   return result;
+}
+
+}  // namespace
+
+AttentionOutput decode_attention(const detail::AttentionDims& dims, const Tensor& q,
+                                 const Tensor& k, const Tensor& v, const AttentionParams& params) {
+  // K and V in place through their strides (rows of a cache with spare capacity, any layout
+  // whose feature dimension is contiguous), float32 or bf16.
+  const auto view = [](const Tensor& t) {
+    return KvView{t.raw_data(), t.stride(0), t.stride(1), t.stride(2)};
+  };
+  return run_decode(dims, q, view(k), view(v),
+                    k.dtype() == DType::bf16 ? KvType::bf16 : KvType::f32, params);
+}
+
+AttentionOutput decode_attention(const detail::AttentionDims& dims, const Tensor& q,
+                                 const QuantizedTensor& k, const QuantizedTensor& v,
+                                 const AttentionParams& params) {
+  const auto view = [](const QuantizedTensor& t) {
+    const Tensor& s = t.scales();
+    return KvView{t.values(),         t.stride(0), t.stride(1), t.stride(2), s.data<float>(),
+                  s.stride(0),        s.stride(1), s.stride(2)};
+  };
+  return run_decode(dims, q, view(k), view(v), KvType::int8, params);
 }
 
 }  // namespace attn::kernels

@@ -41,6 +41,7 @@
 
 #include "attention_validate.h"
 #include "attn/attention.h"
+#include "attn/quantized.h"
 #include "kernels/bf16.h"
 #include "kernels/flash_attention.h"  // FlashBias
 #include "kernels/kernel_problem.h"
@@ -52,12 +53,16 @@ namespace attn::kernels {
 // ---------------------------------------------------------------------------------------------
 // Raw-pointer entry.
 
-enum class KvType { f32, bf16 };
+enum class KvType { f32, bf16, int8 };
 
 // One of K or V: element type and element strides (the last dimension is contiguous).
 struct KvView {
-  const void* data = nullptr;  // float* or uint16_t* (bf16 bits)
+  const void* data = nullptr;  // float*, uint16_t* (bf16 bits) or int8_t* (attn/quantized.h)
   int64_t stride_b = 0, stride_h = 0, stride_t = 0;
+  // int8 only: float32 scales [B, Hkv, Tk, D / 32] (one per block of 32 features), with their
+  // own element strides (the last dimension contiguous).
+  const float* scales = nullptr;
+  int64_t scale_stride_b = 0, scale_stride_h = 0, scale_stride_t = 0;
 };
 
 struct DecodeAttentionArgs : ProblemSizes, IntervalMasks {
@@ -131,5 +136,11 @@ bool decode_attention_supported(DType dtype, const detail::AttentionDims& dims,
 // weights and mean_weights when params.return_weights.
 AttentionOutput decode_attention(const detail::AttentionDims& dims, const Tensor& q,
                                  const Tensor& k, const Tensor& v, const AttentionParams& params);
+
+// The same for 8-bit K and V (attn/quantized.h), read in place: D and Dv must be multiples of
+// kInt8Block (every SIMD chunk then lies in one scale block).
+AttentionOutput decode_attention(const detail::AttentionDims& dims, const Tensor& q,
+                                 const QuantizedTensor& k, const QuantizedTensor& v,
+                                 const AttentionParams& params);
 
 }  // namespace attn::kernels
