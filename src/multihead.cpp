@@ -394,10 +394,6 @@ KVCache KVCache::create(const MultiHeadConfig& config, const KVCacheOptions& opt
                  options.dtype == DType::bf16,
              op, "dtype must be float32, float64 or bf16, got ", dtype_name(options.dtype));
   KVCache cache;
-  cache.k = Tensor::zeros({options.batch, d.Hkv, options.capacity, d.Dk}, options.dtype);
-  cache.v = Tensor::zeros({options.batch, d.Hkv, options.capacity, d.Dv}, options.dtype);
-  return cache;
-}
   if (options.int8) {
     ATTN_CHECK(options.dtype != DType::bf16, op,
                "an 8-bit cache takes float32 or float64 queries (dtype), got bf16");
@@ -405,19 +401,23 @@ KVCache KVCache::create(const MultiHeadConfig& config, const KVCacheOptions& opt
     cache.v_int8 = QuantizedTensor::zeros({options.batch, d.Hkv, options.capacity, d.Dv});
     return cache;
   }
+  cache.k = Tensor::zeros({options.batch, d.Hkv, options.capacity, d.Dk}, options.dtype);
+  cache.v = Tensor::zeros({options.batch, d.Hkv, options.capacity, d.Dv}, options.dtype);
+  return cache;
+}
 
 Tensor KVCache::keys() const { return k.defined() ? k.slice(2, 0, length) : k; }
 Tensor KVCache::values() const { return v.defined() ? v.slice(2, 0, length) : v; }
-
-namespace {
-
-// Copies rows [0, count) of every (b, h) block of src [BH, src_rows, D] into dst [BH, dst_rows, D]
 QuantizedTensor KVCache::int8_keys() const {
   return k_int8.defined() ? k_int8.slice(2, 0, length) : k_int8;
 }
 QuantizedTensor KVCache::int8_values() const {
   return v_int8.defined() ? v_int8.slice(2, 0, length) : v_int8;
 }
+
+namespace {
+
+// Copies rows [0, count) of every (b, h) block of src [BH, src_rows, D] into dst [BH, dst_rows, D]
 // starting at row `at`. Both contiguous and of one dtype; `elem` is its size in bytes.
 void copy_rows(const Tensor& src, int64_t src_rows, Tensor& dst, int64_t dst_rows, int64_t at,
                int64_t count, int64_t BH, int64_t D) {
@@ -430,10 +430,6 @@ void copy_rows(const Tensor& src, int64_t src_rows, Tensor& dst, int64_t dst_row
                 static_cast<std::size_t>(count * D * elem));
 }
 
-}  // namespace
-
-void KVCache::append(const Tensor& new_k, const Tensor& new_v) {
-  const char* op = "KVCache::append";
 // An 8-bit cache tensor [B, H, cap, D] grown to `grown` rows, its first `length` rows kept.
 QuantizedTensor grow_int8(const QuantizedTensor& t, int64_t length, int64_t grown) {
   const int64_t B = t.size(0), H = t.size(1), cap = t.size(2), D = t.size(3);
@@ -450,6 +446,10 @@ QuantizedTensor grow_int8(const QuantizedTensor& t, int64_t length, int64_t grow
   return g;
 }
 
+}  // namespace
+
+void KVCache::append(const Tensor& new_k, const Tensor& new_v) {
+  const char* op = "KVCache::append";
   ATTN_CHECK(new_k.defined() && new_v.defined() && new_k.dim() == 4 && new_v.dim() == 4, op,
              "new_k must be [B, Hkv, n, Dk] and new_v [B, Hkv, n, Dv], got ",
              detail::shape_or_undefined(new_k), " and ", detail::shape_or_undefined(new_v));
@@ -457,10 +457,6 @@ QuantizedTensor grow_int8(const QuantizedTensor& t, int64_t length, int64_t grow
                  new_v.size(2) == new_k.size(2),
              op, "new_k ", new_k.shape_str(), " and new_v ", new_v.shape_str(),
              " differ in batch, heads or length");
-  if (!k.defined()) {  // the first append fixes batch, heads, widths and dtype
-    ATTN_CHECK(new_k.dtype() == DType::f32 || new_k.dtype() == DType::f64 ||
-                   new_k.dtype() == DType::bf16,
-               op, "new_k must be float32, float64 or bf16, got ", dtype_name(new_k.dtype()));
   if (is_int8()) {
     ATTN_CHECK(v_int8.defined() && k_int8.dim() == 4 && v_int8.dim() == 4 &&
                    k_int8.size(0) == v_int8.size(0) && k_int8.size(1) == v_int8.size(1) &&
@@ -487,6 +483,10 @@ QuantizedTensor grow_int8(const QuantizedTensor& t, int64_t length, int64_t grow
     length += n;
     return;
   }
+  if (!k.defined()) {  // the first append fixes batch, heads, widths and dtype
+    ATTN_CHECK(new_k.dtype() == DType::f32 || new_k.dtype() == DType::f64 ||
+                   new_k.dtype() == DType::bf16,
+               op, "new_k must be float32, float64 or bf16, got ", dtype_name(new_k.dtype()));
     k = Tensor::zeros({new_k.size(0), new_k.size(1), 0, new_k.size(3)}, new_k.dtype());
     v = Tensor::zeros({new_v.size(0), new_v.size(1), 0, new_v.size(3)}, new_k.dtype());
     length = 0;
