@@ -30,7 +30,7 @@ CrossEntropyResult cross_entropy(const Tensor& logits, const std::vector<int32_t
   if (config.compute_grad) r.dlogits = Tensor::zeros(logits.shape(), logits.dtype());
   if (r.count == 0) return r;
   const double eps = config.label_smoothing;
-  const double inv_m = 1.0 / static_cast<double>(r.count);
+  const double inv_m = 1.0 / static_cast<double>(config.normalizer > 0 ? config.normalizer : r.count);
   nn::visit_float(x.dtype(), op, "logits", [&](auto tag) {
     using T = decltype(tag);
     const T* xp = x.data<T>();
@@ -102,7 +102,8 @@ CopyMixtureResult copy_mixture_loss(const Tensor& logits, const Tensor& copy, co
   std::vector<double> dx(config.compute_grad ? N * V : 0), dc(config.compute_grad ? N * Vx : 0),
       dg(config.compute_grad ? N : 0);
   if (r.count > 0) {
-    const double eps = config.label_smoothing, inv_m = 1.0 / static_cast<double>(r.count);
+    const double eps = config.label_smoothing;
+    const double inv_m = 1.0 / static_cast<double>(config.normalizer > 0 ? config.normalizer : r.count);
     std::vector<double> s(V), rv(Vx);
     for (int64_t n = 0; n < N; ++n) {
       if (targets[n] == config.ignore_id) continue;

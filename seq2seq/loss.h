@@ -20,6 +20,10 @@ struct CrossEntropyConfig {
   double label_smoothing = 0.0;  // eps in [0, 1)
   int64_t ignore_id = 0;         // targets equal to it (<pad>) add no loss and no gradient
   bool compute_grad = true;
+  // > 0: the loss and gradient are divided by this count instead of M, the targets counted
+  // here: a shard of a larger batch divides by the whole batch's count, so that the shards'
+  // losses and gradients sum to the whole batch's (data-parallel training, train.h).
+  int64_t normalizer = 0;
 };
 
 struct CrossEntropyResult {

@@ -295,6 +295,68 @@ BatchLoss model_batch_loss(TranslationModel& model, const Batch& batch, const Cr
       model);
 }
 
+// The rows of shard `s` of `shards` of a batch of `rows` rows: contiguous, sizes within one.
+std::pair<int64_t, int64_t> shard_rows(int64_t rows, int64_t shards, int64_t s) {
+  return {rows * s / shards, rows * (s + 1) / shards};
+}
+
+// One step's gradient under GradientSharding (train.h): this process's shards of `rows`, each
+// computed whole with its loss divided by the whole batch's token count, their gradients and
+// losses summed with the other processes' in shard order (slot n - 1 of a buffer: the loss).
+// Leaves the sum in the parameters' gradients; returns the loss and the batch's token count.
+BatchLoss sharded_gradient(TranslationModel& model, const nn::ParameterList& params,
+                           const std::vector<EncodedPair>& encoded, const std::vector<int64_t>& rows,
+                           const GradientSharding& sharding, CrossEntropyConfig ce, uint64_t seed) {
+  const int64_t shards = sharding.shards;
+  const int64_t count = sharding.count < 0 ? shards : sharding.count;
+  int64_t n = 1;
+  for (const nn::Parameter& p : params) {
+    ATTN_CHECK(p.grad.dtype() == DType::f32 && p.grad.is_contiguous(), kOp,
+               "sharded gradients need contiguous float32 gradients; ", p.name, " is not");
+    n += p.grad.numel();
+  }
+  const int64_t batch_rows = static_cast<int64_t>(rows.size());
+  ce.normalizer = make_batch(encoded, rows).target_tokens;
+  BatchLoss total;
+  total.count = ce.normalizer;
+  std::vector<float> mine(static_cast<size_t>(count * n), 0.0f);
+  for (int64_t k = 0; k < count; ++k) {
+    const int64_t s = sharding.first + k;
+    const auto [begin, end] = shard_rows(batch_rows, shards, s);
+    if (begin == end) continue;  // more shards than rows: this one adds zeros
+    nn::zero_grads(params);
+    const std::vector<int64_t> part(rows.begin() + begin, rows.begin() + end);
+    // Each shard draws its own dropout masks; shards = 1 keeps the plain loop's seed.
+    const uint64_t shard_seed = shards == 1 ? seed : mix64(seed ^ mix64(static_cast<uint64_t>(s) + 1));
+    const BatchLoss r = model_batch_loss(model, make_batch(encoded, part), ce, true, shard_seed);
+    float* out = mine.data() + k * n;
+    for (const nn::Parameter& p : params) {
+      std::memcpy(out, p.grad.data<float>(), static_cast<size_t>(p.grad.numel()) * sizeof(float));
+      out += p.grad.numel();
+    }
+    *out = static_cast<float>(r.loss);
+  }
+  std::vector<float> sum(static_cast<size_t>(n));
+  if (count < shards) {
+    sharding.sum_shards(mine.data(), n, sum.data());
+  } else {
+    // Left to right, as attn/dist/data_parallel.h sums the shards of several processes.
+    std::copy(mine.begin(), mine.begin() + n, sum.begin());
+    for (int64_t k = 1; k < shards; ++k) {
+      const float* g = mine.data() + k * n;
+      for (int64_t i = 0; i < n; ++i) sum[i] += g[i];
+    }
+  }
+  const float* in = sum.data();
+  for (const nn::Parameter& p : params) {
+    Tensor grad = p.grad;  // a handle on the parameter's gradient storage
+    std::memcpy(grad.data<float>(), in, static_cast<size_t>(grad.numel()) * sizeof(float));
+    in += p.grad.numel();
+  }
+  total.loss = *in;
+  return total;
+}
+
 std::string resolve_checkpoint(const std::string& path) {
   namespace fs = std::filesystem;
   if (fs::is_directory(path)) {
@@ -769,20 +831,37 @@ bool Trainer::run(const RunControl& control, const TrainCallbacks& callbacks) {
   CrossEntropyConfig ce;
   ce.label_smoothing = config_.label_smoothing;
   ce.ignore_id = Vocab::pad_id;
+  const GradientSharding& sharding = control.sharding;
+  const int64_t own_shards = sharding.count < 0 ? sharding.shards : sharding.count;
+  ATTN_CHECK(sharding.shards >= 1 && sharding.first >= 0 && own_shards >= 0 &&
+                 sharding.first + own_shards <= sharding.shards,
+             kOp, "gradient shards [", sharding.first, ", ", sharding.first + own_shards,
+             ") must lie in [0, ", sharding.shards, ")");
+  ATTN_CHECK(own_shards == sharding.shards || sharding.sum_shards, kOp, "this process computes ",
+             own_shards, " of ", sharding.shards, " gradient shards but has no sum_shards to add the others'");
+  const bool plain_step = sharding.shards == 1 && own_shards == 1;
   while (epoch_ < config_.epochs) {
     const std::vector<int64_t> order = epoch_order(num_batches, config_.seed, epoch_);
     while (batch_in_epoch_ < num_batches) {
-      if ((control.max_steps > 0 && step_ >= control.max_steps) ||
-          (control.time_limit_s > 0 && elapsed() >= control.time_limit_s)) {
+      bool out_of_time = control.time_limit_s > 0 && elapsed() >= control.time_limit_s;
+      if (control.time_limit_s > 0 && sharding.any) out_of_time = sharding.any(out_of_time);
+      if ((control.max_steps > 0 && step_ >= control.max_steps) || out_of_time) {
         // The steps since the last evaluation may hold the best weights: evaluate them too.
         if (step_ > first_step && last_eval_step != step_) eval();
         checkpoint();
         return false;
       }
-      const Batch batch = make_batch(encoded_, batches_[order[batch_in_epoch_]]);
-      nn::zero_grads(params);
-      const BatchLoss r =
-          model_batch_loss(translator_.model, batch, ce, true, step_seed(config_.seed, step_));
+      const std::vector<int64_t>& rows = batches_[order[batch_in_epoch_]];
+      BatchLoss r;
+      if (plain_step) {
+        const Batch batch = make_batch(encoded_, rows);
+        nn::zero_grads(params);
+        r = model_batch_loss(translator_.model, batch, ce, true, step_seed(config_.seed, step_));
+        r.count = batch.target_tokens;
+      } else {
+        r = sharded_gradient(translator_.model, params, encoded_, rows, sharding, ce,
+                             step_seed(config_.seed, step_));
+      }
       if (callbacks.on_gradients) callbacks.on_gradients(step_, params);
       const double norm = clip_grad_norm(params, config_.clip_norm);
       const double lr = learning_rate(config_.schedule, config_.lr, step_);
@@ -812,7 +891,7 @@ bool Trainer::run(const RunControl& control, const TrainCallbacks& callbacks) {
         loss_sum += r.loss;
         ++loss_steps;
       }
-      tokens_since += batch.target_tokens;
+      tokens_since += r.count;
       const bool last = step_ == total_steps_;
       if (callbacks.on_progress && (step_ % std::max<int64_t>(1, control.progress_every) == 0 || last)) {
         const double now = elapsed();

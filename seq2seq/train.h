@@ -75,6 +75,26 @@ struct TrainConfig {
   uint64_t seed = 1;
 };
 
+// Data parallelism, with no MPI here (attn/dist/data_parallel.h drives it over MPI): every
+// global batch is split into `shards` parts of contiguous rows (sizes differing by at most one);
+// each part's gradient is computed whole, its loss divided by the whole batch's token count, and
+// the parts' gradients and losses are summed in shard order 0, 1, ..., shards - 1, left to right
+// in float32. The rounding thus depends on `shards` alone, never on which process computed which
+// part or when: N processes and one process with the same `shards` give the same weights bit for
+// bit (one process runs the parts one after the other). shards = 1 is the plain loop.
+struct GradientSharding {
+  int64_t shards = 1;
+  int64_t first = 0;   // this process computes shards [first, first + count)
+  int64_t count = -1;  // -1: all of them
+  // Given this process's `count` gradient buffers of n floats each (shard-major), writes the
+  // sum over all `shards` buffers, in shard order, to `sum` (n floats) on every process. Needed
+  // when count < shards.
+  std::function<void(const float* mine, int64_t n, float* sum)> sum_shards;
+  // Returns true on every process when `stop` is true on any: the time limit, read by each
+  // process's clock, must stop all of them at the same step. Unset: `stop` itself.
+  std::function<bool(bool stop)> any;
+};
+
 // How a run is driven (not saved: may differ between a run and its resumption).
 struct RunControl {
   int64_t max_steps = 0;         // stop (and checkpoint) once the global step reaches it; 0: off
@@ -87,6 +107,7 @@ struct RunControl {
   // Early stopping: stop after this many evaluations in a row without a better validation
   // BLEU (0: never). Needs validation pairs.
   int64_t patience = 0;
+  GradientSharding sharding;  // changes the rounding only: a resumed run may use other shards
 };
 
 struct Progress {

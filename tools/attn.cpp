@@ -32,6 +32,7 @@
 #include "seq2seq/pairs_file.h"
 #include "seq2seq/safetensors.h"
 #include "seq2seq/train.h"
+#include "tools/train_processes.h"
 #include "cli_options.h"
 
 #include <nlohmann/json.hpp>
@@ -129,6 +130,8 @@ void write_subword_models(const s2s::Translator& t, const std::string& out_dir) 
 }
 
 int run_train(const TrainArgs& a) {
+  // One process, or N under mpirun (data parallelism): rank 0 alone writes files and reports.
+  attn::cli::TrainProcesses processes;
   apply_threads(a.threads);
   const std::string checkpoint = s2s::Trainer::checkpoint_file(a.out);
   if (a.resume && !std::filesystem::exists(checkpoint))
@@ -139,7 +142,7 @@ int run_train(const TrainArgs& a) {
     throw std::runtime_error(a.out + " already holds a model (" + checkpoint +
                              "): give --resume to continue it or --force to start over and "
                              "replace it");
-  remove_stale_temporaries(a.out);
+  if (processes.root()) remove_stale_temporaries(a.out);
   std::vector<s2s::SentencePair> train, valid;
   if (a.corpus) {
     s2s::Corpus corpus = make_corpus(a.corpus_options);
@@ -235,7 +238,7 @@ int run_train(const TrainArgs& a) {
       c.subword.joint = !a.subword_per_side;
     }
     trainer.emplace(c, std::move(train), std::move(valid));
-    write_subword_models(trainer->translator(), a.out);
+    if (processes.root()) write_subword_models(trainer->translator(), a.out);
     if (trainer->dropped_long_pairs() > 0)
       std::cerr << "left out " << trainer->dropped_long_pairs()
                 << " training pairs whose source has more than " << a.max_source - 1
@@ -263,8 +266,9 @@ int run_train(const TrainArgs& a) {
   control.eval_sentences = a.eval_sentences;
   control.checkpoint_every = a.checkpoint_every;
   control.progress_every = a.progress_every;
-  control.out_dir = a.out;
+  control.out_dir = processes.root() ? a.out : "";
   control.patience = a.patience;
+  control.sharding = processes.sharding(a.grad_shards);
   s2s::TrainCallbacks callbacks;
   if (a.keep_checkpoints > 0)
     callbacks.on_checkpoint = [&trainer, keep = a.keep_checkpoints](const std::string& path) {
@@ -300,6 +304,7 @@ int run_train(const TrainArgs& a) {
   const auto start = std::chrono::steady_clock::now();
   const bool complete = trainer->run(control, callbacks);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  processes.report(std::cerr, seconds);
   std::cerr << (complete ? "finished" : "stopped") << " at step " << trainer->step() << " after "
             << format_duration(seconds) << "; checkpoint in " << a.out << "\n";
   if (trainer->best_bleu() >= 0)

@@ -159,6 +159,11 @@ void add_train_options(CLI::App& train, TrainOptions& ta, CLI::Option*& emb,
   train.add_option("--patience", ta.patience,
                    "Stop after this many evaluations without a better validation BLEU (0: never)")
       ->capture_default_str()->check(kNonNegative);
+  train.add_option("--grad-shards", ta.grad_shards,
+                   "Split every batch into this many parts whose gradients are summed in a fixed "
+                   "order (default: one per process; under mpirun -np N, N). Runs with the same "
+                   "value give the same weights bit for bit on any number of processes")
+      ->check(kNonNegative);
   train.add_option("--keep-checkpoints", ta.keep_checkpoints,
                    "Also keep the last N checkpoints as checkpoint-<step>.safetensors, for "
                    "`attn average` (0: only the latest)")

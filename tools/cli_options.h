@@ -56,6 +56,10 @@ struct TrainOptions {
   // at most 1000; none below 100 pairs), 0 none.
   int64_t valid_size = -1;
   int64_t patience = 0;  // early stopping after this many evaluations without a better BLEU
+  // Gradient shards of every batch (seq2seq::GradientSharding), summed in a fixed order; 0: one
+  // per process (under mpirun, N). Runs with the same value give the same weights bit for bit,
+  // whatever their number of processes.
+  int64_t grad_shards = 0;
   // Keep numbered copies of the last N checkpoints (checkpoint-<step>.safetensors) for
   // `attn average`; 0: only checkpoint.safetensors.
   int64_t keep_checkpoints = 0;

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "attn/dist/ring_attention.h"
+#include "mpi_test_main.h"
 #include "support/test_support.h"
 
 namespace {
@@ -26,16 +27,7 @@ using attn::AttentionGrads, attn::AttentionOutput, attn::AttentionParams, attn::
     attn::Tensor, attn::dist::Layout;
 using attn::testing::all_close, attn::testing::random_tensor, attn::testing::tolerance_for;
 
-int rank_of() {
-  int r = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &r);
-  return r;
-}
-int ranks() {
-  int p = 1;
-  MPI_Comm_size(MPI_COMM_WORLD, &p);
-  return p;
-}
+using attn::testing::rank_of, attn::testing::ranks;
 
 struct Case {
   std::string name;
@@ -316,11 +308,4 @@ TEST(RingAttention, BadInputRaisesOnEveryRank) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  MPI_Init(&argc, &argv);
-  ::testing::InitGoogleTest(&argc, argv);
-  if (rank_of() != 0) ::testing::GTEST_FLAG(brief) = true;  // failures only, from other ranks
-  const int failed = RUN_ALL_TESTS();
-  MPI_Finalize();
-  return failed;
-}
+int main(int argc, char** argv) { return attn::testing::mpi_gtest_main(argc, argv); }
