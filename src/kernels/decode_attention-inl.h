@@ -525,8 +525,10 @@ void ProcessItem(const DecodeAttentionArgs& a, const Problem& pb, Scratch& sc, i
     }
   }
 
-  const T* k = static_cast<const T*>(a.k.data) + b * a.k.stride_b + kvh * a.k.stride_h;
-  const T* v = static_cast<const T*>(a.v.data) + b * a.v.stride_b + kvh * a.v.stride_h;
+  const bool paged = a.page_table != nullptr;
+  const T* k = static_cast<const T*>(a.k.data) + (paged ? 0 : b * a.k.stride_b) + kvh * a.k.stride_h;
+  const T* v = static_cast<const T*>(a.v.data) + (paged ? 0 : b * a.v.stride_b) + kvh * a.v.stride_h;
+  const int32_t* pages = paged ? a.page_table + b * a.page_table_stride : nullptr;
   if constexpr (std::is_same_v<T, int8_t>) {
     sc.k_scales = a.k.scales + b * a.k.scale_stride_b + kvh * a.k.scale_stride_h;
     sc.v_scales = a.v.scales + b * a.v.scale_stride_b + kvh * a.v.scale_stride_h;
@@ -535,8 +537,22 @@ void ProcessItem(const DecodeAttentionArgs& a, const Problem& pb, Scratch& sc, i
   }
   const int64_t full_dv = Dv / W * W;
   const size_t rows = static_cast<size_t>(R);
-  for (int64_t jb = lo; jb < hi; jb += kKeyBlock) {
-    const int64_t je = std::min(jb + kKeyBlock, hi);
+  for (int64_t jb = lo, je = lo; jb < hi; jb = je) {
+    je = std::min(jb + kKeyBlock, hi);
+    if (paged) {
+      // A block stays inside one page. k and v become the origins from which key j of this
+      // page is row j (addresses computed as integers: the origin itself lies outside the pool).
+      const int64_t page = jb / a.page_size, first = page * a.page_size;
+      je = std::min(je, first + a.page_size);
+      const int64_t at = pages[page];
+      const auto origin = [&](const KvView& kv) {
+        const T* row0 = static_cast<const T*>(kv.data) + at * kv.stride_b + kvh * kv.stride_h;
+        return reinterpret_cast<const T*>(reinterpret_cast<uintptr_t>(row0) -
+                                          static_cast<uintptr_t>(first * kv.stride_t) * sizeof(T));
+      };
+      k = origin(a.k);
+      v = origin(a.v);
+    }
 
     // 1. Scores, in register blocks of 4 rows x kKeyGroup keys, then 2 rows x 4 keys, then
     // 1 row x 8 keys for the rows left over. No software prefetch: K and V rows of a head are

@@ -53,8 +53,13 @@ bool decode_attention_supported(DType dtype, const detail::AttentionDims& dims,
 
 namespace {
 
+struct Paging {
+  const int32_t* table = nullptr;
+  int64_t table_stride = 0, page_size = 0;
+};
+
 AttentionOutput run_decode(const detail::AttentionDims& dims, const Tensor& q, KvView k, KvView v,
-                           KvType kv_type, const AttentionParams& params) {
+                           KvType kv_type, const AttentionParams& params, Paging paging = {}) {
   AttentionOutput result;
   result.out = Tensor::empty({dims.B, dims.Hq, dims.Tq, dims.Dv}, DType::f32);
   result.lse = Tensor::empty({dims.B, dims.Hq, dims.Tq}, DType::f32);
@@ -64,6 +69,9 @@ AttentionOutput run_decode(const detail::AttentionDims& dims, const Tensor& q, K
   args.k = k;
   args.v = v;
   args.kv_type = kv_type;
+  args.page_table = paging.table;
+  args.page_table_stride = paging.table_stride;
+  args.page_size = paging.page_size;
   args.out = result.out.data<float>();
   args.lse = result.lse.data<float>();
   args.scale = dot_scale(params.score, dims);
@@ -103,6 +111,18 @@ AttentionOutput decode_attention(const detail::AttentionDims& dims, const Tensor
                   s.stride(0),        s.stride(1), s.stride(2)};
   };
   return run_decode(dims, q, view(k), view(v), KvType::int8, params);
+}
+
+AttentionOutput decode_attention_paged(const detail::AttentionDims& dims, const Tensor& q,
+                                       const Tensor& k_pool, const Tensor& v_pool,
+                                       const int32_t* page_table, int64_t table_stride,
+                                       const AttentionParams& params) {
+  const auto view = [](const Tensor& t) {
+    return KvView{t.raw_data(), t.stride(0), t.stride(1), t.stride(2)};
+  };
+  return run_decode(dims, q, view(k_pool), view(v_pool),
+                    k_pool.dtype() == DType::bf16 ? KvType::bf16 : KvType::f32, params,
+                    Paging{page_table, table_stride, k_pool.size(2)});
 }
 
 }  // namespace attn::kernels

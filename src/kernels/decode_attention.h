@@ -86,6 +86,13 @@ struct DecodeAttentionArgs : ProblemSizes, IntervalMasks {
 
   int64_t head_dim = 0, value_dim = 0;
   float scale = 1.0f;
+
+  // Paged K/V (attn/paged_kv_cache.h), or page_table == nullptr: key t of batch b is row
+  // t % page_size of page page_table[b * page_table_stride + t / page_size], and k.stride_b /
+  // v.stride_b are then the strides between pages of the pools. The kernel's key blocks stop at
+  // page boundaries, so any page size works (64 and up keeps the blocks whole).
+  const int32_t* page_table = nullptr;
+  int64_t page_table_stride = 0, page_size = 0;
   // Key lengths are clamped to k_len. Decoding usually wants bottom_right = true (the queries
   // are the last Tq positions of the sequence).
 };
@@ -142,5 +149,13 @@ AttentionOutput decode_attention(const detail::AttentionDims& dims, const Tensor
 AttentionOutput decode_attention(const detail::AttentionDims& dims, const Tensor& q,
                                  const QuantizedTensor& k, const QuantizedTensor& v,
                                  const AttentionParams& params);
+
+// The same over paged pools k_pool [pages, Hkv, page_size, Dk], v_pool [pages, Hkv, page_size,
+// Dv] (both float32 or both bf16, contiguous) through page_table [B, table_stride] (int32 page
+// indices; params.mask.key_lengths give each sequence's length).
+AttentionOutput decode_attention_paged(const detail::AttentionDims& dims, const Tensor& q,
+                                       const Tensor& k_pool, const Tensor& v_pool,
+                                       const int32_t* page_table, int64_t table_stride,
+                                       const AttentionParams& params);
 
 }  // namespace attn::kernels
