@@ -32,6 +32,12 @@ EncodedSource gather_source(const EncodedSource& src, const std::vector<int64_t>
   out.values = gather_rows(src.values, rows);
   for (int64_t r : rows) out.lengths.push_back(src.lengths[static_cast<std::size_t>(r)]);
   if (src.fixed_context.defined()) out.fixed_context = gather_rows(src.fixed_context, rows);
+  out.extended_vocab = src.extended_vocab;
+  if (src.pointer_keys.defined()) {  // pointer-sentinel
+    out.pointer_keys = gather_rows(src.pointer_keys, rows);
+    out.pointer_values = gather_rows(src.pointer_values, rows);
+    for (int64_t r : rows) out.pointer_lengths.push_back(src.pointer_lengths[static_cast<std::size_t>(r)]);
+  }
   return out;
 }
 

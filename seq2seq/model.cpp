@@ -126,6 +126,16 @@ const char* decoder_kind_name(DecoderKind kind) {
   return "?";
 }
 
+const char* copy_kind_name(CopyKind kind) {
+  return kind == CopyKind::sentinel ? "sentinel" : "generator";
+}
+
+std::optional<CopyKind> parse_copy_kind(std::string_view name) {
+  if (name == "generator") return CopyKind::generator;
+  if (name == "sentinel") return CopyKind::sentinel;
+  return std::nullopt;
+}
+
 const char* architecture_name(Architecture arch) {
   return arch == Architecture::transformer ? "transformer" : "rnn";
 }
@@ -285,7 +295,13 @@ Seq2Seq Seq2Seq::create(const ModelConfig& config, uint64_t seed) {
   const int64_t readout_in = config.decoder == DecoderKind::luong ? 2 * H : 2 * H + E;
   m.readout = nn::Linear::create({readout_in, H, true, dt}, mix64(seed + 6));
   m.generator = nn::Linear::create({H, config.target_vocab, true, dt}, mix64(seed + 7));
-  if (config.copy) m.gate = nn::Linear::create({2 * H + E, 1, true, dt}, mix64(seed + 8));
+  if (config.copy && config.copy_kind == CopyKind::generator)
+    m.gate = nn::Linear::create({2 * H + E, 1, true, dt}, mix64(seed + 8));
+  if (config.copy && config.copy_kind == CopyKind::sentinel) {
+    m.pointer_query = nn::Linear::create({H, H, true, dt}, mix64(seed + 9));
+    m.sentinel = uniform_tensor({H}, bH, dt, mix64(seed + 10), 0);
+    m.sentinel_grad = nn::zeros_like(m.sentinel);
+  }
   // Until set_copy_map: the special tokens map to themselves, every word to <unk> (which makes
   // it an extended id).
   m.copy_map.assign(config.source_vocab, static_cast<int32_t>(Vocab::unk_id));
@@ -329,11 +345,48 @@ nn::ParameterList Seq2Seq::parameters() const {
   nn::add_parameter(list, "attention.local.", "v_p", local.v_p, local_grad.v_p);
   readout.parameters("readout.", list);
   generator.parameters("generator.", list);
-  if (config.copy) gate.parameters("gate.", list);
+  if (config.copy && config.copy_kind == CopyKind::generator) gate.parameters("gate.", list);
+  if (config.copy && config.copy_kind == CopyKind::sentinel) {
+    pointer_query.parameters("pointer.query.", list);
+    nn::add_parameter(list, "pointer.", "sentinel", sentinel, sentinel_grad);
+  }
   return list;
 }
 
 void Seq2Seq::zero_grad() const { nn::zero_grads(parameters()); }
+
+namespace {
+
+// The one-hot copy id of each source token [B, S, V + X] over the extended vocabulary of
+// batching.h (padding rows zero). The ids come from the batch (Batch::source_copy) or, for a
+// batch built from ids alone, from copy_map, sentence by sentence.
+Tensor copy_onehot(const Seq2Seq& m, const Batch& batch) {
+  const int64_t B = batch.batch, S = batch.source_steps, V = m.config.target_vocab;
+  std::vector<int32_t> copy_ids = batch.source_copy;
+  if (copy_ids.empty()) {
+    copy_ids.assign(B * S, static_cast<int32_t>(Vocab::pad_id));
+    for (int64_t b = 0; b < B; ++b) {
+      const std::span<const int32_t> row(batch.source.data() + b * S, batch.source_lengths[b]);
+      const ExtendedSource e = extend_source(row, m.copy_map, V);
+      std::copy(e.copy_ids.begin(), e.copy_ids.end(), copy_ids.begin() + b * S);
+    }
+  }
+  ATTN_CHECK(static_cast<int64_t>(copy_ids.size()) == B * S, kOp, "batch has ",
+             copy_ids.size(), " source copy ids for ", B, " x ", S, " source tokens");
+  int64_t Vx = V;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = 0; j < batch.source_lengths[b]; ++j) {
+      const int32_t id = copy_ids[b * S + j];
+      ATTN_CHECK(id >= 0, kOp, "negative copy id ", id, " at source row ", b, ", position ", j);
+      Vx = std::max<int64_t>(Vx, int64_t{id} + 1);
+    }
+  Tensor onehot = Tensor::zeros({B, S, Vx}, m.config.dtype);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = 0; j < batch.source_lengths[b]; ++j) onehot.set({b, j, copy_ids[b * S + j]}, 1.0);
+  return onehot;
+}
+
+}  // namespace
 
 EncodedSource Seq2Seq::encode(const Batch& batch, const Seq2SeqRunOptions& options) const {
   const int64_t B = batch.batch, S = batch.source_steps;
@@ -367,33 +420,28 @@ EncodedSource Seq2Seq::encode(const Batch& batch, const Seq2SeqRunOptions& optio
   if (config.decoder == DecoderKind::none) src.fixed_context = src.initial.h.back();
   const int64_t H = config.hidden;
   if (config.copy) {
-    // values = [memory | one-hot copy id of each source token] over the extended vocabulary of
-    // V + X ids (batching.h); padding rows stay zero.
-    const int64_t V = config.target_vocab;
-    std::vector<int32_t> copy_ids = batch.source_copy;
-    if (copy_ids.empty()) {
-      // A batch built from ids: the copy ids follow from copy_map, sentence by sentence.
-      copy_ids.assign(B * S, static_cast<int32_t>(Vocab::pad_id));
+    const Tensor onehot = copy_onehot(*this, batch);  // [B, S, V + X]
+    const int64_t Vx = onehot.size(2);
+    src.extended_vocab = Vx;
+    if (config.copy_kind == CopyKind::generator) {
+      // values = [memory | one-hot copy id of each source token]; padding rows stay zero.
+      src.values = concat_columns({src.memory.reshape({B * S, H}), onehot.reshape({B * S, Vx})})
+                       .reshape({B, 1, S, H + Vx});
+    } else {
+      // The pointer's keys [x; memory] and values [1, 0 | 0, one-hot]: out = [g | pointer mass].
+      src.values = src.memory.reshape({B, 1, S, H});
+      Tensor keys = Tensor::empty({B, S + 1, H}, config.dtype);
+      Tensor values = Tensor::zeros({B, S + 1, 1 + Vx}, config.dtype);
       for (int64_t b = 0; b < B; ++b) {
-        const std::span<const int32_t> row(batch.source.data() + b * S, batch.source_lengths[b]);
-        const ExtendedSource e = extend_source(row, copy_map, V);
-        std::copy(e.copy_ids.begin(), e.copy_ids.end(), copy_ids.begin() + b * S);
+        keys.select(0, b).slice(0, 0, 1).copy_from(sentinel.reshape({1, H}));
+        keys.select(0, b).slice(0, 1, S + 1).copy_from(src.memory.select(0, b));
+        values.set({b, 0, 0}, 1.0);
+        values.select(0, b).slice(0, 1, S + 1).slice(1, 1, 1 + Vx).copy_from(onehot.select(0, b));
       }
+      src.pointer_keys = keys.reshape({B, 1, S + 1, H});
+      src.pointer_values = values.reshape({B, 1, S + 1, 1 + Vx});
+      for (const int64_t n : batch.source_lengths) src.pointer_lengths.push_back(n + 1);
     }
-    ATTN_CHECK(static_cast<int64_t>(copy_ids.size()) == B * S, kOp, "batch has ",
-               copy_ids.size(), " source copy ids for ", B, " x ", S, " source tokens");
-    int64_t Vx = V;
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t j = 0; j < batch.source_lengths[b]; ++j) {
-        const int32_t id = copy_ids[b * S + j];
-        ATTN_CHECK(id >= 0, kOp, "negative copy id ", id, " at source row ", b, ", position ", j);
-        Vx = std::max<int64_t>(Vx, int64_t{id} + 1);
-      }
-    Tensor onehot = Tensor::zeros({B, S, Vx}, config.dtype);
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t j = 0; j < batch.source_lengths[b]; ++j) onehot.set({b, j, copy_ids[b * S + j]}, 1.0);
-    src.values = concat_columns({src.memory.reshape({B * S, H}), onehot.reshape({B * S, Vx})})
-                     .reshape({B, 1, S, H + Vx});
   } else {
     src.values = src.memory.reshape({B, 1, S, H});
   }
@@ -430,7 +478,7 @@ Tensor attend(const Seq2Seq& m, const EncodedSource& src, const Tensor& query, i
   if (weights && return_weights) *weights = out.weights.reshape({B, S});
   const Tensor flat = out.out.reshape({B, out.out.size(-1)});
   Tensor context = columns(flat, 0, H);
-  if (m.config.copy) *copy = columns(flat, H, flat.size(1));
+  if (m.config.copy && m.config.copy_kind == CopyKind::generator) *copy = columns(flat, H, flat.size(1));
   cache.query = q;
   cache.attention_params = std::move(params);
   cache.attention = std::move(out);
@@ -501,6 +549,67 @@ void run_stack(const Seq2Seq& m, const Tensor& x, const DecoderState& state,
   }
 }
 
+// The pointer-sentinel step (model.h): fills r.gate [B, 1] = g_t and r.copy [B, V + X] = the
+// pointer's mass on the source scattered to the extended ids, divided by its sum (zero when the
+// sentinel holds all of it: then g_t = 1 and the copy term vanishes).
+void point(const Seq2Seq& m, const EncodedSource& src, StepResult& r) {
+  StepCache& cache = r.cache;
+  const int64_t B = r.state.h.back().size(0), H = m.config.hidden, S1 = src.pointer_keys.size(2);
+  const int64_t Vx = src.extended_vocab;
+  nn::LinearForward lin = m.pointer_query.forward(r.state.h.back());
+  cache.pointer_q = tanh_forward(lin.out).reshape({B, 1, 1, H});
+  cache.pointer_query = std::move(lin.cache);
+  cache.pointer_params.score = DotScore{};
+  cache.pointer_params.mask.key_lengths = src.pointer_lengths;
+  cache.pointer = attention(cache.pointer_q, src.pointer_keys, src.pointer_values, cache.pointer_params);
+  const Tensor flat = cache.pointer.out.reshape({B, 1 + Vx});
+  r.gate = columns(flat, 0, 1);
+  r.copy = columns(flat, 1, 1 + Vx);  // contiguous copy, normalised below
+  cache.pointer_mass.assign(B, 0.0);
+  nn::visit_float(r.copy.dtype(), kOp, "pointer", [&](auto tag) {
+    using T = decltype(tag);
+    T* p = r.copy.data<T>();
+    for (int64_t b = 0; b < B; ++b) {
+      double mass = 0.0;
+      for (int64_t v = 0; v < Vx; ++v) mass += p[b * Vx + v];
+      cache.pointer_mass[b] = mass;
+      for (int64_t v = 0; v < Vx; ++v) p[b * Vx + v] = mass > 0.0 ? static_cast<T>(p[b * Vx + v] / mass) : T(0);
+    }
+  });
+}
+
+// The pointer-sentinel step's backward from dgate [B, 1] and dcopy [B, V + X] (the gradients
+// with respect to g_t and the normalised copy c = P / m, m = sum_v P_v): dP_v = (dcopy_v -
+// sum_u dcopy_u c_u) / m (0 when m = 0). Adds the sentinel's and the memory's key gradients;
+// returns dL/ds_t [B, H] through q_t.
+Tensor point_backward(Seq2Seq& m, const EncodedSource& src, const StepCache& cache,
+                      const Tensor& copy, const Tensor& dgate, const Tensor& dcopy, Tensor& dmemory) {
+  const int64_t B = dcopy.size(0), Vx = dcopy.size(1), H = m.config.hidden;
+  const int64_t S = src.memory.size(1);
+  const std::vector<double> c = copy.to_vector(), dc = dcopy.to_vector(), dg = dgate.to_vector();
+  std::vector<double> dout(static_cast<size_t>(B * (1 + Vx)), 0.0);
+  for (int64_t b = 0; b < B; ++b) {
+    double* row = dout.data() + b * (1 + Vx);
+    row[0] = dg[b];
+    const double mass = cache.pointer_mass[b];
+    if (mass <= 0.0) continue;
+    double dot = 0.0;
+    for (int64_t v = 0; v < Vx; ++v) dot += dc[b * Vx + v] * c[b * Vx + v];
+    for (int64_t v = 0; v < Vx; ++v) row[1 + v] = (dc[b * Vx + v] - dot) / mass;
+  }
+  const Tensor dpointer = Tensor::from(dout, {B, 1, 1, 1 + Vx}).to(m.config.dtype);
+  AttentionGrads g = attention_backward(cache.pointer_q, src.pointer_keys, src.pointer_values,
+                                        cache.pointer_params, cache.pointer, dpointer);
+  const Tensor dk = g.dk.reshape({B, S + 1, H});
+  for (int64_t b = 0; b < B; ++b) {
+    accumulate(m.sentinel_grad, dk.select(0, b).select(0, 0));
+    Tensor rows = dmemory.select(0, b);
+    accumulate(rows, dk.select(0, b).slice(0, 1, S + 1));
+  }
+  const Tensor dq = tanh_backward(cache.pointer_q.reshape({B, H}), g.dq.reshape({B, H}));
+  return m.pointer_query.backward(cache.pointer_query, dq);
+}
+
 StepResult step_embedded(const Seq2Seq& m, const EncodedSource& src, const DecoderState& state,
                          const Tensor& e, int64_t t, bool keep_cache, bool return_weights,
                          const StepDropout& dropout) {
@@ -534,7 +643,10 @@ StepResult step_embedded(const Seq2Seq& m, const EncodedSource& src, const Decod
   cache.readout = std::move(lin.cache);
   cache.output = r.output;
   if (m.config.decoder == DecoderKind::luong) r.state.feed = r.output;
-  if (m.config.copy) {
+  if (m.config.copy && m.config.copy_kind == CopyKind::sentinel) {
+    // 4. The pointer over [x; memory] from q_t = tanh(W_q s_t + b_q): g_t and the copy mass.
+    point(m, src, r);
+  } else if (m.config.copy) {
     // 4. g_t = sigmoid(w_g [c_t; s_t; e_t] + b_g)
     nn::LinearForward g = m.gate.forward(concat_columns({cache.context, r.state.h.back(), e}));
     r.gate = g.out;
@@ -605,7 +717,7 @@ ForwardResult Seq2Seq::forward(const Batch& batch, const Seq2SeqRunOptions& opti
   f.target_embedding_cache = std::move(emb.cache);
   Tensor outputs = Tensor::empty({T, B, H}, config.dtype);
   if (config.copy) {
-    f.copy = Tensor::empty({T, B, f.source.values.size(-1) - H}, config.dtype);  // V + X
+    f.copy = Tensor::empty({T, B, f.source.extended_vocab}, config.dtype);  // V + X
     f.gate = Tensor::empty({T, B, 1}, config.dtype);
   }
   DecoderState state = f.source.initial;
@@ -636,6 +748,8 @@ void Seq2Seq::backward(const Batch& batch, const ForwardResult& f, const Tensor&
   const int64_t L = static_cast<int64_t>(cells.size());
   const bool luong = config.decoder == DecoderKind::luong;
   const bool lstm = config.rnn == nn::RnnKind::lstm;
+  const bool generator_copy = config.copy && config.copy_kind == CopyKind::generator;
+  const bool sentinel = config.copy && config.copy_kind == CopyKind::sentinel;
   ATTN_CHECK(dlogits.shape() == f.logits.shape(), kOp, "dlogits is ", dlogits.shape_str(),
              ", logits are ", f.logits.shape_str());
   ATTN_CHECK(!config.copy || (dcopy.defined() && dcopy.shape() == f.copy.shape() &&
@@ -682,8 +796,12 @@ void Seq2Seq::backward(const Batch& batch, const ForwardResult& f, const Tensor&
       return dx;
     };
     // 4. g_t = sigmoid(w_g [c_t; s_t; e_t] + b_g): its share of dc_t, ds_t, de_t.
-    Tensor dgate_in, dcopy_t;
-    if (config.copy) {
+    Tensor dgate_in, dcopy_t, dpointer_state;
+    if (sentinel) {
+      dpointer_state = point_backward(*this, f.source, c, f.copy.select(0, t).contiguous(),
+                                      dgate.select(0, t).contiguous(), dcopy.select(0, t).contiguous(),
+                                      dmemory);
+    } else if (config.copy) {
       Tensor dz = dgate.select(0, t).clone();  // [B, 1]
       const Tensor g = f.gate.select(0, t).contiguous();
       nn::visit_float(dz.dtype(), kOp, "dgate", [&](auto tag) {
@@ -700,27 +818,29 @@ void Seq2Seq::backward(const Batch& batch, const ForwardResult& f, const Tensor&
       Tensor dcontext = columns(dreadout_in, 0, H);
       Tensor dh = columns(dreadout_in, H, 2 * H);
       accumulate(dh, ds[L - 1]);
-      if (config.copy) {
+      if (generator_copy) {
         accumulate(dcontext, dgate_in.slice(1, 0, H));
         accumulate(dh, dgate_in.slice(1, H, 2 * H));
       }
+      if (sentinel) accumulate(dh, dpointer_state);
       // 2. c_t = attend(s_t)
       accumulate(dh, attend_backward(*this, f.source, c, dcontext, dcopy_t, dmemory));
       // 1. s_t = stack([e_t; o_{t-1}], s_{t-1})
       const Tensor dx = stack_backward(std::move(dh));
       de = columns(dx, 0, E);
       dfeed = columns(dx, E, E + H);
-      if (config.copy) accumulate(de, dgate_in.slice(1, 2 * H, 2 * H + E));
+      if (generator_copy) accumulate(de, dgate_in.slice(1, 2 * H, 2 * H + E));
     } else {
       Tensor dh = columns(dreadout_in, 0, H);
       Tensor dcontext = columns(dreadout_in, H, 2 * H);
       de = columns(dreadout_in, 2 * H, 2 * H + E);
       accumulate(dh, ds[L - 1]);
-      if (config.copy) {
+      if (generator_copy) {
         accumulate(dcontext, dgate_in.slice(1, 0, H));
         accumulate(dh, dgate_in.slice(1, H, 2 * H));
         accumulate(de, dgate_in.slice(1, 2 * H, 2 * H + E));
       }
+      if (sentinel) accumulate(dh, dpointer_state);
       // 2. s_t = stack([e_t; c_t], s_{t-1})
       const Tensor dx = stack_backward(std::move(dh));
       accumulate(de, dx.slice(1, 0, E));

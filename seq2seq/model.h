@@ -45,6 +45,18 @@
 // The copy distribution comes out of the same attention call: the values are [memory | one-hot
 // copy id of each source token] ([B, 1, S, H + V + X]), so its gradient flows through
 // attention_backward like the context's.
+// Copy (pointer-sentinel mixture, Merity et al. 2016; ModelConfig::copy_kind = sentinel): a
+// pointer of its own over the source with one more entry, a learned sentinel vector x:
+//   q_t = tanh(W_q s_t + b_q),  [a_t0 a_t1 .. a_tS] = softmax(q_t . [x; h_1 .. h_S])
+// (unscaled dot products as in the paper: scaled by 1/sqrt(H), the sentinel learnt to take the
+// mass far more slowly, and the translator with it, in experiment 7's quick run)
+//   g_t = a_t0,  p(w) = g_t softmax(W_s o_t + b_s)(w) + sum_{j: source_j maps to w} a_tj
+// (the sentinel's probability is the gate; the pointer's mass on the source is 1 - g_t). It is
+// one more attn::attention call with keys [x; memory] (the sentinel first, so key_lengths + 1
+// always allows it) and values [1, 0 | 0, one-hot copy id]: out = [g_t | pointer mass scattered
+// to the extended ids]. StepResult::copy holds that mass divided by its sum (and gate g_t), so
+// the mixture has the pointer-generator's form g s + (1 - g) copy and loss.h's
+// copy_mixture_loss and log_probs serve both. The decoder's own attention keeps values = memory.
 // Any scoring function of attn can drive either attention decoder; local-m (p_t = t, window
 // |j - t| <= D, through Mask::allowed since each call sees one query) and local-p
 // (LocalAttention::predictive) restrict the window as in Luong section 3.2.
@@ -71,6 +83,11 @@
 namespace attn::seq2seq {
 
 enum class DecoderKind { bahdanau, luong, none };
+// How a copying model mixes copying with the vocabulary: the pointer-generator's sigmoid gate
+// (See et al. 2017) or the pointer-sentinel mixture (Merity et al. 2016).
+enum class CopyKind { generator, sentinel };
+const char* copy_kind_name(CopyKind kind);  // "generator", "sentinel"
+std::optional<CopyKind> parse_copy_kind(std::string_view name);
 enum class ScoreKind { dot, scaled_dot, general, additive, concat, cosine, location };
 
 // The presets of `attn train --attention`: a decoder, a scoring function and a window.
@@ -111,7 +128,8 @@ struct ModelConfig {
   bool bidirectional = true;
   int64_t attention_hidden = 0;   // A; 0 means H
   int64_t max_source_steps = 64;  // longest source (with <eos>); sizes the location score
-  bool copy = false;              // pointer-generator output (attention decoders only)
+  bool copy = false;              // copying output (attention decoders only)
+  CopyKind copy_kind = CopyKind::generator;  // its mixture, when copy
   // Both architectures. The defaults are the original recurrent translator's (one decoder cell,
   // no dropout); Transformer callers set both (the CLI's Transformer default is dropout 0.1).
   int64_t decoder_layers = 1;     // recurrent: stacked decoder cells; transformer: decoder layers
@@ -153,7 +171,13 @@ struct EncodedSource {
   DecoderState initial;
   Tensor fixed_context;          // [B, H], the baseline's context (the encoder's final state)
   Tensor values;                 // [B, 1, S, H (+ V + X)]: attention values (memory, and the
-                                 // one-hot copy ids when copying)
+                                 // one-hot copy ids when the pointer-generator copies)
+  int64_t extended_vocab = 0;    // V + X when copying
+  // Pointer-sentinel only: keys [x; memory] [B, 1, S + 1, H], values [B, 1, S + 1, 1 + V + X]
+  // and key lengths (source lengths + 1).
+  Tensor pointer_keys;
+  Tensor pointer_values;
+  std::vector<int64_t> pointer_lengths;
   // For the backward.
   nn::EmbeddingCache embedding_cache;
   nn::DropoutSpec embedding_dropout;
@@ -170,6 +194,13 @@ struct StepCache {
   AttentionOutput attention;
   Tensor context;                // [B, H]
   nn::LinearCache gate;          // copy gate input [c; s; e]
+  // Pointer-sentinel: q_t's projection, q_t [B, 1, 1, H], the pointer's attention and the sum
+  // of its mass on the source [B] (1 - g_t up to rounding).
+  nn::LinearCache pointer_query;
+  Tensor pointer_q;
+  AttentionParams pointer_params;
+  AttentionOutput pointer;
+  std::vector<double> pointer_mass;
   nn::LinearCache readout;
   Tensor output;                 // o_t [B, H]
 };
@@ -209,7 +240,10 @@ struct Seq2Seq {
   LocalAttention local_grad;
   nn::Linear readout;           // W_o / W_c: [H, readout inputs]
   nn::Linear generator;         // W_s: [V, H]
-  nn::Linear gate;              // w_g: [1, 2H + E], when copying
+  nn::Linear gate;              // w_g: [1, 2H + E], pointer-generator
+  nn::Linear pointer_query;     // W_q: [H, H], pointer-sentinel
+  Tensor sentinel;              // x: [H], pointer-sentinel
+  Tensor sentinel_grad;
   // Source id -> target id of the same token (<unk> when the target vocabulary lacks it, which
   // makes the token an extended id); set with set_copy_map before a copying model runs. Used
   // for batches without Batch::source_copy (decoding from ids).
@@ -223,7 +257,8 @@ struct Seq2Seq {
   // Names: source_embedding.weight, target_embedding.weight, encoder.weight_ih_l0, ...,
   // decoder.cell.weight_ih, ... (layer 0; layer l > 0: decoder.cell_l<l>.weight_ih, ...),
   // attention.<score field>, attention.local.w_p / v_p,
-  // readout.weight / bias, generator.weight / bias, gate.weight / bias (copy).
+  // readout.weight / bias, generator.weight / bias, gate.weight / bias (pointer-generator),
+  // pointer.query.weight / bias and pointer.sentinel (pointer-sentinel).
   nn::ParameterList parameters() const;
   void zero_grad() const;
 

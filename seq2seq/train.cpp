@@ -54,6 +54,7 @@ void put_config(Metadata& md, const TrainConfig& c) {
   md["config.attention_hidden"] = std::to_string(m.attention_hidden);
   md["config.max_source_steps"] = std::to_string(m.max_source_steps);
   md["config.copy"] = m.copy ? "true" : "false";
+  if (m.copy) md["config.copy_kind"] = copy_kind_name(m.copy_kind);
   md["config.decoder_layers"] = std::to_string(m.decoder_layers);
   md["config.dropout"] = exact(m.dropout);
   if (m.arch == Architecture::transformer) {
@@ -180,6 +181,11 @@ TrainConfig read_config(const Metadata& md, const std::string& source) {
   m.attention_hidden = r.i64("config.attention_hidden");
   m.max_source_steps = r.i64("config.max_source_steps");
   m.copy = r.boolean("config.copy");
+  if (m.copy && md.count("config.copy_kind")) {  // checkpoints from before the sentinel lack it
+    auto kind = parse_copy_kind(r.str("config.copy_kind"));
+    ATTN_CHECK(kind.has_value(), "checkpoint", source, ": unknown copy kind ", r.str("config.copy_kind"));
+    m.copy_kind = *kind;
+  }
   c.vocab.max_size = r.i64("train.vocab_max_size");
   c.vocab.min_frequency = r.i64("train.vocab_min_frequency");
   c.epochs = r.i64("train.epochs");

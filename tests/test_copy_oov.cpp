@@ -1,8 +1,10 @@
 // Copying words the target vocabulary lacks (pointer-generator extended vocabulary, See et al.
-// 2017): the extended copy loss against finite differences (float64), extended ids assigned
-// deterministically by batching and agreeing with the ids the model derives when decoding, and
-// a tiny seeded training run that learns to copy names and numbers it never saw, with greedy
-// and beam search both emitting them.
+// 2017, and the pointer-sentinel mixture, Merity et al. 2016): the extended copy loss against
+// finite differences (float64), extended ids assigned deterministically by batching and agreeing
+// with the ids the model derives when decoding, both mixtures' model gradients against finite
+// differences, the sentinel's step by hand and saturated, and a tiny seeded training run per
+// mixture that learns to copy names and numbers it never saw, with greedy and beam search both
+// emitting them (the sentinel model also through a checkpoint).
 #include <gtest/gtest.h>
 
 #include <chrono>
@@ -20,6 +22,7 @@
 #include "seq2seq/train.h"
 #include "seq2seq/vocab.h"
 #include "support/test_support.h"
+#include "support/training_checks.h"
 
 namespace {
 
@@ -170,12 +173,15 @@ TEST(ExtendedVocabulary, BatchingAssignsIdsDeterministically) {
   EXPECT_EQ(plain.target_copy, plain.target_output);
 }
 
-// The whole model in float64 with extended copy targets: every parameter's gradient through
-// the copy distribution over V + X ids against finite differences.
-TEST(ExtendedVocabulary, ModelGradientsMatchFiniteDifferences) {
-  const s2s::Vocab source = s2s::Vocab::build({{"say", "please", "now", "call"}});
-  const s2s::Vocab target = s2s::Vocab::build({{"dis", "appelle", "maintenant", "stp"}});
-  for (const auto decoder : {s2s::DecoderKind::luong, s2s::DecoderKind::bahdanau}) {
+// ---------------------------------------------------------------------------------------------
+// The model: pointer-generator and pointer-sentinel (Merity et al. 2016) mixtures
+
+// A float64 copying model with a 3-wide embedding and a 4-wide state, and a batch of three
+// sentences whose names and numbers ("zorg", "7") only copying reaches.
+struct CopyFixture {
+  s2s::Vocab source = s2s::Vocab::build({{"say", "please", "now", "call"}});
+  s2s::Vocab target = s2s::Vocab::build({{"dis", "appelle", "maintenant", "stp"}});
+  s2s::ModelConfig config(s2s::DecoderKind decoder, s2s::CopyKind kind) const {
     s2s::ModelConfig mc;
     mc.decoder = decoder;
     mc.score = decoder == s2s::DecoderKind::luong ? s2s::ScoreKind::general : s2s::ScoreKind::additive;
@@ -184,33 +190,150 @@ TEST(ExtendedVocabulary, ModelGradientsMatchFiniteDifferences) {
     mc.embedding = 3;
     mc.hidden = 4;
     mc.copy = true;
+    mc.copy_kind = kind;
     mc.dtype = DType::f64;
-    s2s::Seq2Seq model = s2s::Seq2Seq::create(mc, 5);
-    model.set_copy_map(source.tokens(), target.tokens());
+    return mc;
+  }
+  s2s::Batch batch() const {
     const std::vector<s2s::EncodedPair> pairs = {
         s2s::encode_pair(source, target, {"say", "zorg", "please"}, {"dis", "zorg", "stp"}),
         s2s::encode_pair(source, target, {"call", "ana", "7", "now"}, {"appelle", "ana", "7", "maintenant"}),
         s2s::encode_pair(source, target, {"say", "bo"}, {"dis", "bo", "bo"})};
-    const s2s::Batch batch = s2s::make_batch(pairs, {0, 1, 2});
-    ASSERT_NE(batch.target_copy, batch.target_output);  // the extended targets are in play
-    s2s::CrossEntropyConfig ce;
-    ce.label_smoothing = 0.1;
-    model.zero_grad();
-    const s2s::ForwardResult f = model.forward(batch);
-    EXPECT_GT(f.copy.size(2), mc.target_vocab);
-    const auto r = s2s::copy_mixture_loss(f.logits, f.copy, f.gate, batch.target_copy, ce);
-    model.backward(batch, f, r.dlogits, r.dcopy, r.dgate);
-    auto loss = [&] {
-      s2s::CrossEntropyConfig no_grad = ce;
-      no_grad.compute_grad = false;
-      const s2s::ForwardResult g = model.forward(batch);
-      return s2s::copy_mixture_loss(g.logits, g.copy, g.gate, batch.target_copy, no_grad).loss;
-    };
-    // h = 1e-5 on an O(1) loss: central differences err by ~h^2 + 1e-16 / h ~ 1e-10.
-    for (const attn::nn::Parameter& p : model.parameters())
-      EXPECT_TRUE(check_gradient(loss, p.value, p.grad, std::string(s2s::decoder_kind_name(decoder)) + " " + p.name,
-                                 6, 1e-5, 1e-6));
+    return s2s::make_batch(pairs, {0, 1, 2});
   }
+};
+
+// The whole model with extended copy targets: every parameter's gradient through the mixture
+// over V + X ids against finite differences, for both mixtures and both attention decoders.
+// Returns the parameter names.
+std::set<std::string> expect_model_gradients(s2s::CopyKind kind, s2s::DecoderKind decoder) {
+  const CopyFixture fx;
+  const s2s::Batch batch = fx.batch();
+  EXPECT_NE(batch.target_copy, batch.target_output);  // the extended targets are in play
+  s2s::Seq2Seq model = s2s::Seq2Seq::create(fx.config(decoder, kind), 5);
+  model.set_copy_map(fx.source.tokens(), fx.target.tokens());
+  s2s::CrossEntropyConfig ce;
+  ce.label_smoothing = 0.1;
+  model.zero_grad();
+  const s2s::ForwardResult f = model.forward(batch);
+  EXPECT_GT(f.copy.size(2), model.config.target_vocab);
+  const auto r = s2s::copy_mixture_loss(f.logits, f.copy, f.gate, batch.target_copy, ce);
+  model.backward(batch, f, r.dlogits, r.dcopy, r.dgate);
+  auto loss = [&] {
+    s2s::CrossEntropyConfig no_grad = ce;
+    no_grad.compute_grad = false;
+    const s2s::ForwardResult g = model.forward(batch);
+    return s2s::copy_mixture_loss(g.logits, g.copy, g.gate, batch.target_copy, no_grad).loss;
+  };
+  // h = 1e-5 on an O(1) loss: central differences err by ~h^2 + 1e-16 / h ~ 1e-10.
+  std::set<std::string> names;
+  for (const attn::nn::Parameter& p : model.parameters()) {
+    names.insert(p.name);
+    EXPECT_TRUE(check_gradient(loss, p.value, p.grad,
+                               std::string(s2s::copy_kind_name(kind)) + " " + s2s::decoder_kind_name(decoder) +
+                                   " " + p.name, 6, 1e-5, 1e-6));
+  }
+  return names;
+}
+
+TEST(ExtendedVocabulary, ModelGradientsMatchFiniteDifferences) {
+  for (const auto decoder : {s2s::DecoderKind::luong, s2s::DecoderKind::bahdanau}) {
+    const std::set<std::string> names = expect_model_gradients(s2s::CopyKind::generator, decoder);
+    EXPECT_TRUE(names.count("gate.weight"));
+  }
+}
+
+// The sentinel and the pointer's query projection included; no pointer-generator gate.
+TEST(PointerSentinel, ModelGradientsMatchFiniteDifferences) {
+  for (const auto decoder : {s2s::DecoderKind::luong, s2s::DecoderKind::bahdanau}) {
+    const std::set<std::string> names = expect_model_gradients(s2s::CopyKind::sentinel, decoder);
+    EXPECT_TRUE(names.count("pointer.sentinel") && names.count("pointer.query.weight"));
+    EXPECT_FALSE(names.count("gate.weight"));
+  }
+}
+
+// One decoder step by hand: q = tanh(W_q s + b), a = softmax(q . [x; h_1..h_S]) over
+// the sentence's own positions and the sentinel; g = a_0, and the copy distribution is the
+// source mass a_1..a_S scattered to the copy ids, over 1 - g. log_probs sum to 1 over V + X.
+TEST(PointerSentinel, StepMatchesTheMixtureByHand) {
+  const CopyFixture fx;
+  const s2s::Batch batch = fx.batch();
+  s2s::Seq2Seq model = s2s::Seq2Seq::create(fx.config(s2s::DecoderKind::luong, s2s::CopyKind::sentinel), 9);
+  model.set_copy_map(fx.source.tokens(), fx.target.tokens());
+  const s2s::EncodedSource src = model.encode(batch);
+  const std::vector<int32_t> bos(batch.batch, static_cast<int32_t>(s2s::Vocab::bos_id));
+  const s2s::StepResult r = model.step(src, src.initial, bos, 0, false);
+  const int64_t H = model.config.hidden, S = batch.source_steps, Vx = src.extended_vocab;
+  const std::vector<std::vector<double>> logp = model.log_probs(r);
+  for (int64_t b = 0; b < batch.batch; ++b) {
+    std::vector<double> q(H);
+    for (int64_t i = 0; i < H; ++i) {
+      double z = model.pointer_query.params.bias.get({i});
+      for (int64_t k = 0; k < H; ++k) z += model.pointer_query.params.weight.get({i, k}) * r.state.h.back().get({b, k});
+      q[i] = std::tanh(z);
+    }
+    const int64_t n = batch.source_lengths[b];
+    std::vector<double> score(n + 1);
+    for (int64_t j = 0; j <= n; ++j) {
+      double d = 0.0;
+      for (int64_t i = 0; i < H; ++i) d += q[i] * (j == 0 ? model.sentinel.get({i}) : src.memory.get({b, j - 1, i}));
+      score[j] = d;
+    }
+    double mx = score[0], z = 0.0;
+    for (double x : score) mx = std::max(mx, x);
+    for (double x : score) z += std::exp(x - mx);
+    const double g = std::exp(score[0] - mx) / z;
+    EXPECT_NEAR(r.gate.get({b, 0}), g, 1e-12) << "row " << b;
+    std::vector<double> copy(Vx, 0.0);
+    for (int64_t j = 1; j <= n; ++j) copy[batch.source_copy[b * S + j - 1]] += std::exp(score[j] - mx) / z / (1.0 - g);
+    double total = 0.0;
+    for (int64_t v = 0; v < Vx; ++v) {
+      EXPECT_NEAR(r.copy.get({b, v}), copy[v], 1e-12) << "row " << b << ", id " << v;
+      total += std::exp(logp[b][v]);
+    }
+    EXPECT_NEAR(total, 1.0, 1e-12) << "row " << b;
+  }
+}
+
+// A sentinel that takes all of the pointer's mass (g = 1 exactly in float64): the copy term
+// vanishes, extended ids get log p = -inf, vocabulary words the softmax's log p, and the
+// backward stays finite with no gradient through the saturated pointer.
+TEST(PointerSentinel, SaturatedSentinelGivesTheVocabularySoftmaxAndFiniteGradients) {
+  const CopyFixture fx;
+  const s2s::Batch batch = fx.batch();
+  s2s::Seq2Seq model = s2s::Seq2Seq::create(fx.config(s2s::DecoderKind::bahdanau, s2s::CopyKind::sentinel), 3);
+  model.set_copy_map(fx.source.tokens(), fx.target.tokens());
+  Tensor(model.pointer_query.params.weight).fill(0.0);
+  Tensor(model.pointer_query.params.bias).fill(40.0);  // q = tanh(40) = 1 in every coordinate
+  Tensor(model.sentinel).fill(1e4);             // the sentinel's score is 4e4, the others' < 4
+  const s2s::EncodedSource src = model.encode(batch);
+  const std::vector<int32_t> bos(batch.batch, static_cast<int32_t>(s2s::Vocab::bos_id));
+  const s2s::StepResult r = model.step(src, src.initial, bos, 0, false);
+  const std::vector<std::vector<double>> logp = model.log_probs(r);
+  const int64_t V = model.config.target_vocab, Vx = src.extended_vocab;
+  ASSERT_GT(Vx, V);
+  const Tensor logits = model.logits(r.output);
+  for (int64_t b = 0; b < batch.batch; ++b) {
+    EXPECT_EQ(r.gate.get({b, 0}), 1.0);
+    double mx = -INFINITY, z = 0.0;
+    for (int64_t v = 0; v < V; ++v) mx = std::max(mx, logits.get({b, v}));
+    for (int64_t v = 0; v < V; ++v) z += std::exp(logits.get({b, v}) - mx);
+    for (int64_t v = 0; v < V; ++v) {
+      EXPECT_EQ(r.copy.get({b, v}), 0.0);
+      EXPECT_NEAR(logp[b][v], logits.get({b, v}) - mx - std::log(z), 1e-12);
+    }
+    for (int64_t v = V; v < Vx; ++v) EXPECT_EQ(logp[b][v], -INFINITY);
+  }
+  // Vocabulary targets only (a copy-only target would have p = 0): finite loss and gradients.
+  model.zero_grad();
+  const s2s::ForwardResult f = model.forward(batch);
+  const auto loss = s2s::copy_mixture_loss(f.logits, f.copy, f.gate, batch.target_output, {});
+  ASSERT_TRUE(std::isfinite(loss.loss));
+  model.backward(batch, f, loss.dlogits, loss.dcopy, loss.dgate);
+  for (const attn::nn::Parameter& p : model.parameters())
+    for (double x : p.grad.to_vector()) ASSERT_TRUE(std::isfinite(x)) << p.name;
+  for (double x : model.sentinel_grad.to_vector()) EXPECT_EQ(x, 0.0);
+  for (double x : model.pointer_query.grads.weight.to_vector()) EXPECT_EQ(x, 0.0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -248,7 +371,10 @@ std::vector<s2s::SentencePair> copy_task(const std::vector<std::string>& words) 
   return pairs;
 }
 
+// Both mixtures; the pointer-sentinel model also goes through a checkpoint and back.
 TEST(CopyUnseenWords, TinyRunLearnsToCopyNamesAndNumbersItNeverSaw) {
+  for (const s2s::CopyKind kind : {s2s::CopyKind::generator, s2s::CopyKind::sentinel}) {
+  SCOPED_TRACE(s2s::copy_kind_name(kind));
   uint64_t state = 2024;
   std::set<std::string> seen;
   std::vector<std::string> train_words, test_words;
@@ -263,6 +389,7 @@ TEST(CopyUnseenWords, TinyRunLearnsToCopyNamesAndNumbersItNeverSaw) {
   config.model.embedding = 16;
   config.model.hidden = 32;
   config.model.copy = true;
+  config.model.copy_kind = kind;
   config.vocab.min_frequency = 2;
   config.batch_size = 32;
   config.epochs = 6;
@@ -284,8 +411,8 @@ TEST(CopyUnseenWords, TinyRunLearnsToCopyNamesAndNumbersItNeverSaw) {
   beam.beam = 4;
   const s2s::EvalResult g = s2s::evaluate(translator, test, greedy);
   const s2s::EvalResult b = s2s::evaluate(translator, test, beam);
-  std::printf("copy task: %zu training pairs, %.1f s; unseen words: exact match greedy %.1f%%, beam %.1f%%\n",
-              train.size(), seconds, g.exact_match, b.exact_match);
+  std::printf("copy task (%s): %zu training pairs, %.1f s; unseen words: exact match greedy %.1f%%, beam %.1f%%\n",
+              s2s::copy_kind_name(kind), train.size(), seconds, g.exact_match, b.exact_match);
   // Without the extended vocabulary every test word would come out as <unk>: exact match 0.
   EXPECT_GE(g.exact_match, 90.0);
   EXPECT_GE(b.exact_match, 90.0);
@@ -301,6 +428,20 @@ TEST(CopyUnseenWords, TinyRunLearnsToCopyNamesAndNumbersItNeverSaw) {
     // The copied word is an extended id: V + 1 ("say" is V + 0).
     ASSERT_EQ(out[0].tokens.size(), 2u);
     EXPECT_EQ(out[0].tokens[1], translator.target_vocab.size() + 1);
+  }
+  if (kind == s2s::CopyKind::sentinel) {
+    // The checkpoint keeps the mixture and its parameters: the loaded model translates alike.
+    const std::filesystem::path dir = attn::testing::scratch_dir("copy_sentinel");
+    const std::string path = (dir / "checkpoint.safetensors").string();
+    trainer.save_checkpoint(path);
+    const s2s::Translator loaded = s2s::Translator::load(path);
+    EXPECT_EQ(loaded.config().copy_kind, s2s::CopyKind::sentinel);
+    const std::vector<std::string> some = {"say " + test_words[1], "call " + test_words[2] + " now"};
+    const auto a = translator.translate(some, {}), b = loaded.translate(some, {});
+    for (size_t i = 0; i < some.size(); ++i)
+      EXPECT_EQ(translator.target_tokens(a[i]), loaded.target_tokens(b[i])) << some[i];
+    std::filesystem::remove_all(dir);
+  }
   }
 }
 

@@ -6,12 +6,16 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <set>
 #include <sstream>
 #include <string>
 #include <vector>
 
 #include "attn/error.h"
+#include "seq2seq/corpus.h"
+#include "seq2seq/vocab.h"
 #include "tools/experiments/conclusions.h"
+#include "tools/experiments/context.h"
 #include "tools/experiments/experiments.h"
 #include "tools/experiments/report_html.h"
 #include "tools/experiments/statistics.h"
@@ -171,6 +175,56 @@ TEST(ExperimentReport, WritesHtmlCsvAndJson) {
   EXPECT_NE(json.find("[\"add,itive\", \"nan\"]"), std::string::npos);
   EXPECT_TRUE(fs::exists(dir / "results.json"));
   fs::remove_all(dir);
+}
+
+// Experiment 7's data: every name and number replaced alike in source and target, each invented
+// word in one sentence only, training and held-out pools disjoint; and the copy score.
+TEST(ExperimentCopying, RareWordsReplaceNamesAndNumbersOnceInDisjointPools) {
+  namespace s2s = attn::seq2seq;
+  const std::vector<s2s::SentencePair> pairs = {{"Marie sees 12 cats .", "Marie voit 12 chats ."},
+                                                {"Paul and Marie run .", "Paul et Marie courent ."},
+                                                {"the cat sleeps .", "le chat dort ."}};
+  std::set<std::string> used;
+  std::vector<std::vector<std::string>> train_words, test_words;
+  const auto train = ex::with_rare_words(pairs, 1, used, &train_words);
+  const auto test = ex::with_rare_words(pairs, 2, used, &test_words);
+  ASSERT_EQ(train.size(), 3u);
+  ASSERT_EQ(train_words.size(), 3u);
+  EXPECT_EQ(train_words[0].size(), 2u);  // Marie, 12
+  EXPECT_EQ(train_words[1].size(), 2u);  // Paul, Marie
+  EXPECT_TRUE(train_words[2].empty());
+  EXPECT_EQ(train[2], pairs[2]);
+  std::set<std::string> seen_train;
+  for (size_t i = 0; i < pairs.size(); ++i) {
+    const s2s::Tokens src = s2s::tokenize_training_text(train[i].source);
+    const s2s::Tokens tgt = s2s::tokenize_training_text(train[i].target);
+    for (const auto& t : src) {
+      EXPECT_FALSE(s2s::is_corpus_name(t)) << t;
+      EXPECT_FALSE(t == "12") << t;
+    }
+    for (const auto& w : train_words[i]) {
+      EXPECT_TRUE(seen_train.insert(w).second) << w << " used twice";
+      // A sentence-initial name is lowercased by the tokenisation, on both sides alike.
+      const auto has = [&](const s2s::Tokens& tokens) {
+        for (const auto& t : tokens) if (s2s::lowercase(t) == s2s::lowercase(w)) return true;
+        return false;
+      };
+      EXPECT_TRUE(has(src)) << w;
+      EXPECT_TRUE(has(tgt)) << w;
+    }
+  }
+  for (const auto& words : test_words)
+    for (const auto& w : words) EXPECT_FALSE(seen_train.count(w)) << w << " in both pools";
+  // A number stays a number, a name a capitalised word.
+  EXPECT_TRUE(std::isdigit(static_cast<unsigned char>(train_words[0][1][0])));
+  EXPECT_TRUE(std::isupper(static_cast<unsigned char>(train_words[0][0][0])));
+  int64_t total = 0;
+  const std::vector<s2s::Tokens> hyps = {{"bakoru", "voit", "chats"}, {"x"}};
+  EXPECT_DOUBLE_EQ(ex::copied_share(hyps, {{"Bakoru", "4821"}, {"Tizeba"}}, &total), 100.0 / 3.0);
+  EXPECT_EQ(total, 3);
+  EXPECT_DOUBLE_EQ(ex::copied_share({{"a", "a"}}, {{"a", "a", "a"}}, &total), 200.0 / 3.0);
+  EXPECT_DOUBLE_EQ(ex::copied_share({}, {}, &total), 0.0);
+  EXPECT_EQ(total, 0);
 }
 
 TEST(ExperimentReport, BadInputIsAClearError) {

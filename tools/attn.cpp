@@ -215,7 +215,8 @@ int run_train(const TrainArgs& a) {
     c.model.attention_hidden = a.attention_hidden;
     c.model.local_half_width = a.local_width;
     c.model.max_source_steps = a.max_source;
-    c.model.copy = a.copy;
+    c.model.copy = a.copy != "off";
+    if (c.model.copy) c.model.copy_kind = *s2s::parse_copy_kind(a.copy.empty() ? "generator" : a.copy);
     c.epochs = a.epochs;
     c.batch_size = a.batch;
     c.lr = a.lr;
@@ -252,7 +253,7 @@ int run_train(const TrainArgs& a) {
                 << m.dropout;
     else
       std::cerr << "model: " << a.arch << " " << s2s::decoder_kind_name(m.decoder) << " decoder, "
-                << s2s::score_kind_name(m.score) << " score" << (m.copy ? ", copy" : "") << ", emb "
+                << s2s::score_kind_name(m.score) << " score" << (m.copy ? std::string(", copy (") + s2s::copy_kind_name(m.copy_kind) + ")" : "") << ", emb "
                 << m.embedding << ", hidden " << m.hidden << ", " << m.encoder_layers << " + "
                 << m.decoder_layers << " layers, dropout " << m.dropout;
     std::cerr << ", vocab " << m.source_vocab << " -> " << m.target_vocab << ", "

@@ -80,8 +80,10 @@ void add_train_options(CLI::App& train, TrainOptions& ta, CLI::Option*& emb,
   train.add_option("--positions", ta.positions, "Transformer positions: sinusoidal or rope")
       ->capture_default_str();
   train.add_option("--threads", ta.threads, kThreadsHelp)->check(kPositive);
-  train.add_flag("--copy", ta.copy,
-                 "Pointer-generator output: mix the vocabulary softmax with copying source words");
+  train.add_option("--copy", ta.copy,
+                   "Copy source words into the output: --copy or --copy generator "
+                   "(pointer-generator), --copy sentinel (pointer-sentinel mixture)")
+      ->expected(0, 1);
   train.add_flag("--unidirectional", ta.unidirectional,
                  "Forward-only encoder (default: bidirectional)");
   train.add_option("--attention-hidden", ta.attention_hidden,
@@ -188,6 +190,8 @@ void check_train(const TrainOptions& a) {
     throw UsageError("--norm must be pre or post, got " + a.norm);
   if (!s2s::parse_position_kind(a.positions))
     throw UsageError("--positions must be sinusoidal or rope, got " + a.positions);
+  if (a.copy != "off" && !a.copy.empty() && !s2s::parse_copy_kind(a.copy))
+    throw UsageError("--copy must be generator or sentinel (or no value: generator), got " + a.copy);
   if (!s2s::parse_attention_preset(a.attention))
     throw UsageError("--attention must be bahdanau, luong-dot, luong-general, luong-concat, "
                      "location, local-m, local-p, scaled-dot, cosine or none, got " + a.attention);

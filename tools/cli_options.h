@@ -42,7 +42,9 @@ struct TrainOptions {
   int64_t eval_sentences = 200, progress_every = 50, checkpoint_every = 0, max_source = 64;
   double lr = 2e-3, clip = 1.0, label_smoothing = 0.1, weight_decay = 0.0, time_limit = 0.0;
   std::string schedule = "linear";
-  bool adamw = false, copy = false;
+  bool adamw = false;
+  // --copy [generator|sentinel]: "off" when not given, "" when given without a value (generator).
+  std::string copy = "off";
   uint64_t seed = 1;
   std::string train_file, valid_file, out;  // exactly one of corpus and train_file
   bool corpus = false, resume = false, skip_bad_lines = false;

@@ -6,6 +6,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -42,6 +43,10 @@ class Context {
   // to the current experiment between `from` and `to`.
   const Trained& train(const std::string& key, const seq2seq::TrainConfig& config, double from,
                        double to);
+  // The same on other data (experiment 7's sentences with invented words).
+  const Trained& train_on(const std::string& key, const seq2seq::TrainConfig& config,
+                          const std::vector<seq2seq::SentencePair>& train,
+                          const std::vector<seq2seq::SentencePair>& valid, double from, double to);
 
  private:
   Options options_;
@@ -79,6 +84,20 @@ void length_experiment(Context& ctx, Report& report);
 void luong_experiment(Context& ctx, Report& report);
 void heads_experiment(Context& ctx, Report& report);
 void alignments_experiment(Context& ctx, Report& report);
+void copying_experiment(Context& ctx, Report& report);
+
+// Experiment 7's data: `pairs` with every corpus name and number replaced, in source and target
+// alike, by an invented word (a capitalised nonsense name or a 3-5 digit number) drawn from a
+// stream seeded by `seed` and not yet in `used` (which receives it), so each is used once and
+// splits drawn with one `used` never share one. `inserted` (optional) receives each pair's
+// invented words as they appear in its target.
+std::vector<seq2seq::SentencePair> with_rare_words(const std::vector<seq2seq::SentencePair>& pairs, uint64_t seed,
+                                                   std::set<std::string>& used,
+                                                   std::vector<std::vector<std::string>>* inserted);
+// Percentage of the `inserted` words (per sentence) found in the hypotheses, case-insensitively,
+// each hypothesis token matching at most one; `total` receives the number of inserted words.
+double copied_share(const std::vector<seq2seq::Tokens>& hypotheses,
+                    const std::vector<std::vector<std::string>>& inserted, int64_t* total);
 
 // The translator setup of this mode (RNN, Luong general by default).
 seq2seq::TrainConfig base_rnn_config(const Context& ctx);

@@ -147,10 +147,18 @@ const s2s::Corpus& Context::corpus() {
 
 const Context::Trained& Context::train(const std::string& key, const s2s::TrainConfig& config,
                                        double from, double to) {
+  if (const auto found = trained_.find(key); found != trained_.end()) return found->second;
+  const s2s::Corpus& data = corpus();
+  return train_on(key, config, data.train, data.valid, from, to);
+}
+
+const Context::Trained& Context::train_on(const std::string& key, const s2s::TrainConfig& config,
+                                          const std::vector<s2s::SentencePair>& train,
+                                          const std::vector<s2s::SentencePair>& valid, double from,
+                                          double to) {
   const auto found = trained_.find(key);
   if (found != trained_.end()) return found->second;
-  const s2s::Corpus& data = corpus();
-  s2s::Trainer trainer(config, data.train, data.valid);
+  s2s::Trainer trainer(config, train, valid);
   s2s::RunControl control;
   control.progress_every = 10;
   s2s::TrainCallbacks callbacks;
@@ -388,7 +396,7 @@ void scale_experiment(Context& ctx, Report& report) {
 // Driver
 
 const std::vector<std::string>& experiment_names() {
-  static const std::vector<std::string> names = {"cost", "scale", "length", "luong", "heads", "alignments"};
+  static const std::vector<std::string> names = {"cost", "scale", "length", "luong", "heads", "alignments", "copying"};
   return names;
 }
 
@@ -414,7 +422,7 @@ Report run(const Options& options, const std::function<void(const std::string&)>
   // Expected seconds per experiment on 2 cores (for the ETA before anything was measured).
   const std::map<std::string, std::pair<double, double>> expected = {
       {"cost", {12, 300}}, {"scale", {1, 300}}, {"length", {10, 120}},
-      {"luong", {70, 1000}}, {"heads", {30, 600}}, {"alignments", {4, 30}}};
+      {"luong", {70, 1000}}, {"heads", {30, 1200}}, {"alignments", {4, 30}}, {"copying", {25, 240}}};
   std::vector<std::pair<std::string, double>> plan;
   for (const auto& name : experiment_names())
     if (options.only.empty() || std::find(options.only.begin(), options.only.end(), name) != options.only.end())
@@ -448,6 +456,7 @@ Report run(const Options& options, const std::function<void(const std::string&)>
   if (selected("luong")) luong_experiment(ctx, report);
   if (selected("heads")) heads_experiment(ctx, report);
   if (selected("alignments")) alignments_experiment(ctx, report);
+  if (selected("copying")) copying_experiment(ctx, report);
   report.preamble.push_back("The experiments took " + num(seconds_since(t0), 3) + " s in all.");
   return report;
 }
@@ -460,7 +469,7 @@ int main_experiments(const std::vector<std::string>& args) {
   std::string only;
   app.add_flag("--quick", options.quick, "small sizes and tiny models: under 3 minutes on 2 cores");
   app.add_option("--out", options.out, "output directory (created)")->capture_default_str();
-  app.add_option("--only", only, "comma-separated experiments: cost, scale, length, luong, heads, alignments");
+  app.add_option("--only", only, "comma-separated experiments: cost, scale, length, luong, heads, alignments, copying");
   try {
     std::vector<std::string> reversed(args.rbegin(), args.rend());
     app.parse(reversed);

@@ -12,7 +12,9 @@
 //   luong       Luong et al. 2015's scoring functions on the translator (BLEU, time, parameters)
 //   heads       1/2/4/8 heads on the Transformer translator, with per-head heatmaps
 //   alignments  heatmaps of held-out sentences per scoring function; histograms of the
-//               largest weight and entropy per target word
+//               largest weight and entropy per target word, per scoring function and per head
+//   copying     names and numbers never seen in training: no copying, pointer-generator and
+//               pointer-sentinel
 #pragma once
 
 #include <functional>
