@@ -33,6 +33,27 @@ FUSED_GFLOPS = {  # (d, causal, pass) -> GFLOP/s
     (64, False, "bwd"): 288, (64, True, "bwd"): 266, (128, False, "bwd"): 295, (128, True, "bwd"): 237,
 }
 
+# "Data-parallel training over MPI": mpirun -np 2 attn train (Transformer, 0.77 M weights, batch
+# 64, 1 thread per rank, loaded 2-core EPYC, means of 2 runs; step_ms_p1: one process with
+# --grad-shards 2) and bench_grad_sum (P = 2):
+# (floats, sum ms, MPI_Allreduce ms, ratio).
+DP_TRAIN = dict(weights=768_046, mb_sent=3.072, sum_ms=79, step_ms_p2=264, step_ms_p1=171)
+DP_SUM_VS_ALLREDUCE = [
+    (1000, 0.004, 0.002, 2.07), (10000, 0.022, 0.021, 1.01), (100000, 27.7, 8.95, 3.10),
+    (770000, 110.2, 63.5, 1.74), (2940000, 391.9, 205.8, 1.90), (10000000, 1486.8, 553.3, 2.69),
+]
+
+
+def fit_loopback_rate():
+    """Least-squares slope of sum time against bytes sent (4 N at P = 2) over the sizes >= 0.77 M
+    floats: the loopback rate the sum reached on the loaded machine (bytes/s)."""
+    pts = [(4.0 * n, ms / 1e3) for n, ms, _, _ in DP_SUM_VS_ALLREDUCE if n >= 770000]
+    mx = sum(x for x, _ in pts) / len(pts)
+    my = sum(y for _, y in pts) / len(pts)
+    slope = sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
+    return 1.0 / slope
+
+
 # ---------------------------------------------------------------- the model
 BYTES = 4          # float32 K, V, dK, dV
 H = 8              # heads (the benchmarks' shape); Hkv = H (no GQA); B = 1
@@ -183,7 +204,7 @@ def main():
             print(f"| {T:,} | {gb} Gb/s | " + " | ".join(cells) + " |")
     print()
 
-    # ------------------------------------------------------------ data parallel (projection only)
+    # ------------------------------------------------------------ data parallel (implemented, fitted)
     # "Translator (the main job)": Transformer 0.77 M weights, 16.9-17.2 s per epoch, 939 steps
     # in 3 epochs (313 per epoch), batch 64, 2 threads, quiet machine.
     # "Translator on real text": GRU Luong-general 2.94 M weights, 1,983 steps in 600 s (batch
@@ -192,23 +213,35 @@ def main():
         ("toy Transformer, 0.77 M", 0.77e6, 17.05 / (939 / 3)),
         ("real-text GRU, 2.94 M", 2.94e6, 600 / 1983),
     ]
-    print("## Data-parallel training (PROJECTION: not implemented), ring allreduce of float32 gradients\n")
-    print("allreduce s = 2 (P-1)/P x 4 N / BW + 2 (P-1) L;  efficiency = t_step / (t_step + t_allreduce)"
-          " (weak scaling: batch 64 per rank, no overlap);  b* = per-rank batch at which an allreduce"
-          " overlapped with the backward (2/3 of the step, assumed) would be hidden\n")
+    n_meas = DP_TRAIN["weights"]
+    sent_model = 2 * (2 - 1) / 2 * 4 * (n_meas + 1)  # + the loss, summed with the gradient
+    print("## Data-parallel training (implemented: fitted to the P = 2 loopback run)\n")
+    print(f"bytes per rank and step: model 2 (P-1)/P x 4 N = {sent_model / 1e6:.3f} MB at P = 2, N = {n_meas:,};"
+          f" measured {DP_TRAIN['mb_sent']:.3f} MB sent and received (attn's counters)\n")
+    k = max(r for n, _, _, r in DP_SUM_VS_ALLREDUCE if n >= 770000)
+    bw_loop = fit_loopback_rate()
+    print(f"deterministic sum / MPI_Allreduce on loopback (>= 0.77 M floats): "
+          + ", ".join(f"{r:.2f}" for n, _, _, r in DP_SUM_VS_ALLREDUCE if n >= 770000)
+          + f" -> k = {k:.2f};  loaded loopback rate of the sum {bw_loop / 1e6:.0f} MB/s\n")
+    print(f"P = 2 training step (loaded 2-core EPYC, 1 thread per rank): sum {DP_TRAIN['sum_ms']:.0f} ms"
+          f" of {DP_TRAIN['step_ms_p2']:.0f} ms ({DP_TRAIN['sum_ms'] / DP_TRAIN['step_ms_p2']:.0%});"
+          f" one process, the same global batch: {DP_TRAIN['step_ms_p1']:.0f} ms\n")
+    print("t_sum = k [2 (P-1)/P x 4 N / BW + 2 (P-1) L]  (L = 20 us);  efficiency = t_step / (t_step + t_sum)"
+          " (weak scaling: batch 64 per rank; the sum follows the backward, no overlap);"
+          "  b10 = per-rank batch below which the sum exceeds 10% of the step (step time taken"
+          " proportional to the batch)\n")
     print("| model | step ms (1 machine, batch 64) | link | " + " | ".join(f"P={p}" for p in PS) + " |")
     print("|---|---|---|" + "---|" * len(PS))
     for name, N, ts in models:
         for gb in LINKS_GBIT:
             cells = []
             for p in PS:
-                ar = 2 * (p - 1) / p * 4 * N / (gb * 1e9 / 8) + 2 * (p - 1) * 20e-6
+                ar = k * (2 * (p - 1) / p * 4 * N / (gb * 1e9 / 8) + 2 * (p - 1) * 20e-6)
                 eff = ts / (ts + ar)
-                bstar = 64 * ar / (ts * 2 / 3)
-                cells.append(f"{ar * 1e3:.1f} ms, {eff:.0%}, b* {bstar:.0f}")
+                b10 = 64 * 9 * ar / ts
+                cells.append(f"{ar * 1e3:.1f} ms, {eff:.0%}, b10 {b10:.0f}")
             print(f"| {name} | {ts * 1e3:.0f} | {gb} Gb/s | " + " | ".join(cells) + " |")
     print()
-
 
 if __name__ == "__main__":
     main()
