@@ -46,6 +46,7 @@
 
 #include "attention_validate.h"
 #include "attn/attention.h"
+#include "attn/paged_kv_cache.h"
 #include "attn/quantized.h"
 #include "attn/tensor.h"
 #include "kernels/attention_composed.h"
@@ -257,6 +258,63 @@ BENCHMARK(BM_DecodeApi)
     ->ArgsProduct({{1}, {8}, {8, 2}, {4096, 32768}, {128}, {0, 1, 2}, {1, 2}})
     ->ArgsProduct({{64}, {1}, {1}, {50}, {256}, {0, 1, 2}, {1, 2}})
     ->ArgNames({"B", "Hq", "Hkv", "L", "d", "kv", "threads"})
+    ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime();
+
+// The same over a paged cache (attn/paged_kv_cache.h): pages of 64 positions, the sequence's
+// pages interleaved in the pool with a second sequence's (grown in alternate chunks of 256
+// positions, as two requests of a server would), float32 or bf16; decoded through the public
+// attention(q, cache, {sequence}). Counters as BM_DecodeApi; the stream sums the whole pool.
+void BM_DecodePaged(benchmark::State& state) {
+  const int64_t Hq = state.range(0), Hkv = state.range(1), L = state.range(2), d = state.range(3);
+  const bool bf16 = state.range(4) != 0;
+  omp_set_num_threads(static_cast<int>(state.range(5)));
+  constexpr int64_t kPage = 64, kChunk = 256;
+  const attn::DType dtype = bf16 ? attn::DType::bf16 : attn::DType::f32;
+  attn::PagedKVCache cache({.num_kv_heads = Hkv, .head_dim = d, .page_size = kPage,
+                            .num_pages = 2 * L / kPage, .dtype = dtype});
+  const int64_t seq = cache.add_sequence(), other = cache.add_sequence();
+  const auto chunk = [&](uint32_t seed) {
+    attn::Tensor t = attn::Tensor::empty({Hkv, kChunk, d});
+    const std::vector<float> x = random_vector(size_t(t.numel()), seed);
+    std::memcpy(t.data<float>(), x.data(), x.size() * sizeof(float));
+    return t;
+  };
+  const attn::Tensor k_rows = chunk(2), v_rows = chunk(3);
+  for (int64_t done = 0; done < L; done += kChunk) {
+    cache.append(seq, k_rows, v_rows);
+    cache.append(other, v_rows, k_rows);
+  }
+  attn::Tensor q = attn::Tensor::empty({1, Hq, 1, d});
+  const std::vector<float> qx = random_vector(size_t(q.numel()), 1);
+  std::memcpy(q.data<float>(), qx.data(), qx.size() * sizeof(float));
+  attn::AttentionParams params;
+  params.mask.causal = true;
+  params.mask.alignment = attn::Alignment::bottom_right;
+  const std::vector<int64_t> seqs{seq};
+  const size_t pool_bytes = size_t(cache.key_pool().numel()) * attn::dtype_size(dtype);
+  benchmark::DoNotOptimize(attn::attention(q, cache, seqs, params).out.raw_data());  // warm-up
+  double best = 1e30, best_stream = 1e30;
+  for (auto _ : state) {
+    auto start = Clock::now();
+    benchmark::DoNotOptimize(attn::attention(q, cache, seqs, params).out.raw_data());
+    best = std::min(best, seconds_since(start));
+    state.PauseTiming();
+    start = Clock::now();
+    benchmark::DoNotOptimize(stream_sum(cache.key_pool().raw_data(), pool_bytes,
+                                        cache.value_pool().raw_data(), pool_bytes));
+    best_stream = std::min(best_stream, seconds_since(start));
+    state.ResumeTiming();
+  }
+  const double bytes = 2.0 * double(Hkv * L * d) * double(attn::dtype_size(dtype));
+  state.counters["GB/s"] = bytes / best * 1e-9;
+  state.counters["stream_GB/s"] = 2.0 * double(pool_bytes) / best_stream * 1e-9;
+  state.counters["vs_stream"] = state.counters["GB/s"] / state.counters["stream_GB/s"];
+  state.counters["us"] = best * 1e6;
+}
+BENCHMARK(BM_DecodePaged)
+    ->ArgsProduct({{8}, {8, 2}, {4096, 32768}, {128}, {0, 1}, {1, 2}})
+    ->ArgNames({"Hq", "Hkv", "L", "d", "bf16", "threads"})
     ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();
 
