@@ -659,13 +659,17 @@ void DecoderLayer::zero_grad() {
 // DecoderState.
 
 namespace {
-// Gathers batch rows of a [B, ...] tensor.
-Tensor gather_rows(const Tensor& t, const std::vector<int64_t>& rows) {
+// Gathers batch rows of a cache [B, Hkv, capacity, D], copying only the `length` valid
+// positions: beam search gathers every step, and copying the whole capacity (sized for the
+// longest output) would move several times the bytes and touch every page of the new buffer.
+Tensor gather_cache_rows(const Tensor& t, const std::vector<int64_t>& rows, int64_t length) {
   Shape shape = t.shape();
   shape[0] = static_cast<int64_t>(rows.size());
   Tensor out = Tensor::empty(shape, t.dtype());
+  if (length == 0) return out;
   for (std::size_t r = 0; r < rows.size(); ++r)
-    out.select(0, static_cast<int64_t>(r)).copy_from(t.select(0, rows[r]));
+    out.select(0, static_cast<int64_t>(r)).slice(1, 0, length)
+        .copy_from(t.select(0, rows[r]).slice(1, 0, length));
   return out;
 }
 }  // namespace
@@ -678,8 +682,8 @@ void DecoderState::select_rows(const std::vector<int64_t>& rows) {
                " is outside the batch [0, ", B, ")");
   for (KVCache* cache : {&self_cache, &memory_cache}) {
     if (!cache->k.defined()) continue;
-    cache->k = gather_rows(cache->k, rows);
-    cache->v = gather_rows(cache->v, rows);
+    cache->k = gather_cache_rows(cache->k, rows, cache->length);
+    cache->v = gather_cache_rows(cache->v, rows, cache->length);
   }
   if (!memory_lengths.empty()) {
     std::vector<int64_t> picked;

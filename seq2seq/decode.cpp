@@ -143,94 +143,118 @@ std::vector<Translation> greedy_search(DecodingSession& session,
   return out;
 }
 
-// `session` holds one row: the sentence, encoded once.
-Translation beam_search(DecodingSession& session, int64_t source_length, const DecodeConfig& config) {
+// Beam search over B sentences at once. The session's rows are the live hypotheses of every
+// sentence still searching, sentence by sentence and in beam order, so each step is one batched
+// model call however many sentences share it; each sentence's search is exactly the one it
+// would have alone (its candidates, ranking, ties and stopping rule never look at another's).
+// Initially the session holds one row per sentence: the sentences, encoded once.
+std::vector<Translation> beam_search(DecodingSession& session,
+                                     const std::vector<int64_t>& source_lengths,
+                                     const DecodeConfig& config) {
   const int64_t K = config.beam;
   const bool weights_wanted = config.alignment && session.has_alignment();
-  const int64_t S = source_length;
-  const int64_t max_steps = max_steps_for(config, S);
-
-  std::vector<Translation> live(1), finished;
+  const int64_t B = static_cast<int64_t>(source_lengths.size());
+  struct Search {
+    std::vector<Translation> live = std::vector<Translation>(1), finished;
+    int64_t max_steps = 0;
+    bool searching = true;
+  };
+  std::vector<Search> searches(B);
+  for (int64_t b = 0; b < B; ++b) searches[b].max_steps = max_steps_for(config, source_lengths[b]);
+  struct Candidate {
+    double log_prob;
+    int64_t beam;
+    int32_t token;
+  };
+  std::vector<Candidate> cands;
   Tensor weights;
-  for (int64_t t = 0; t < max_steps && !live.empty(); ++t) {
-    const int64_t k = static_cast<int64_t>(live.size());
-    std::vector<int32_t> ids(k);
-    for (int64_t i = 0; i < k; ++i)
-      ids[i] = live[i].tokens.empty() ? static_cast<int32_t>(Vocab::bos_id) : live[i].tokens.back();
+  for (int64_t t = 0;; ++t) {
+    std::vector<int32_t> ids;
+    for (const Search& s : searches)
+      if (s.searching)
+        for (const Translation& h : s.live)
+          ids.push_back(h.tokens.empty() ? static_cast<int32_t>(Vocab::bos_id) : h.tokens.back());
+    if (ids.empty()) break;
     const auto logp = session.step(ids, weights_wanted ? &weights : nullptr);
     const int64_t V = static_cast<int64_t>(logp[0].size());
-    struct Candidate {
-      double log_prob;
-      int64_t beam;
-      int32_t token;
-    };
-    std::vector<Candidate> cands;
-    cands.reserve(k * V);
-    for (int64_t i = 0; i < k; ++i)
-      for (int64_t v = 0; v < V; ++v)
-        cands.push_back({live[i].log_prob + logp[i][v], i, static_cast<int32_t>(v)});
-    const int64_t keep = std::min<int64_t>(2 * K, static_cast<int64_t>(cands.size()));
-    std::partial_sort(cands.begin(), cands.begin() + keep, cands.end(),
-                      [](const Candidate& a, const Candidate& b) {
-                        if (a.log_prob != b.log_prob) return a.log_prob > b.log_prob;
-                        if (a.beam != b.beam) return a.beam < b.beam;
-                        return a.token < b.token;
-                      });
-    std::vector<Translation> next;
-    std::vector<int64_t> parents;
-    for (int64_t c = 0; c < keep && static_cast<int64_t>(next.size()) < K; ++c) {
-      const Candidate& cand = cands[c];
-      Translation h = live[cand.beam];
-      h.log_prob = cand.log_prob;
-      if (weights_wanted) h.alignment.push_back(weight_row(weights, cand.beam, S));
-      if (cand.token == Vocab::eos_id) {
-        h.finished = true;
-        h.score = normalised(h.log_prob, static_cast<int64_t>(h.tokens.size()) + 1, config.length_penalty);
+    std::vector<int64_t> parents;  // the session rows the next step continues
+    int64_t first_row = 0;         // this sentence's first row in the step just taken
+    for (int64_t b = 0; b < B; ++b) {
+      Search& s = searches[b];
+      if (!s.searching) continue;
+      const int64_t k = static_cast<int64_t>(s.live.size());
+      const int64_t S = source_lengths[b];
+      cands.clear();
+      cands.reserve(k * V);
+      for (int64_t i = 0; i < k; ++i)
+        for (int64_t v = 0; v < V; ++v)
+          cands.push_back({s.live[i].log_prob + logp[first_row + i][v], i, static_cast<int32_t>(v)});
+      const int64_t keep = std::min<int64_t>(2 * K, static_cast<int64_t>(cands.size()));
+      std::partial_sort(cands.begin(), cands.begin() + keep, cands.end(),
+                        [](const Candidate& a, const Candidate& c) {
+                          if (a.log_prob != c.log_prob) return a.log_prob > c.log_prob;
+                          if (a.beam != c.beam) return a.beam < c.beam;
+                          return a.token < c.token;
+                        });
+      std::vector<Translation> next;
+      std::vector<int64_t> local_parents;
+      for (int64_t c = 0; c < keep && static_cast<int64_t>(next.size()) < K; ++c) {
+        const Candidate& cand = cands[c];
+        Translation h = s.live[cand.beam];
+        h.log_prob = cand.log_prob;
+        if (weights_wanted) h.alignment.push_back(weight_row(weights, first_row + cand.beam, S));
+        if (cand.token == Vocab::eos_id) {
+          h.finished = true;
+          h.score = normalised(h.log_prob, static_cast<int64_t>(h.tokens.size()) + 1, config.length_penalty);
+          s.finished.push_back(std::move(h));
+          if (static_cast<int64_t>(s.finished.size()) >= K) break;
+        } else {
+          h.tokens.push_back(cand.token);
+          next.push_back(std::move(h));
+          local_parents.push_back(cand.beam);
+        }
+      }
+      first_row += k;
+      if (static_cast<int64_t>(s.finished.size()) >= K) {
+        s.searching = false;
+        continue;
+      }
+      s.live = std::move(next);
+      s.searching = !s.live.empty() && t + 1 < s.max_steps;
+      // The surviving hypotheses' states: rows of their parents, repeated when one parent
+      // spawned several (the Transformer copies its KV caches row by row).
+      if (s.searching)
+        for (int64_t p : local_parents) parents.push_back(first_row - k + p);
+    }
+    if (parents.empty()) break;
+    session.select_rows(parents);
+  }
+  std::vector<Translation> out;
+  out.reserve(B);
+  for (Search& s : searches) {
+    std::vector<Translation>& finished = s.finished;
+    if (finished.empty()) {
+      for (Translation& h : s.live) {
+        h.score = normalised(h.log_prob, static_cast<int64_t>(h.tokens.size()), config.length_penalty);
         finished.push_back(std::move(h));
-        if (static_cast<int64_t>(finished.size()) >= K) break;
-      } else {
-        h.tokens.push_back(cand.token);
-        next.push_back(std::move(h));
-        parents.push_back(cand.beam);
       }
     }
-    if (static_cast<int64_t>(finished.size()) >= K) break;
-    live = std::move(next);
-    // The surviving hypotheses' states: rows of their parents, repeated when one parent
-    // spawned several (the Transformer copies its KV caches row by row).
-    if (!live.empty()) session.select_rows(parents);
-  }
-  if (finished.empty()) {
-    for (Translation& h : live) {
-      h.score = normalised(h.log_prob, static_cast<int64_t>(h.tokens.size()), config.length_penalty);
-      finished.push_back(std::move(h));
+    ATTN_CHECK(!finished.empty(), "beam_search", "no hypothesis survived (max_length ", s.max_steps, ")");
+    // Best by normalised score; the earliest finished wins ties (stable).
+    std::stable_sort(finished.begin(), finished.end(),
+                     [](const Translation& a, const Translation& c) { return a.score > c.score; });
+    Translation best = finished[0];
+    if (config.nbest > 1) {
+      const std::size_t n = std::min<std::size_t>(static_cast<std::size_t>(config.nbest), finished.size());
+      best.nbest.assign(finished.begin(), finished.begin() + static_cast<std::ptrdiff_t>(n));
     }
+    out.push_back(std::move(best));
   }
-  ATTN_CHECK(!finished.empty(), "beam_search", "no hypothesis survived (max_length ", max_steps, ")");
-  // Best by normalised score; the earliest finished wins ties (stable).
-  std::stable_sort(finished.begin(), finished.end(),
-                   [](const Translation& a, const Translation& b) { return a.score > b.score; });
-  Translation best = finished[0];
-  if (config.nbest > 1) {
-    const std::size_t n = std::min<std::size_t>(static_cast<std::size_t>(config.nbest), finished.size());
-    best.nbest.assign(finished.begin(), finished.begin() + static_cast<std::ptrdiff_t>(n));
-  }
-  return best;
+  return out;
 }
 
 void check_beam(const DecodeConfig& config) {
   ATTN_CHECK(config.beam >= 1, "beam_search", "beam size must be >= 1, got ", config.beam);
-}
-
-template <class Model>
-std::vector<Translation> translate_each(const Model& model,
-                                        const std::vector<std::vector<int32_t>>& sources,
-                                        const DecodeConfig& config) {
-  if (config.beam <= 1) return greedy_decode(model, sources, config);
-  std::vector<Translation> out;
-  out.reserve(sources.size());
-  for (const auto& s : sources) out.push_back(beam_decode(model, s, config));
-  return out;
 }
 
 }  // namespace
@@ -244,18 +268,25 @@ std::vector<Translation> greedy_decode(const Seq2Seq& model,
   return greedy_search(session, batch.source_lengths, config);
 }
 
+std::vector<Translation> beam_decode(const Seq2Seq& model,
+                                     const std::vector<std::vector<int32_t>>& sources,
+                                     const DecodeConfig& config) {
+  check_beam(config);
+  if (sources.empty()) return {};
+  const Batch batch = make_source_batch(sources);
+  RecurrentSession session(model, batch);
+  return beam_search(session, batch.source_lengths, config);
+}
+
 Translation beam_decode(const Seq2Seq& model, const std::vector<int32_t>& source,
                         const DecodeConfig& config) {
-  check_beam(config);
-  const Batch one = make_source_batch({source});
-  RecurrentSession session(model, one);
-  return beam_search(session, one.source_lengths[0], config);
+  return beam_decode(model, std::vector<std::vector<int32_t>>{source}, config)[0];
 }
 
 std::vector<Translation> translate_ids(const Seq2Seq& model,
                                        const std::vector<std::vector<int32_t>>& sources,
                                        const DecodeConfig& config) {
-  return translate_each(model, sources, config);
+  return config.beam <= 1 ? greedy_decode(model, sources, config) : beam_decode(model, sources, config);
 }
 
 std::vector<Translation> greedy_decode(const TransformerSeq2Seq& model,
@@ -267,18 +298,25 @@ std::vector<Translation> greedy_decode(const TransformerSeq2Seq& model,
   return greedy_search(session, batch.source_lengths, config);
 }
 
+std::vector<Translation> beam_decode(const TransformerSeq2Seq& model,
+                                     const std::vector<std::vector<int32_t>>& sources,
+                                     const DecodeConfig& config) {
+  check_beam(config);
+  if (sources.empty()) return {};
+  const Batch batch = make_source_batch(sources);
+  TransformerSession session(model, batch, max_steps_for(config, longest(batch.source_lengths)));
+  return beam_search(session, batch.source_lengths, config);
+}
+
 Translation beam_decode(const TransformerSeq2Seq& model, const std::vector<int32_t>& source,
                         const DecodeConfig& config) {
-  check_beam(config);
-  const Batch one = make_source_batch({source});
-  TransformerSession session(model, one, max_steps_for(config, one.source_lengths[0]));
-  return beam_search(session, one.source_lengths[0], config);
+  return beam_decode(model, std::vector<std::vector<int32_t>>{source}, config)[0];
 }
 
 std::vector<Translation> translate_ids(const TransformerSeq2Seq& model,
                                        const std::vector<std::vector<int32_t>>& sources,
                                        const DecodeConfig& config) {
-  return translate_each(model, sources, config);
+  return config.beam <= 1 ? greedy_decode(model, sources, config) : beam_decode(model, sources, config);
 }
 
 }  // namespace attn::seq2seq

@@ -6,6 +6,8 @@
 // ranked by score / length^alpha (length counts <eos>; alpha = 0 ranks by raw log-probability).
 // The search stops when K hypotheses are finished or max_length steps have been taken. Ties are
 // broken by the lower beam index, then the lower token id, so beam 1 is exactly greedy search.
+// Several sentences search together in one batch: every step is one model call over the live
+// hypotheses of all of them, and a finished sentence leaves the batch.
 //
 // Both architectures decode through the same search: the recurrent Seq2Seq carries its state
 // from step to step, the Transformer keeps each decoder layer's KV cache and feeds one token
@@ -50,9 +52,14 @@ struct Translation {
 std::vector<Translation> greedy_decode(const Seq2Seq& model,
                                        const std::vector<std::vector<int32_t>>& sources,
                                        const DecodeConfig& config = {});
+// Beam search of several sentences in one batch (each sentence's result is the one it gets
+// alone: the batch only shares the model calls), and of one.
+std::vector<Translation> beam_decode(const Seq2Seq& model,
+                                     const std::vector<std::vector<int32_t>>& sources,
+                                     const DecodeConfig& config);
 Translation beam_decode(const Seq2Seq& model, const std::vector<int32_t>& source,
                         const DecodeConfig& config);
-// Greedy (batched) for beam 1, else beam search sentence by sentence.
+// Batched greedy search for beam 1, else batched beam search.
 std::vector<Translation> translate_ids(const Seq2Seq& model,
                                        const std::vector<std::vector<int32_t>>& sources,
                                        const DecodeConfig& config = {});
@@ -62,6 +69,9 @@ std::vector<Translation> translate_ids(const Seq2Seq& model,
 std::vector<Translation> greedy_decode(const TransformerSeq2Seq& model,
                                        const std::vector<std::vector<int32_t>>& sources,
                                        const DecodeConfig& config = {});
+std::vector<Translation> beam_decode(const TransformerSeq2Seq& model,
+                                     const std::vector<std::vector<int32_t>>& sources,
+                                     const DecodeConfig& config);
 Translation beam_decode(const TransformerSeq2Seq& model, const std::vector<int32_t>& source,
                         const DecodeConfig& config);
 std::vector<Translation> translate_ids(const TransformerSeq2Seq& model,

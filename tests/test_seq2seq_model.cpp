@@ -294,6 +294,25 @@ TEST(Seq2SeqDecode, BeamScoreIsLogProbabilityWithoutLengthPenalty) {
   }
 }
 
+// Beam search of sentences of different lengths in one batch: each gets its own search
+// (recurrent state and encoded source rows gathered per sentence; a finished sentence leaves).
+TEST(Seq2SeqDecode, BatchedBeamSearchEqualsOneSentenceAtATime) {
+  for (auto decoder : {s2s::DecoderKind::luong, s2s::DecoderKind::bahdanau}) {
+    s2s::ModelConfig model_config = small_f32_config(
+        decoder, decoder == s2s::DecoderKind::luong ? s2s::ScoreKind::general : s2s::ScoreKind::additive);
+    model_config.decoder_layers = 2;
+    const s2s::Seq2Seq model = s2s::Seq2Seq::create(model_config, 21);
+    s2s::DecodeConfig config;
+    config.beam = 3;
+    config.nbest = 2;
+    config.max_length = 7;
+    std::vector<s2s::EncodedPair> pairs = tiny_pairs(10, 11);
+    pairs.push_back({{4, 9, 8, 7, 6, 5}, {4}});  // the longest source: the others are padded
+    pairs.push_back({{5}, {4}});
+    attn::testing::expect_batched_beam_matches_single(model, pairs, config, model_config.hidden);
+  }
+}
+
 TEST(Seq2SeqDecode, AlignmentRowsAreDistributionsOverTheSource) {
   const s2s::Seq2Seq model = s2s::Seq2Seq::create(small_f32_config(s2s::DecoderKind::luong, s2s::ScoreKind::general), 4);
   s2s::DecodeConfig config;

@@ -187,6 +187,21 @@ TEST(TransformerTranslatorDecode, BeamOfOneIsGreedy) {
     EXPECT_EQ(greedy.alignment.size(), greedy.tokens.size() + (greedy.finished ? 1 : 0));
 }
 
+// Beam search of sentences of different lengths in one batch: each sentence's KV-cache rows
+// are gathered with its own hypotheses, and a finished sentence leaves the batch.
+TEST(TransformerTranslatorDecode, BatchedBeamSearchEqualsOneSentenceAtATime) {
+  const s2s::ModelConfig model_config = small_f32_config(NormPlacement::pre, s2s::PositionKind::sinusoidal);
+  const s2s::TransformerSeq2Seq model = s2s::TransformerSeq2Seq::create(model_config, 6);
+  s2s::DecodeConfig config;
+  config.beam = 3;
+  config.nbest = 3;
+  config.max_length = 7;
+  std::vector<s2s::EncodedPair> pairs = tiny_pairs();
+  pairs.push_back({{4, 9, 8, 7, 6, 5}, {4}});
+  pairs.push_back({{5}, {4}});
+  attn::testing::expect_batched_beam_matches_single(model, pairs, config, model_config.hidden);
+}
+
 // A wide beam reorders and repeats the KV-cache rows of its hypotheses every step. If a row
 // carried another hypothesis's cache, the log-probability it reports would not be the
 // teacher-forced forward's log-probability of the tokens it returns.

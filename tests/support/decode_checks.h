@@ -13,6 +13,7 @@
 #include "attn/tensor.h"
 #include "seq2seq/batching.h"
 #include "seq2seq/decode.h"
+#include "support/test_support.h"
 
 namespace attn::testing {
 
@@ -36,6 +37,40 @@ std::vector<seq2seq::Translation> expect_beam_of_one_is_greedy(
     greedy_translations.push_back(greedy);
   }
   return greedy_translations;
+}
+
+// Batched beam search gives each sentence the search it gets alone: the same tokens, end and
+// n-best tokens, and log-probabilities and alignments equal within float32 rounding (the batch
+// changes only how the GEMMs block their rows). `width` is the model's hidden width (the length
+// of the reductions behind each logit).
+template <class Model>
+void expect_batched_beam_matches_single(const Model& model,
+                                        const std::vector<seq2seq::EncodedPair>& pairs,
+                                        const seq2seq::DecodeConfig& config, int64_t width) {
+  std::vector<std::vector<int32_t>> sources;
+  for (const auto& pair : pairs) sources.push_back(pair.source);
+  const std::vector<seq2seq::Translation> batched = seq2seq::beam_decode(model, sources, config);
+  ASSERT_EQ(batched.size(), sources.size());
+  const Tolerance tol = tolerance_for(DType::f32, width);
+  for (std::size_t i = 0; i < sources.size(); ++i) {
+    const seq2seq::Translation alone = seq2seq::beam_decode(model, sources[i], config);
+    const seq2seq::Translation& b = batched[i];
+    EXPECT_EQ(b.tokens, alone.tokens) << "sentence " << i;
+    EXPECT_EQ(b.finished, alone.finished) << "sentence " << i;
+    const double steps = static_cast<double>(alone.tokens.size() + 1);
+    EXPECT_NEAR(b.log_prob, alone.log_prob, steps * (tol.atol + tol.rtol * std::abs(alone.log_prob)))
+        << "sentence " << i;
+    ASSERT_EQ(b.nbest.size(), alone.nbest.size()) << "sentence " << i;
+    for (std::size_t n = 0; n < b.nbest.size(); ++n)
+      EXPECT_EQ(b.nbest[n].tokens, alone.nbest[n].tokens) << "sentence " << i << ", n-best " << n;
+    ASSERT_EQ(b.alignment.size(), alone.alignment.size()) << "sentence " << i;
+    for (std::size_t t = 0; t < b.alignment.size(); ++t) {
+      ASSERT_EQ(b.alignment[t].size(), alone.alignment[t].size()) << "sentence " << i << ", step " << t;
+      for (std::size_t j = 0; j < b.alignment[t].size(); ++j)
+        EXPECT_NEAR(b.alignment[t][j], alone.alignment[t][j], tol.atol + tol.rtol)
+            << "sentence " << i << ", step " << t << ", source position " << j;
+    }
+  }
 }
 
 // Teacher-forced log-probability of batch row 0's targets over the first `steps` steps:
