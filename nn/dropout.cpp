@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "attn/profile.h"
 #include "attn/random.h"
 #include "nn/linear.h"
 
@@ -68,10 +69,12 @@ bool dropout_keeps(const DropoutSpec& spec, int64_t i) {
 }
 
 Tensor dropout_forward(const Tensor& x, const DropoutSpec& spec) {
+  ATTN_PROFILE_SCOPE("dropout.forward");
   return apply_mask(x, spec, "input");
 }
 
 Tensor dropout_backward(const Tensor& dout, const DropoutSpec& spec) {
+  ATTN_PROFILE_SCOPE("dropout.backward");
   return apply_mask(dout, spec, "dout");
 }
 

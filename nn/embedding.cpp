@@ -2,6 +2,7 @@
 
 #include <cstring>
 
+#include "attn/profile.h"
 #include "nn/linear.h"
 
 namespace attn::nn {
@@ -54,6 +55,7 @@ Embedding Embedding::from_weight(Tensor weight, std::optional<int32_t> padding_i
 }
 
 EmbeddingForward Embedding::forward(const TokenIds& in) const {
+  ATTN_PROFILE_SCOPE("embedding.gather");
   ATTN_CHECK(weight.defined() && weight.dim() == 2 && weight.is_contiguous(), kOp,
              "weight must be a contiguous [V, C] tensor, got ",
              weight.defined() ? weight.shape_str() : "undefined");
@@ -71,6 +73,7 @@ EmbeddingForward Embedding::forward(const TokenIds& in) const {
 }
 
 void Embedding::backward(const EmbeddingCache& cache, const Tensor& dout) {
+  ATTN_PROFILE_SCOPE("embedding.scatter_add");
   const TokenIds ids = checked_ids(cache.ids, num_embeddings());
   Shape out_shape = ids.shape;
   out_shape.push_back(dim());

@@ -2,6 +2,8 @@
 
 #include <cmath>
 
+#include "attn/profile.h"
+
 namespace attn::nn {
 
 namespace {
@@ -106,6 +108,7 @@ FeedForward FeedForward::create(const FeedForwardConfig& config, uint64_t seed) 
 }
 
 FeedForwardForward FeedForward::forward(const Tensor& x, const DropoutSpec& dropout) const {
+  ATTN_PROFILE_SCOPE("ffn.forward");
   ATTN_CHECK(x.defined() && x.dim() >= 1 && x.size(-1) == in.in_features(), kOp, "input has ",
              x.defined() && x.dim() ? x.size(-1) : 0, " features, the block expects ",
              in.in_features(), " (input ", x.defined() ? x.shape_str() : "undefined", ")");
@@ -117,6 +120,7 @@ FeedForwardForward FeedForward::forward(const Tensor& x, const DropoutSpec& drop
 }
 
 Tensor FeedForward::backward(const FeedForwardCache& cache, const Tensor& dout) {
+  ATTN_PROFILE_SCOPE("ffn.backward");
   // 4. y = W2 a' + b2      ->  da' (and dW2, db2)
   Tensor d = out.backward(cache.out_cache, dout);
   // 3. a' = dropout(a)     ->  da = da' * keep / (1 - p)

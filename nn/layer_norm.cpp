@@ -3,6 +3,7 @@
 #include <cmath>
 #include <utility>
 
+#include "attn/profile.h"
 #include "nn/linear.h"
 
 namespace attn::nn {
@@ -110,6 +111,7 @@ LayerNorm LayerNorm::create(const LayerNormConfig& config) {
 }
 
 LayerNormForward LayerNorm::forward(const Tensor& x) const {
+  ATTN_PROFILE_SCOPE("layer_norm.forward");
   const int64_t rows = check_input(*this, x, "input");
   const Tensor xc = x.contiguous();
   Shape stat_shape(x.shape().begin(), x.shape().end() - 1);
@@ -121,6 +123,7 @@ LayerNormForward LayerNorm::forward(const Tensor& x) const {
 }
 
 Tensor LayerNorm::backward(const LayerNormCache& cache, const Tensor& dout) {
+  ATTN_PROFILE_SCOPE("layer_norm.backward");
   ATTN_CHECK(cache.x.defined(), kOp, "backward needs the cache of a forward call");
   const int64_t rows = check_input(*this, cache.x, "cached input");
   ATTN_CHECK(dout.defined() && dout.shape() == cache.x.shape(), kOp, "dout is ",

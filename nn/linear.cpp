@@ -4,12 +4,15 @@
 
 #include <cmath>
 
+#include "attn/profile.h"
+
 namespace attn::nn {
 
 template <>
 void gemm<float>(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, float alpha,
                  const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
                  int64_t ldc) {
+  ATTN_PROFILE_GEMM(profile::gemm_phase(transpose_a, transpose_b), m, n, k);
   if (m == 0 || n == 0) return;
   if (k == 0) {  // BLAS would also just scale C, but some builds reject lda < 1
     for (int64_t i = 0; i < m; ++i)

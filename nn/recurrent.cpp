@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "attn/activations.h"
+#include "attn/profile.h"
 #include "nn/linear.h"
 
 namespace attn::nn {
@@ -223,6 +224,7 @@ namespace {
 template <class T>
 GruCellForward gru_cell_forward_impl(const RnnCellParams& p, const Tensor& x, const Tensor& h_prev,
                                      int64_t H) {
+  ATTN_PROFILE_SCOPE("rnn.gru_cell.forward");
   const int64_t B = x.size(0), I = x.size(1), GH = 3 * H;
   Tensor xp = Tensor::empty({B, GH}, x.dtype()), hp = Tensor::empty({B, GH}, x.dtype());
   affine<T>(B, I, GH, x.data<T>(), I, p.weight_ih.data<T>(), data_or_null<T>(p.bias_ih),
@@ -240,6 +242,7 @@ GruCellForward gru_cell_forward_impl(const RnnCellParams& p, const Tensor& x, co
 template <class T>
 GruCellGrads gru_cell_backward_impl(const RnnCellParams& p, RnnCellParams& g,
                                     const GruCellCache& cache, const Tensor& dh, int64_t H) {
+  ATTN_PROFILE_SCOPE("rnn.gru_cell.backward");
   const int64_t B = cache.x.size(0), I = cache.x.size(1), GH = 3 * H;
   Tensor dxp = Tensor::empty({B, GH}, dh.dtype()), dhp = Tensor::empty({B, GH}, dh.dtype());
   Tensor dh_prev = Tensor::empty({B, H}, dh.dtype()), dx = Tensor::empty({B, I}, dh.dtype());
@@ -262,6 +265,7 @@ GruCellGrads gru_cell_backward_impl(const RnnCellParams& p, RnnCellParams& g,
 template <class T>
 LstmCellForward lstm_cell_forward_impl(const RnnCellParams& p, const Tensor& x,
                                        const Tensor& h_prev, const Tensor& c_prev, int64_t H) {
+  ATTN_PROFILE_SCOPE("rnn.lstm_cell.forward");
   const int64_t B = x.size(0), I = x.size(1), GH = 4 * H;
   Tensor xp = Tensor::empty({B, GH}, x.dtype()), hp = Tensor::empty({B, GH}, x.dtype());
   affine<T>(B, I, GH, x.data<T>(), I, p.weight_ih.data<T>(), data_or_null<T>(p.bias_ih),
@@ -280,6 +284,7 @@ template <class T>
 LstmCellGrads lstm_cell_backward_impl(const RnnCellParams& p, RnnCellParams& g,
                                       const LstmCellCache& cache, const Tensor& dh,
                                       const Tensor& dc, int64_t H) {
+  ATTN_PROFILE_SCOPE("rnn.lstm_cell.backward");
   const int64_t B = cache.x.size(0), I = cache.x.size(1), GH = 4 * H;
   Tensor da = Tensor::empty({B, GH}, dh.dtype());
   Tensor dh_prev = Tensor::empty({B, H}, dh.dtype()), dc_prev = Tensor::empty({B, H}, dh.dtype());
@@ -392,6 +397,7 @@ template <class T, RnnKind kKind>
 void direction_forward(const RunDims& d, const RnnCellParams& p, const Tensor& x,
                        const std::vector<int64_t>& lengths, bool reverse, int64_t dir, T* h, T* c,
                        T* out, RnnStepCache& cache) {
+  ATTN_PROFILE_SCOPE("rnn.layer.forward");
   const int64_t B = d.B, Tn = d.T, H = d.H, GH = d.G * H, In = x.size(2), ldo = d.D * H;
   const DType dtype = x.dtype();
   // 1. Input projections of all steps at once: xp [B T, G H] (row b T + t).
@@ -445,6 +451,7 @@ template <class T, RnnKind kKind>
 void direction_backward(const RunDims& d, const RnnCellParams& p, RnnCellParams& g, const Tensor& x,
                         const std::vector<int64_t>& lengths, bool reverse, int64_t dir,
                         const RnnStepCache& cache, const T* dout, T* dh, T* dc, T* dx) {
+  ATTN_PROFILE_SCOPE("rnn.layer.backward");
   const int64_t B = d.B, Tn = d.T, H = d.H, GH = d.G * H, In = x.size(2), ldo = d.D * H;
   const DType dtype = x.dtype();
   // Gradients of the two projections: dxp per (b, t) like xp, dhp per (t, b) like the caches.

@@ -4,13 +4,16 @@
 #include <cmath>
 #include <vector>
 
+#include "attn/activations.h"
 #include "attn/error.h"
+#include "attn/profile.h"
 #include "nn/linear.h"
 
 namespace attn::seq2seq {
 
 CrossEntropyResult cross_entropy(const Tensor& logits, const std::vector<int32_t>& targets,
                                  const CrossEntropyConfig& config) {
+  ATTN_PROFILE_SCOPE("loss.cross_entropy");
   constexpr const char* op = "cross_entropy";
   ATTN_CHECK(logits.defined() && logits.dim() >= 2, op, "logits must be [N, V], got ",
              logits.defined() ? logits.shape_str() : "undefined");
@@ -27,43 +30,66 @@ CrossEntropyResult cross_entropy(const Tensor& logits, const std::vector<int32_t
     ATTN_CHECK(0 <= t && t < V, op, "target ", t, " out of range for ", V, " classes");
     ++r.count;
   }
-  if (config.compute_grad) r.dlogits = Tensor::zeros(logits.shape(), logits.dtype());
-  if (r.count == 0) return r;
+  // Every row of dlogits is written below (ignored rows with zeros): no zero-fill first.
+  if (config.compute_grad) r.dlogits = Tensor::empty(logits.shape(), logits.dtype());
   const double eps = config.label_smoothing;
-  const double inv_m = 1.0 / static_cast<double>(config.normalizer > 0 ? config.normalizer : r.count);
+  const double inv_m =
+      r.count == 0 ? 0.0 : 1.0 / static_cast<double>(config.normalizer > 0 ? config.normalizer : r.count);
   nn::visit_float(x.dtype(), op, "logits", [&](auto tag) {
     using T = decltype(tag);
     const T* xp = x.data<T>();
     T* dp = config.compute_grad ? r.dlogits.data<T>() : nullptr;
-    double loss = 0.0, nll = 0.0;
-    std::vector<double> e(static_cast<size_t>(V));  // e^(x_v - max), reused for the gradient
-    for (int64_t n = 0; n < N; ++n) {
-      if (targets[n] == config.ignore_id) continue;
-      const T* row = xp + n * V;
-      // log-sum-exp in float64: V terms of float32 would lose the small ones.
-      double mx = row[0];
-      for (int64_t v = 1; v < V; ++v) mx = std::max<double>(mx, row[v]);
-      double sum = 0.0, sum_x = 0.0;
-      for (int64_t v = 0; v < V; ++v) {
-        e[static_cast<size_t>(v)] = std::exp(static_cast<double>(row[v]) - mx);
-        sum += e[static_cast<size_t>(v)];
-        sum_x += static_cast<double>(row[v]);
-      }
-      const double log_z = mx + std::log(sum);
-      const double target_logp = static_cast<double>(row[targets[n]]) - log_z;
-      // -sum_v q(v) log p(v) = -(1 - eps) log p(y) - eps / V sum_v (x_v - log Z)
-      const double mean_logp = sum_x / static_cast<double>(V) - log_z;
-      loss += -(1.0 - eps) * target_logp - eps * mean_logp;
-      nll += -target_logp;
-      if (dp) {
-        T* drow = dp + n * V;
-        const double inv_sum = 1.0 / sum;  // p_v = e^(x_v - log Z) = e_v / sum
-        for (int64_t v = 0; v < V; ++v) {
-          const double p = e[static_cast<size_t>(v)] * inv_sum;
-          drow[v] = static_cast<T>((p - eps / static_cast<double>(V)) * inv_m);
+    // Rows are independent: both cores take rows, each row's terms land in its own slot, and
+    // the sums over rows run in row order afterwards (the same bits at any thread count).
+    std::vector<double> row_loss(static_cast<size_t>(N), 0.0), row_nll(static_cast<size_t>(N), 0.0);
+#pragma omp parallel if (N * V >= (1 << 16))
+    {
+      std::vector<T> e(static_cast<size_t>(V));  // e^(x_v - max), reused for the gradient
+#pragma omp for schedule(static)
+      for (int64_t n = 0; n < N; ++n) {
+        if (targets[n] == config.ignore_id) {
+          if (dp) std::fill(dp + n * V, dp + (n + 1) * V, T(0));
+          continue;
         }
-        drow[targets[n]] -= static_cast<T>((1.0 - eps) * inv_m);
+        const T* row = xp + n * V;
+        T mx = row[0];
+        for (int64_t v = 1; v < V; ++v) mx = std::max(mx, row[v]);
+        // Softmax numerators vectorised (attn/activations.h); the sums in float64 (V terms of
+        // float32 would lose the small ones), four running sums to keep the adder busy.
+        exp_shifted_array(row, mx, e.data(), V);
+        double sum4[4] = {0, 0, 0, 0}, sum_x4[4] = {0, 0, 0, 0};
+        int64_t v = 0;
+        for (; v + 4 <= V; v += 4)
+          for (int j = 0; j < 4; ++j) {
+            sum4[j] += static_cast<double>(e[static_cast<size_t>(v + j)]);
+            sum_x4[j] += static_cast<double>(row[v + j]);
+          }
+        for (; v < V; ++v) {
+          sum4[0] += static_cast<double>(e[static_cast<size_t>(v)]);
+          sum_x4[0] += static_cast<double>(row[v]);
+        }
+        const double sum = (sum4[0] + sum4[1]) + (sum4[2] + sum4[3]);
+        const double sum_x = (sum_x4[0] + sum_x4[1]) + (sum_x4[2] + sum_x4[3]);
+        const double log_z = static_cast<double>(mx) + std::log(sum);
+        const double target_logp = static_cast<double>(row[targets[n]]) - log_z;
+        // -sum_v q(v) log p(v) = -(1 - eps) log p(y) - eps / V sum_v (x_v - log Z)
+        const double mean_logp = sum_x / static_cast<double>(V) - log_z;
+        row_loss[static_cast<size_t>(n)] = -(1.0 - eps) * target_logp - eps * mean_logp;
+        row_nll[static_cast<size_t>(n)] = -target_logp;
+        if (dp) {
+          T* drow = dp + n * V;
+          // p_v = e^(x_v - log Z) = e_v / sum
+          const double scale = inv_m / sum, offset = eps / static_cast<double>(V) * inv_m;
+          for (int64_t u = 0; u < V; ++u)
+            drow[u] = static_cast<T>(static_cast<double>(e[static_cast<size_t>(u)]) * scale - offset);
+          drow[targets[n]] -= static_cast<T>((1.0 - eps) * inv_m);
+        }
       }
+    }
+    double loss = 0.0, nll = 0.0;
+    for (int64_t n = 0; n < N; ++n) {
+      loss += row_loss[static_cast<size_t>(n)];
+      nll += row_nll[static_cast<size_t>(n)];
     }
     r.loss = loss * inv_m;
     r.nll = nll * inv_m;

@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "attn/error.h"
+#include "attn/profile.h"
 #include "nn/linear.h"
 #include "seq2seq/tensor_ops.h"
 
@@ -19,6 +20,7 @@ Adam::Adam(const nn::ParameterList& params, const AdamConfig& config) : config_(
 }
 
 void Adam::step(const nn::ParameterList& params, double lr) {
+  ATTN_PROFILE_SCOPE("optimizer.adam");
   ATTN_CHECK(params.size() == m_.size(), "adam", "got ", params.size(),
              " parameters, the optimiser was built for ", m_.size());
   ++step_;
@@ -80,6 +82,7 @@ void Adam::load(const SafetensorsFile& file, const nn::ParameterList& params) {
 }
 
 double clip_grad_norm(const nn::ParameterList& params, double max_norm) {
+  ATTN_PROFILE_SCOPE("optimizer.clip_grad_norm");
   double sq = 0.0;
   for (const nn::Parameter& p : params) sq += squared_norm(p.grad);
   const double norm = std::sqrt(sq);

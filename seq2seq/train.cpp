@@ -15,6 +15,7 @@
 #include <omp.h>
 
 #include "attn/error.h"
+#include "attn/profile.h"
 #include "attn/random.h"
 #include "seq2seq/corpus.h"
 #include "seq2seq/loss.h"
@@ -269,7 +270,10 @@ BatchLoss batch_loss(Seq2Seq& model, const Batch& batch, const ForwardResult& f,
     return {r.loss, r.nll, r.count};
   }
   const CrossEntropyResult r = cross_entropy(f.logits, batch.target_output, c);
-  if (backward) model.backward(batch, f, r.dlogits);
+  if (backward) {
+    ATTN_PROFILE_SCOPE("model.backward");
+    model.backward(batch, f, r.dlogits);
+  }
   return {r.loss, r.nll, r.count};
 }
 
@@ -287,14 +291,23 @@ BatchLoss model_batch_loss(TranslationModel& model, const Batch& batch, const Cr
       [&](auto& m) -> BatchLoss {
         using M = std::decay_t<decltype(m)>;
         if constexpr (std::is_same_v<M, Seq2Seq>) {
-          const ForwardResult f = m.forward(batch, {backward, seed});
+          const ForwardResult f = [&] {
+            ATTN_PROFILE_SCOPE("model.forward");
+            return m.forward(batch, {backward, seed});
+          }();
           return batch_loss(m, batch, f, ce, backward);
         } else {
-          const TransformerForward f = m.forward(batch, {backward, seed});
+          const TransformerForward f = [&] {
+            ATTN_PROFILE_SCOPE("model.forward");
+            return m.forward(batch, {backward, seed});
+          }();
           CrossEntropyConfig c = ce;
           c.compute_grad = backward;
           const CrossEntropyResult r = cross_entropy(f.logits, batch.target_output, c);
-          if (backward) m.backward(batch, f, r.dlogits);
+          if (backward) {
+            ATTN_PROFILE_SCOPE("model.backward");
+            m.backward(batch, f, r.dlogits);
+          }
           return {r.loss, r.nll, r.count};
         }
       },
@@ -814,6 +827,7 @@ bool Trainer::run(const RunControl& control, const TrainCallbacks& callbacks) {
   // saved as best.safetensors. Returns true when the patience has run out.
   int64_t last_eval_step = -1;
   auto eval = [&]() -> bool {
+    const profile::Paused not_a_training_step;
     if (valid_.empty() || control.eval_sentences <= 0) return false;
     if (!callbacks.on_eval && control.out_dir.empty() && control.patience <= 0) return false;
     last_eval_step = step_;
@@ -860,7 +874,9 @@ bool Trainer::run(const RunControl& control, const TrainCallbacks& callbacks) {
       const std::vector<int64_t>& rows = batches_[order[batch_in_epoch_]];
       BatchLoss r;
       if (plain_step) {
+        ATTN_PROFILE_SCOPE("train.step");
         const Batch batch = make_batch(encoded_, rows);
+        if (callbacks.on_batch) callbacks.on_batch(step_, batch);
         nn::zero_grads(params);
         r = model_batch_loss(translator_.model, batch, ce, true, step_seed(config_.seed, step_));
         r.count = batch.target_tokens;

@@ -143,6 +143,9 @@ struct TrainCallbacks {
   // After the backward pass of global step `step` (0-based), before clipping: tests use it to
   // inject non-finite gradients or weights.
   std::function<void(int64_t step, const nn::ParameterList& params)> on_gradients;
+  // The batch of global step `step` (0-based) before its forward pass, in training order
+  // (unsharded steps only): what a benchmark twin in another framework replays.
+  std::function<void(int64_t step, const Batch& batch)> on_batch;
 };
 
 // Either architecture; config().arch says which. A closed variant rather than a virtual base:

@@ -38,4 +38,14 @@ void sigmoid_array(const double* x, double* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = 1.0 / (1.0 + std::exp(-x[i]));
 }
 
+void exp_shifted_array(const float* x, float shift, float* y, int64_t n) {
+  check_arrays("exp_shifted_array", x, y, n);
+  if (n > 0) kernels::exp_shifted_f32(x, shift, y, n);
+}
+
+void exp_shifted_array(const double* x, double shift, double* y, int64_t n) {
+  check_arrays("exp_shifted_array", x, y, n);
+  for (int64_t i = 0; i < n; ++i) y[i] = std::exp(x[i] - shift);
+}
+
 }  // namespace attn

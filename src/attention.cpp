@@ -3,6 +3,8 @@
 
 #include <cmath>
 
+#include "attn/profile.h"
+
 #include "attention_dot_form.h"
 #include "attention_validate.h"
 #include "kernels/additive_attention.h"
@@ -95,6 +97,7 @@ AttentionOutput attention_bf16_kv(const detail::AttentionDims& dims, const Tenso
 
 AttentionOutput attention(const Tensor& q, const Tensor& k, const Tensor& v,
                           const AttentionParams& params) {
+  ATTN_PROFILE_SCOPE("attention.forward");
   const detail::AttentionDims dims = detail::validate_attention("attention", q, k, v, params);
   if (k.dtype() == DType::bf16) return attention_bf16_kv(dims, q, k, v, params);
   const DType dtype = q.dtype();
@@ -132,6 +135,7 @@ AttentionOutput attention(const Tensor& q, const Tensor& k, const Tensor& v,
 AttentionGrads attention_backward(const Tensor& q, const Tensor& k, const Tensor& v,
                                   const AttentionParams& params, const AttentionOutput& forward,
                                   const Tensor& dout) {
+  ATTN_PROFILE_SCOPE("attention.backward");
   const char* op = "attention_backward";
   const detail::AttentionDims dims = detail::validate_attention(op, q, k, v, params);
   detail::validate_attention_backward(op, dims, forward, dout);

@@ -1,6 +1,7 @@
 // matmul: front-end (validation, 1-D promotion, broadcasting) and the BLAS driver that runs a
 // batch of products as GEMM / GEMV calls, threaded over the batch or inside OpenBLAS.
 #include "attn/matmul.h"
+#include "attn/profile.h"
 #include "blas_kernel.h"
 #include "blas_threads.h"
 
@@ -258,6 +259,7 @@ std::vector<int64_t> batch_offsets(const Shape& sizes, const Shape& strides) {
 
 void blas_gemm(CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int m, int n, int k, const float* a,
                int lda, const float* b, int ldb, float beta, float* c, int ldc) {
+  ATTN_PROFILE_GEMM(profile::gemm_phase(ta == CblasTrans, tb == CblasTrans), m, n, k);
   detail::ensure_blas_kernel();
   cblas_sgemm(CblasRowMajor, ta, tb, m, n, k, 1.0f, a, lda, b, ldb, beta, c, ldc);
 }
@@ -268,6 +270,7 @@ void blas_gemm(CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int m, int n, int k, cons
 }
 void blas_gemv(CBLAS_TRANSPOSE t, int rows, int cols, const float* a, int lda, const float* x,
                int incx, float beta, float* y, int incy) {
+  ATTN_PROFILE_GEMM("gemv", rows, cols, 1);
   detail::ensure_blas_kernel();
   cblas_sgemv(CblasRowMajor, t, rows, cols, 1.0f, a, lda, x, incx, beta, y, incy);
 }

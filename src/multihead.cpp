@@ -11,6 +11,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "attn/profile.h"
 #include "attn/random.h"
 #include "blas_kernel.h"
 
@@ -194,6 +195,7 @@ int blas_int(int64_t n) {
 template <class T>
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,
           const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  ATTN_PROFILE_GEMM(profile::gemm_phase(trans_a, trans_b), M, N, K);
   if (M == 0 || N == 0) return;
   if (K == 0) {  // e.g. dW over zero rows: BLAS rejects lda = 0, and the empty product is 0
     for (int64_t i = 0; i < M; ++i)
@@ -309,6 +311,7 @@ template <class T>
 MultiHeadOutput forward(const detail::MultiHeadDims& d, const MultiHeadWeights& weights,
                         const Tensor& query, const Tensor& key, const Tensor& value,
                         const AttentionParams& params) {
+  ATTN_PROFILE_SCOPE("multihead.forward");
   MultiHeadOutput out;
   out.q = project_heads<T>(query, weights.w_q, weights.b_q, d.Hq, d.Dk);   // 1
   out.k = project_heads<T>(key, weights.w_k, weights.b_k, d.Hkv, d.Dk);    // 2
@@ -323,6 +326,7 @@ MultiHeadGrads backward(const detail::MultiHeadProblem& p, const MultiHeadWeight
                         const Tensor& query, const Tensor& key, const Tensor& value,
                         const AttentionParams& params, const MultiHeadOutput& saved,
                         const Tensor& doutput) {
+  ATTN_PROFILE_SCOPE("multihead.backward");
   const detail::MultiHeadDims& d = p.dims;
   const DType dtype = dtype_of<T>();
   MultiHeadGrads g;

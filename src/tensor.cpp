@@ -4,6 +4,8 @@
 #include <cstring>
 #include <new>
 
+#include "attn/profile.h"
+
 #include "kernels/bf16.h"
 
 namespace attn {
@@ -58,11 +60,16 @@ namespace {
 constexpr std::size_t kAlignment = 64;  // one cache line, and an AVX-512 vector
 
 std::shared_ptr<std::byte[]> allocate(std::size_t bytes) {
+  ATTN_PROFILE_SCOPE("tensor.allocate");
+  profile::count_allocation(bytes);
   bytes = std::max<std::size_t>(bytes, 1);
   bytes = (bytes + kAlignment - 1) / kAlignment * kAlignment;
   auto* p = static_cast<std::byte*>(::operator new[](bytes, std::align_val_t(kAlignment)));
   return std::shared_ptr<std::byte[]>(
-      p, [](std::byte* q) { ::operator delete[](q, std::align_val_t(kAlignment)); });
+      p, [](std::byte* q) {
+        ATTN_PROFILE_SCOPE("tensor.free");
+        ::operator delete[](q, std::align_val_t(kAlignment));
+      });
 }
 
 double load(const std::byte* p, DType dtype) {
@@ -129,6 +136,7 @@ Tensor Tensor::empty(const Shape& shape, DType dtype) {
 
 Tensor Tensor::zeros(const Shape& shape, DType dtype) {
   Tensor t = empty(shape, dtype);
+  ATTN_PROFILE_SCOPE("tensor.zero_fill");
   std::memset(t.base_, 0, static_cast<std::size_t>(t.numel()) * dtype_size(dtype));
   return t;
 }

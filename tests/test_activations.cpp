@@ -96,6 +96,35 @@ TEST_P(ActivationsTest, SigmoidWithinFewUlpsOfFloat64) {
   EXPECT_LE(w.ulps, kMaxUlps) << target_label() << ": sigmoid worst " << w.str();
 }
 
+TEST_P(ActivationsTest, ExpShiftedWithinFewUlpsOfFloat64) {
+  // The softmax numerators of a loss row: x - shift <= 0, down to where e^x underflows.
+  std::vector<float> x;
+  for (int i = -87000; i <= 0; i += 7) x.push_back(static_cast<float>(i) * 1e-3f);
+  for (const float shift : {0.0f, 2.5f, -13.0f}) {
+    const Worst w = worst_error(
+        [shift](const float* in, float* out, int64_t n) {
+          std::vector<float> shifted(in, in + n);
+          for (float& v : shifted) v += shift;  // the kernel subtracts shift back
+          attn::kernels::exp_shifted_f32(shifted.data(), shift, out, n);
+        },
+        [shift](double v) {
+          // The reference exponentiates the float32 difference the kernel computes.
+          const float d = static_cast<float>(v + shift) - shift;
+          return std::exp(static_cast<double>(d));
+        },
+        x);
+    std::printf("[ %s ] exp shift %g worst: %s\n", GetParam().name.c_str(), shift, w.str().c_str());
+    EXPECT_LE(w.ulps, kMaxUlps) << target_label() << ": exp shift " << shift << " worst " << w.str();
+  }
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float in[3] = {-std::numeric_limits<float>::infinity(), nan, 1.0f};
+  float out[3];
+  attn::kernels::exp_shifted_f32(in, 1.0f, out, 3);
+  EXPECT_EQ(out[0], 0.0f);
+  EXPECT_TRUE(std::isnan(out[1]));
+  EXPECT_EQ(out[2], 1.0f);
+}
+
 TEST_P(ActivationsTest, SpecialValues) {
   const float inf = std::numeric_limits<float>::infinity();
   const float nan = std::numeric_limits<float>::quiet_NaN();

@@ -15,6 +15,7 @@
 #include <cctype>
 #include <chrono>
 #include <cstdio>
+#include <ctime>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -25,8 +26,10 @@
 #include <vector>
 
 #include "attn/error.h"
+#include "attn/profile.h"
 #include "attn/runtime.h"
 #include "seq2seq/checkpoint_average.h"
+#include "seq2seq/batch_log.h"
 #include "seq2seq/corpus.h"
 #include "seq2seq/heatmap.h"
 #include "seq2seq/pairs_file.h"
@@ -302,8 +305,43 @@ int run_train(const TrainArgs& a) {
     std::cerr << "attn: warning: step " << step << " skipped: loss " << loss << ", gradient norm "
               << grad_norm << " (not finite)" << std::endl;
   };
+  // ATTN_PROFILE=1: where the training steps' time went, by phase (attn/profile.h).
+  // ATTN_DUMP_BATCHES=FILE: every step's token ids, replayed by bench/torch_translators.py.
+  // The steady training rate counts source and target tokens (one <eos> each) from the first
+  // step's start to the last step's start, as the PyTorch twin does.
+  const bool profiling = attn::profile::enable_from_environment();
+  std::ofstream batch_log;
+  if (const char* path = std::getenv("ATTN_DUMP_BATCHES"); path && *path) {
+    batch_log.open(path);
+    if (!batch_log) throw std::runtime_error(std::string("ATTN_DUMP_BATCHES: cannot write ") + path);
+    s2s::write_batch_log_header(batch_log, trainer->config().model.source_vocab,
+                                trainer->config().model.target_vocab);
+  }
+  int64_t rate_steps = 0, rate_tokens = 0, last_batch_tokens = 0;
+  std::chrono::steady_clock::time_point first_batch, last_batch;
+  std::clock_t first_cpu = 0, last_cpu = 0;  // CPU time of the process, all threads
+  callbacks.on_batch = [&](int64_t step, const s2s::Batch& batch) {
+    last_batch = std::chrono::steady_clock::now();
+    last_cpu = std::clock();
+    if (rate_steps++ == 0) first_batch = last_batch, first_cpu = last_cpu;
+    rate_tokens += last_batch_tokens;  // the previous step's, now finished
+    last_batch_tokens = s2s::batch_training_tokens(batch);
+    if (batch_log.is_open()) s2s::write_batch_log_entry(batch_log, step, batch);
+  };
   const auto start = std::chrono::steady_clock::now();
   const bool complete = trainer->run(control, callbacks);
+  if (rate_steps > 1) {
+    const double s = std::chrono::duration<double>(last_batch - first_batch).count();
+    const double cpu = static_cast<double>(last_cpu - first_cpu) / CLOCKS_PER_SEC;
+    std::cerr << "training rate: " << rate_tokens << " tokens (source + target) in " << rate_steps - 1
+              << " steps, " << s << " s: " << static_cast<int64_t>(rate_tokens / s)
+              << " tokens/s, " << static_cast<int64_t>(rate_tokens / cpu) << " tokens per CPU second\n";
+  }
+  if (profiling) {
+    std::cerr << "profile of " << rate_steps << " training steps (ATTN_PROFILE):\n"
+              << attn::profile::table(rate_steps);
+    attn::profile::disable();
+  }
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   processes.report(std::cerr, seconds);
   std::cerr << (complete ? "finished" : "stopped") << " at step " << trainer->step() << " after "

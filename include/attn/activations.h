@@ -23,5 +23,9 @@ void tanh_array(const double* x, double* y, int64_t n);
 // y[i] = 1 / (1 + exp(-x[i])) for 0 <= i < n.
 void sigmoid_array(const float* x, float* y, int64_t n);
 void sigmoid_array(const double* x, double* y, int64_t n);
+// y[i] = exp(x[i] - shift) for 0 <= i < n: softmax numerators (shift = the row's maximum keeps
+// every result in [0, 1]). float32 subtracts in float32, then exponentiates within 4 ulps.
+void exp_shifted_array(const float* x, float shift, float* y, int64_t n);
+void exp_shifted_array(const double* x, double shift, double* y, int64_t n);
 
 }  // namespace attn

@@ -64,6 +64,14 @@ void SigmoidF32(const float* x, float* y, int64_t n) {
                                 HWY_ATTR { return activations::SigmoidVec(df, v); });
 }
 
+// y[i] = e^(x[i] - shift): softmax numerators (x <= shift, so no overflow).
+void ExpShiftedF32(const float* x, float shift, float* y, int64_t n) {
+  activations::Map(x, y, n, [shift](activations::DF df, activations::VF v) HWY_ATTR {
+    namespace hn = hwy::HWY_NAMESPACE;
+    return activations::KeepNaN(v, hn::Exp(df, hn::Sub(v, hn::Set(df, shift))));
+  });
+}
+
 const char* ActivationsTargetName() { return hwy::TargetName(HWY_TARGET); }
 
 }  // namespace attn::kernels::HWY_NAMESPACE

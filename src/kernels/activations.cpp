@@ -15,6 +15,7 @@ namespace attn::kernels {
 
 HWY_EXPORT(TanhF32);
 HWY_EXPORT(SigmoidF32);
+HWY_EXPORT(ExpShiftedF32);
 HWY_EXPORT(ActivationsTargetName);
 
 void tanh_f32(const float* x, float* y, int64_t n) {
@@ -25,6 +26,11 @@ void tanh_f32(const float* x, float* y, int64_t n) {
 void sigmoid_f32(const float* x, float* y, int64_t n) {
   apply_simd_target_from_env();
   HWY_DYNAMIC_DISPATCH(SigmoidF32)(x, y, n);
+}
+
+void exp_shifted_f32(const float* x, float shift, float* y, int64_t n) {
+  apply_simd_target_from_env();
+  HWY_DYNAMIC_DISPATCH(ExpShiftedF32)(x, shift, y, n);
 }
 
 const char* activations_target_name() {

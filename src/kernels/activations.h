@@ -19,6 +19,9 @@ namespace attn::kernels {
 
 void tanh_f32(const float* x, float* y, int64_t n);
 void sigmoid_f32(const float* x, float* y, int64_t n);
+// y[i] = e^(x[i] - shift) (Highway's Exp after a float32 subtraction): softmax numerators, as
+// the loss over a 4,000-word vocabulary takes them (scalar exp was a tenth of a training step).
+void exp_shifted_f32(const float* x, float shift, float* y, int64_t n);
 
 // Name of the Highway target the two dispatch to now ("AVX3", "AVX2", ...).
 const char* activations_target_name();
