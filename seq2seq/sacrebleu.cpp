@@ -161,6 +161,55 @@ CharCounts char_ngrams(const std::u32string& text, int order) {
   return counts;
 }
 
+// chrF++'s words (sacreBLEU's CHRF._remove_punctuation, after Popovic's chrF++.py): split at
+// whitespace; a word of more than one character gives up one ASCII punctuation character at its
+// end or, failing that, at its start, which becomes a word of its own ("(hi)" -> "(hi" ")").
+std::vector<std::u32string> chrf_words(std::string_view text) {
+  static const std::u32string kPunctuation = U"!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~";
+  const auto is_punctuation = [](char32_t c) { return kPunctuation.find(c) != std::u32string::npos; };
+  std::vector<std::u32string> words;
+  std::u32string word;
+  auto flush = [&] {
+    if (word.empty()) return;
+    if (word.size() > 1 && is_punctuation(word.back())) {
+      words.push_back(word.substr(0, word.size() - 1));
+      words.push_back(word.substr(word.size() - 1));
+    } else if (word.size() > 1 && is_punctuation(word.front())) {
+      words.push_back(word.substr(0, 1));
+      words.push_back(word.substr(1));
+    } else {
+      words.push_back(word);
+    }
+    word.clear();
+  };
+  for (char32_t c : code_points(text, true)) {
+    if (is_space(c))
+      flush();
+    else
+      word += c;
+  }
+  flush();
+  return words;
+}
+
+// The character n-grams (orders 1..char_order) then the word n-grams (1..word_order) of one
+// segment, each n-gram a string (words joined by single spaces).
+CharCounts chrf_ngrams(const std::string& segment, const ChrfOptions& o) {
+  const std::string text = o.lowercase ? lowercase(segment) : segment;
+  CharCounts counts = char_ngrams(code_points(text, o.whitespace), o.char_order);
+  if (o.word_order == 0) return counts;
+  const std::vector<std::u32string> words = chrf_words(text);
+  for (int n = 1; n <= o.word_order; ++n) {
+    auto& grams = counts.emplace_back();
+    for (std::size_t i = 0; i + static_cast<std::size_t>(n) <= words.size(); ++i) {
+      std::u32string gram = words[i];
+      for (int k = 1; k < n; ++k) gram += U' ' + words[i + static_cast<std::size_t>(k)];
+      ++grams[gram];
+    }
+  }
+  return counts;
+}
+
 double chrf_f_score(const std::vector<std::array<int64_t, 3>>& stats, const ChrfOptions& o) {
   constexpr double eps = 1e-16;
   const double factor = o.beta * o.beta;
@@ -340,22 +389,20 @@ ChrfScore corpus_chrf(const std::vector<std::string>& hypotheses,
                       const std::vector<std::vector<std::string>>& references,
                       const ChrfOptions& options) {
   check_streams(hypotheses, references);
-  ATTN_CHECK(options.char_order >= 1 && options.beta > 0, kOp,
-             "chrF needs char_order >= 1 and beta > 0, got ", options.char_order, " and ",
-             options.beta);
-  const auto prepare = [&](const std::string& s) {
-    return code_points(options.lowercase ? lowercase(s) : s, options.whitespace);
-  };
+  ATTN_CHECK(options.char_order >= 1 && options.word_order >= 0 && options.beta > 0, kOp,
+             "chrF needs char_order >= 1, word_order >= 0 and beta > 0, got ", options.char_order,
+             ", ", options.word_order, " and ", options.beta);
+  const std::size_t orders = static_cast<std::size_t>(options.char_order + options.word_order);
   ChrfScore out;
-  out.statistics.assign(static_cast<std::size_t>(options.char_order), {0, 0, 0});
+  out.statistics.assign(orders, {0, 0, 0});
   for (std::size_t i = 0; i < hypotheses.size(); ++i) {
-    const CharCounts hyp = char_ngrams(prepare(hypotheses[i]), options.char_order);
+    const CharCounts hyp = chrf_ngrams(hypotheses[i], options);
     std::vector<std::array<int64_t, 3>> best;
     double best_f = -1.0;
     for (const auto& stream : references) {
-      const CharCounts ref = char_ngrams(prepare(stream[i]), options.char_order);
+      const CharCounts ref = chrf_ngrams(stream[i], options);
       std::vector<std::array<int64_t, 3>> stats;
-      for (int n = 0; n < options.char_order; ++n) {
+      for (std::size_t n = 0; n < orders; ++n) {
         int64_t hyp_count = 0, ref_count = 0, match = 0;
         for (const auto& [gram, count] : hyp[n]) {
           hyp_count += count;
@@ -377,10 +424,11 @@ ChrfScore corpus_chrf(const std::vector<std::string>& hypotheses,
 
 std::string format_chrf(const ChrfScore& score, int64_t references, const ChrfOptions& o) {
   char buf[256];
-  std::snprintf(buf, sizeof buf, "chrF%g|nrefs:%lld|case:%s|eff:%s|nc:%d|nw:0|space:%s = %.1f",
-                o.beta, static_cast<long long>(references), o.lowercase ? "lc" : "mixed",
-                o.eps_smoothing ? "no" : "yes", o.char_order, o.whitespace ? "yes" : "no",
-                score.score);
+  std::snprintf(buf, sizeof buf, "chrF%g%s|nrefs:%lld|case:%s|eff:%s|nc:%d|nw:%d|space:%s = %.1f",
+                o.beta, std::string(static_cast<std::size_t>(std::max(0, o.word_order)), '+').c_str(),
+                static_cast<long long>(references), o.lowercase ? "lc" : "mixed",
+                o.eps_smoothing ? "no" : "yes", o.char_order, o.word_order,
+                o.whitespace ? "yes" : "no", score.score);
   return buf;
 }
 

@@ -25,6 +25,9 @@
 // n-gram of that order) of the best-scoring reference are summed over the corpus; precision
 // and recall are averaged over the orders both sides have, and combined as
 // F_beta = (1 + beta^2) P R / (beta^2 P + R). Characters are Unicode code points.
+// chrF++ (word_order 2, Popovic 2017) adds word unigram and bigram orders to the character
+// ones, words split at whitespace with one ASCII punctuation mark split off a word's end (or
+// else its start), as sacreBLEU does.
 //
 // Proven against the values sacreBLEU's own test suite expects (tests/test_sacrebleu.cpp).
 #pragma once
@@ -71,6 +74,7 @@ std::string format_sacre_bleu(const BleuScore& score, int64_t references = 1,
 
 struct ChrfOptions {
   int char_order = 6;
+  int word_order = 0;          // 2: chrF++ (word unigrams and bigrams beside the characters)
   double beta = 2.0;
   bool lowercase = false;      // ASCII and Latin-1 capitals (seq2seq::lowercase)
   bool whitespace = false;     // keep whitespace inside the character n-grams
@@ -79,7 +83,8 @@ struct ChrfOptions {
 
 struct ChrfScore {
   double score = 0.0;  // 0..100
-  // Per order n = 1..char_order: hypothesis n-grams, reference n-grams, matches (corpus sums).
+  // Per order (characters 1..char_order, then words 1..word_order): hypothesis n-grams,
+  // reference n-grams, matches (corpus sums).
   std::vector<std::array<int64_t, 3>> statistics;
 };
 
@@ -87,7 +92,7 @@ ChrfScore corpus_chrf(const std::vector<std::string>& hypotheses,
                       const std::vector<std::vector<std::string>>& references,
                       const ChrfOptions& options = {});
 
-// "chrF2|nrefs:1|case:mixed|eff:yes|nc:6|nw:0|space:no = 52.0"
+// "chrF2|nrefs:1|case:mixed|eff:yes|nc:6|nw:0|space:no = 52.0" ("chrF2++|...|nw:2|..." for chrF++)
 std::string format_chrf(const ChrfScore& score, int64_t references = 1,
                         const ChrfOptions& options = {});
 

@@ -622,6 +622,9 @@ EvalResult evaluate(const Translator& translator, const std::vector<SentencePair
   for (const SentencePair& p : pairs) reference_texts[0].push_back(p.target);
   r.sacre_bleu = sacre_bleu(r.hypothesis_texts, reference_texts);
   r.chrf = corpus_chrf(r.hypothesis_texts, reference_texts);
+  ChrfOptions plus_plus;
+  plus_plus.word_order = 2;
+  r.chrf_plus_plus = corpus_chrf(r.hypothesis_texts, reference_texts, plus_plus);
   r.exact_match = exact_match(r.hypotheses, r.references);
   return r;
 }

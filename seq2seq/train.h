@@ -208,6 +208,7 @@ struct EvalResult {
   BleuScore bleu;                      // over tokens (bleu.h), lowercased for word-level models
   BleuScore sacre_bleu;                // sacreBLEU-style over the texts (sacrebleu.h)
   ChrfScore chrf;
+  ChrfScore chrf_plus_plus;  // chrF++ (word_order 2)
   double exact_match = 0.0;
   std::vector<Tokens> hypotheses;
   std::vector<Tokens> references;

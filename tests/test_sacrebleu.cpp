@@ -4,6 +4,8 @@
 //                      test_case_effective_order, test_case_offset, test_raw_bleu_cases
 //   test/test_chrf.py  test_cases (eps smoothing, beta 3), test_cases_effective_order (beta 3),
 //                      test_sentence_level_chrf (chrF2, eps smoothing)
+// chrF++ (word_order 1 and 2): sacreBLEU 2.6.0's CHRF run on the inputs below (its test suite has
+// no chrF++ case; the values were printed by sacrebleu/metrics/chrf.py of that commit).
 // sacreBLEU's raw_corpus_bleu is corpus_bleu with tokenize none, floor smoothing and effective
 // order; its tests compare with EPSILON 1e-8 (BLEU, as a fraction) and 1e-4 (chrF).
 #include <gtest/gtest.h>
@@ -160,6 +162,50 @@ TEST(SacreChrf, SentenceLevelChrf2CodePoints) {
   EXPECT_NEAR(s2s::corpus_chrf({"Lapali po dechu, jejich životy skončily dřív, než skutečně začaly."},
                                {{"Lapali po dechu a pak jejich život skončil - dřív, než skutečně mohl začít, připomněli."}}, o).score,
               57.15704367, 1e-4);
+}
+
+TEST(SacreChrf, ChrfPlusPlusAsSacreBleuComputesIt) {
+  struct Case {
+    int word_order;
+    double beta;
+    bool lowercase, eps_smoothing;
+    std::vector<std::string> hyps;
+    std::vector<std::vector<std::string>> refs;
+    double expected;
+  };
+  const std::vector<Case> cases = {
+      {2, 2, false, false, {"The cat sat on the mat.", "Hello, world!"},
+       {{"The cat is on the mat.", "Hello world !"}}, 68.19184123571235},
+      // Accented letters, guillemets, placeholders, an empty hypothesis.
+      {2, 2, false, false,
+       {"L'ordinateur a été éteint (hier).", "Fichier « %s » introuvable : %d erreurs", ""},
+       {{"L'ordinateur est éteint (depuis hier).", "Le fichier « %s » est introuvable : %d erreurs",
+         "Rien"}},
+       62.99571170301343},
+      // Two references (the better one per segment), lowercased.
+      {2, 2, true, false, {"Open The FILE, please", "a b c d"},
+       {{"open the file please", "a b c e"}, {"Open a file, please.", "a c b d"}}, 76.52572624902795},
+      // "(hi)" splits as "(hi" ")"; ".x" as "." "x"; chrF3+.
+      {1, 3, false, false, {"(hi) there!", ".x y."}, {{"hi there !", "x y"}}, 65.18365067731627},
+      {2, 2, false, true, {"a", "short one", "this is a longer sentence with words"},
+       {{"a b", "a short one", "this is a long sentence, with some words"}}, 60.27144368552533},
+  };
+  for (const Case& c : cases) {
+    s2s::ChrfOptions o;
+    o.word_order = c.word_order;
+    o.beta = c.beta;
+    o.lowercase = c.lowercase;
+    o.eps_smoothing = c.eps_smoothing;
+    const s2s::ChrfScore score = s2s::corpus_chrf(c.hyps, c.refs, o);
+    EXPECT_NEAR(score.score, c.expected, 1e-8) << c.hyps[0];
+    EXPECT_EQ(score.statistics.size(), static_cast<std::size_t>(6 + c.word_order));
+  }
+  s2s::ChrfOptions plus_plus;
+  plus_plus.word_order = 2;
+  EXPECT_EQ(s2s::format_chrf(s2s::corpus_chrf({"a b c"}, {{"a b c"}}, plus_plus), 1, plus_plus),
+            "chrF2++|nrefs:1|case:mixed|eff:yes|nc:6|nw:2|space:no = 100.0");
+  plus_plus.word_order = -1;
+  EXPECT_THROW(s2s::corpus_chrf({"a"}, {{"a"}}, plus_plus), attn::Error);
 }
 
 TEST(SacreChrf, FormatsLikeSacreBleu) {

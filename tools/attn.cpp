@@ -552,9 +552,12 @@ int run_eval(const EvalArgs& a) {
   }
   // sacreBLEU and chrF over the detokenised output against the references as written; then
   // the token BLEU of the training tokenisation (lowercased words for word-level models).
-  std::printf("%s: %zu sentences\n%s\n%s\ntokens: %s\nexact match %.2f%%\n", name.c_str(),
+  s2s::ChrfOptions plus_plus;
+  plus_plus.word_order = 2;
+  std::printf("%s: %zu sentences\n%s\n%s\n%s\ntokens: %s\nexact match %.2f%%\n", name.c_str(),
               pairs.size(), s2s::format_sacre_bleu(r.sacre_bleu).c_str(),
-              s2s::format_chrf(r.chrf).c_str(), s2s::format_bleu(r.bleu).c_str(), r.exact_match);
+              s2s::format_chrf(r.chrf).c_str(), s2s::format_chrf(r.chrf_plus_plus, 1, plus_plus).c_str(),
+              s2s::format_bleu(r.bleu).c_str(), r.exact_match);
   return 0;
 }
 
