@@ -4,8 +4,10 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -94,10 +96,10 @@ std::string unsupported(const AttentionParams& p, bool backward, DType qdtype) {
   if (std::holds_alternative<LocationScore>(p.score))
     return "location scores have a parameter per key position and cannot be sharded";
   if (!p.head_scores.empty()) return "head_scores are not supported";
-  if (m.window) return "windows are not supported";
+  if ((m.window || !m.alibi_slopes.empty()) && m.alignment == Alignment::bottom_right)
+    return "windows and ALiBi are sharded over global positions with Alignment::top_left only";
   if (m.allowed.defined()) return "boolean 'allowed' masks are not supported";
   if (m.bias.defined()) return "additive biases are not supported";
-  if (!m.alibi_slopes.empty()) return "ALiBi is not supported";
   if (m.local.kind != LocalKind::none) return "Luong local attention is not supported";
   if (p.dropout.p > 0.0) return "dropout is not supported";
   if (p.return_weights) return "return_weights is not supported (the weights span all ranks)";
@@ -284,13 +286,73 @@ std::vector<int64_t> local_lengths(const std::vector<int64_t>& global, const Ran
   return out;
 }
 
+// A window side moved by `by` positions (unbounded stays unbounded).
+int64_t shifted(int64_t size, int64_t by) { return size == Window::unbounded ? size : size + by; }
+
+// Whether any key of `kr` lies in the window of any query of `qr` (global positions, top_left:
+// query i sees keys j with -left <= j - i <= right).
+bool window_reaches(const std::optional<Window>& w, const Range& qr, const Range& kr) {
+  if (!w) return true;
+  const int64_t lo = kr.global_start - (qr.global_start + qr.length - 1);  // smallest j - i
+  const int64_t hi = kr.global_start + kr.length - 1 - qr.global_start;    // largest j - i
+  return (w->left == Window::unbounded || hi >= -w->left) &&
+         (w->right == Window::unbounded || lo <= w->right);
+}
+
+// The window of global positions as a boolean mask of one pair, [1, 1, rows, kr.length]: rows
+// past qr.length (padding of the backward) are left visible; they are hidden by query_lengths.
+Tensor window_allowed(const Window& w, const Range& qr, const Range& kr, int64_t rows) {
+  Tensor allowed = Tensor::empty({1, 1, rows, kr.length}, DType::b8);
+  bool* a = allowed.data<bool>();
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < kr.length; ++j) {
+      const int64_t d = (kr.global_start + j) - (qr.global_start + i);
+      a[i * kr.length + j] = i >= qr.length || ((w.left == Window::unbounded || d >= -w.left) &&
+                                                (w.right == Window::unbounded || d <= w.right));
+    }
+  return allowed;
+}
+
+// ALiBi over global positions as the additive bias of one pair, [1, Hq, rows, kr.length]:
+// -slope[h] |i - j| with i, j global (float64 values rounded once to the bias dtype).
+Tensor alibi_bias(const std::vector<double>& slopes, const Range& qr, const Range& kr, int64_t rows,
+                  DType dtype) {
+  const int64_t H = static_cast<int64_t>(slopes.size());
+  std::vector<double> b(static_cast<std::size_t>(H * rows * kr.length));
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < kr.length; ++j)
+        b[(h * rows + i) * kr.length + j] =
+            -slopes[h] * static_cast<double>(std::llabs((kr.global_start + j) - (qr.global_start + i)));
+  return Tensor::from(b, {1, H, rows, kr.length}).to(dtype);
+}
+
+// The parameters of one (query run, key run) pair in the pair's local positions. `rows`: the
+// query rows the call gets (the backward pads short runs). Windows and ALiBi are over global
+// positions: a window becomes the native window shifted by the runs' offset when both sides stay
+// >= 0, else a boolean mask of the pair; ALiBi becomes an additive bias of the pair.
 AttentionParams pair_params(const AttentionParams& base, const Range& qr, const Range& kr,
-                            Visibility vis) {
+                            Visibility vis, int64_t rows, DType bias_dtype) {
   AttentionParams p = base;
   p.mask.causal = vis == Visibility::diagonal;
   p.mask.alignment = Alignment::top_left;
   p.mask.key_lengths = local_lengths(base.mask.key_lengths, kr);
   p.mask.query_lengths = local_lengths(base.mask.query_lengths, qr);
+  if (base.mask.window) {
+    const Window& w = *base.mask.window;
+    const int64_t delta = qr.global_start - kr.global_start;
+    const Window local{shifted(w.left, -delta), shifted(w.right, delta)};
+    if (local.left >= 0 && local.right >= 0) {
+      p.mask.window = local;
+    } else {
+      p.mask.window.reset();
+      p.mask.allowed = window_allowed(w, qr, kr, rows);
+    }
+  }
+  if (!base.mask.alibi_slopes.empty()) {
+    p.mask.alibi_slopes.clear();
+    p.mask.bias = alibi_bias(base.mask.alibi_slopes, qr, kr, rows, bias_dtype);
+  }
   return p;
 }
 
@@ -300,7 +362,8 @@ AttentionParams pair_params(const AttentionParams& base, const Range& qr, const 
 // slice of queries [a, b) becomes keys [start, a) fully visible and keys [a, b) on the diagonal.
 constexpr int64_t kSliceRows = 256;
 std::vector<std::pair<Range, Range>> step_pairs(const std::vector<Range>& q_runs,
-                                                const std::vector<Range>& k_runs, bool causal) {
+                                                const std::vector<Range>& k_runs, bool causal,
+                                                const std::optional<Window>& window) {
   std::vector<std::pair<Range, Range>> pairs;
   for (const Range& kr : k_runs) {
     for (const Range& qr : q_runs) {
@@ -309,12 +372,16 @@ std::vector<std::pair<Range, Range>> step_pairs(const std::vector<Range>& q_runs
       for (int64_t a = 0; a < qr.length; a += kSliceRows) {
         const int64_t b = std::min(qr.length, a + kSliceRows);
         const Range qs{qr.global_start + a, qr.local_start + a, b - a};
+        // Pairs wholly outside a window are skipped: a local window computes few blocks.
+        auto add = [&](const Range& ks) {
+          if (window_reaches(window, qs, ks)) pairs.push_back({qs, ks});
+        };
         if (vis == Visibility::full) {
-          pairs.push_back({qs, kr});
+          add(kr);
           continue;
         }
-        if (a > 0) pairs.push_back({qs, Range{kr.global_start, kr.local_start, a}});
-        pairs.push_back({qs, Range{kr.global_start + a, kr.local_start + a, b - a}});
+        if (a > 0) add(Range{kr.global_start, kr.local_start, a});
+        add(Range{kr.global_start + a, kr.local_start + a, b - a});
       }
     }
   }
@@ -537,12 +604,14 @@ AttentionOutput ring_attention(const Tensor& q, const Tensor& k, const Tensor& v
                                  kv.bytes(plan.tk[src]), s, op);
     const double t0 = MPI_Wtime();
     auto [kb, vb] = kv.view(cur, plan.tk[src]);
-    for (const auto& [qr, kr] : step_pairs(my_q, plan.k_ranges(src), params.mask.causal)) {
+    for (const auto& [qr, kr] :
+         step_pairs(my_q, plan.k_ranges(src), params.mask.causal, params.mask.window)) {
       const AttentionOutput part = attention(
           q.slice(2, qr.local_start, qr.local_start + qr.length),
           kb.slice(2, kr.local_start, kr.local_start + kr.length),
           vb.slice(2, kr.local_start, kr.local_start + kr.length),
-          pair_params(params, qr, kr, visibility(qr, kr, params.mask.causal)));
+          pair_params(params, qr, kr, visibility(qr, kr, params.mask.causal), qr.length,
+                      result_dtype(q.dtype())));
       acc.merge(part, qr.local_start, qr.length);
       progress(reqs);
     }
@@ -615,13 +684,14 @@ AttentionGrads ring_attention_backward(const Tensor& q, const Tensor& k, const T
     auto [kb, vb] = kv.view(cur, tk);
     std::vector<double> dk(static_cast<std::size_t>(B * Hkv * tk * Dk), 0.0);
     std::vector<double> dv(static_cast<std::size_t>(B * Hkv * tk * Dv), 0.0);
-    for (const auto& [qr, kr] : step_pairs(my_q, plan.k_ranges(src), params.mask.causal)) {
+    for (const auto& [qr, kr] :
+         step_pairs(my_q, plan.k_ranges(src), params.mask.causal, params.mask.window)) {
       {
         const Visibility vis = visibility(qr, kr, params.mask.causal);
         // Short query runs are padded with hidden rows up to the fused kernels' minimum: those
         // kernels recompute P = exp(s - lse) from the given (global) lse.
         const int64_t rows = std::max(qr.length, kMinFusedRows);
-        AttentionParams pp = pair_params(params, qr, kr, vis);
+        AttentionParams pp = pair_params(params, qr, kr, vis, rows, result_dtype(q.dtype()));
         if (rows > qr.length) {
           std::vector<int64_t> ql = pp.mask.query_lengths;
           if (ql.empty()) ql.assign(static_cast<std::size_t>(B), qr.length);

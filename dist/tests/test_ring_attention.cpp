@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -39,6 +40,8 @@ struct Case {
   DType dtype = DType::f32;
   bool backward = true;
   int64_t A = 0;  // hidden width of additive / concat scores
+  std::optional<attn::Window> window;  // over global positions
+  bool alibi = false;                  // ALiBi over global positions
 };
 
 double max_abs(const Tensor& t) {
@@ -87,6 +90,8 @@ void run_case(const Case& c) {
   params.mask.causal = c.causal;
   params.mask.key_lengths = c.key_lengths;
   params.mask.query_lengths = c.query_lengths;
+  params.mask.window = c.window;
+  if (c.alibi) params.mask.alibi_slopes = attn::alibi_slopes(c.Hq);
 
   // All-bf16 inputs: attn's AVX512_BF16 kernel rounds P to bf16 (relative 2^-9) against the
   // block's own running maximum, so the ring (other blocks) and the single call round differently:
@@ -177,6 +182,51 @@ TEST(RingAttention, LongShardsInSlices) {
   }
 }
 
+// Windows and ALiBi over global positions: pairs outside a window are skipped, shifted windows
+// stay native, the others become a boolean mask of the pair; ALiBi becomes a bias of the pair.
+TEST(RingAttention, WindowsAndAlibiOverGlobalPositions) {
+  using attn::Window;
+  for (Layout layout : {Layout::zigzag, Layout::contiguous}) {
+    for (bool causal : {false, true}) {
+      const std::string where = (layout == Layout::zigzag ? "-zigzag" : "-contig") +
+                                std::string(causal ? "-causal" : "");
+      Case c;
+      c.layout = layout;
+      c.causal = causal;
+      c.name = "window-5-3" + where;
+      c.window = Window{5, 3};
+      run_case(c);
+      c.name = "window-left-0" + where;  // only the diagonal (causal) or the keys ahead
+      c.window = Window{0, Window::unbounded};
+      run_case(c);
+      c.name = "window-right-2" + where;
+      c.window = Window{Window::unbounded, 2};
+      run_case(c);
+      c.name = "alibi" + where;
+      c.window.reset();
+      c.alibi = true;
+      run_case(c);
+      c.name = "alibi-window-padding" + where;
+      c.window = Window{9, 9};
+      c.key_lengths = {30, 5};
+      run_case(c);
+    }
+  }
+  // Shards longer than the query slices, a window shorter than a slice.
+  Case c;
+  c.name = "window-long";
+  c.layout = Layout::contiguous;
+  c.causal = true;
+  c.B = 1;
+  c.Hq = 2;
+  c.Hkv = 1;
+  c.D = c.Dv = 8;
+  c.Tq = c.Tk = 700;
+  c.window = Window{100, 0};
+  c.alibi = true;
+  run_case(c);
+}
+
 TEST(RingAttention, KeyAndQueryPadding) {
   for (bool causal : {false, true}) {
     Case c;
@@ -261,10 +311,15 @@ TEST(RingAttention, BadInputRaisesOnEveryRank) {
   location.score = attn::LocationScore{random_tensor({20, 8}, DType::f32, 4)};
   expect_error([&] { attn::dist::ring_attention(sq, sk, sv, location, MPI_COMM_WORLD); },
                {"ring_attention", "location"});
-  AttentionParams window;
+  AttentionParams window;  // global positions need top_left
   window.mask.window = attn::Window{4, 0};
+  window.mask.alignment = attn::Alignment::bottom_right;
   expect_error([&] { attn::dist::ring_attention(sq, sk, sv, window, MPI_COMM_WORLD); },
-               {"ring_attention", "windows"});
+               {"ring_attention", "windows and ALiBi", "top_left"});
+  AttentionParams bias;
+  bias.mask.bias = random_tensor({1, 2, 20, 20}, DType::f32, 6);
+  expect_error([&] { attn::dist::ring_attention(sq, sk, sv, bias, MPI_COMM_WORLD); },
+               {"ring_attention", "additive biases"});
   AttentionParams dropout;
   dropout.dropout.p = 0.1;
   expect_error([&] { attn::dist::ring_attention(sq, sk, sv, dropout, MPI_COMM_WORLD); },

@@ -30,13 +30,20 @@
 //   mask.causal                       self-attention positions: needs Tq == Tk on every rank;
 //                                     Alignment::top_left (bottom_right only without lengths,
 //                                     where the two agree)
+//   mask.window                       over global positions, Alignment::top_left: block pairs
+//                                     wholly outside the window are skipped; a pair whose
+//                                     shifted window stays >= 0 on both sides uses the native
+//                                     window, the others a boolean mask of the pair (rows x keys)
+//   mask.alibi_slopes                 -slope[h] |i - j| over global positions, top_left: an
+//                                     additive bias of each pair (Hq x rows x keys floats)
 // Scores: dot, scaled dot (scale 1/sqrt(Dk) of the local Dk, which is the global one), general,
 // additive, concat, cosine, trilinear — the scores whose only per-key input is the key itself.
 // Grouped-query attention (Hq a multiple of Hkv) as in attn::attention.
 //
 // Not sharded (attn::Error on every rank): location scores (a parameter per key position),
-// head_scores, windows, boolean `allowed` masks, additive biases, ALiBi, Luong local attention,
-// dropout, return_weights. The backward needs float32 (or bf16, whose gradients are float32):
+// head_scores, boolean `allowed` masks and additive biases given by the caller (global [Tq, Tk]
+// tensors, which no rank holds whole), windows and ALiBi with Alignment::bottom_right, Luong
+// local attention, dropout, return_weights. The backward needs float32 (or bf16, whose gradients are float32):
 // attn's float64 backward renormalises the softmax within each call, so a per-block float64
 // backward cannot take the global lse.
 //
