@@ -21,10 +21,6 @@ int64_t max_steps_for(const DecodeConfig& config, int64_t source_length) {
   return config.max_length > 0 ? config.max_length : 2 * source_length + 10;
 }
 
-double normalised(double log_prob, int64_t length, double alpha) {
-  return alpha == 0.0 ? log_prob : log_prob / std::pow(static_cast<double>(length), alpha);
-}
-
 // Rows `rows` of an encoded source (beam search keeps, reorders and repeats hypotheses).
 EncodedSource gather_source(const EncodedSource& src, const std::vector<int64_t>& rows) {
   EncodedSource out;
@@ -138,7 +134,7 @@ std::vector<Translation> greedy_search(DecodingSession& session,
     if (all_done) break;
   }
   for (Translation& tr : out)
-    tr.score = normalised(tr.log_prob, static_cast<int64_t>(tr.tokens.size()) + (tr.finished ? 1 : 0),
+    tr.score = length_normalised_score(tr.log_prob, static_cast<int64_t>(tr.tokens.size()) + (tr.finished ? 1 : 0),
                           config.length_penalty);
   return out;
 }
@@ -205,7 +201,7 @@ std::vector<Translation> beam_search(DecodingSession& session,
         if (weights_wanted) h.alignment.push_back(weight_row(weights, first_row + cand.beam, S));
         if (cand.token == Vocab::eos_id) {
           h.finished = true;
-          h.score = normalised(h.log_prob, static_cast<int64_t>(h.tokens.size()) + 1, config.length_penalty);
+          h.score = length_normalised_score(h.log_prob, static_cast<int64_t>(h.tokens.size()) + 1, config.length_penalty);
           s.finished.push_back(std::move(h));
           if (static_cast<int64_t>(s.finished.size()) >= K) break;
         } else {
@@ -235,7 +231,7 @@ std::vector<Translation> beam_search(DecodingSession& session,
     std::vector<Translation>& finished = s.finished;
     if (finished.empty()) {
       for (Translation& h : s.live) {
-        h.score = normalised(h.log_prob, static_cast<int64_t>(h.tokens.size()), config.length_penalty);
+        h.score = length_normalised_score(h.log_prob, static_cast<int64_t>(h.tokens.size()), config.length_penalty);
         finished.push_back(std::move(h));
       }
     }
@@ -258,6 +254,10 @@ void check_beam(const DecodeConfig& config) {
 }
 
 }  // namespace
+
+double length_normalised_score(double log_prob, int64_t length, double alpha) {
+  return alpha == 0.0 ? log_prob : log_prob / std::pow(static_cast<double>(length), alpha);
+}
 
 std::vector<Translation> greedy_decode(const Seq2Seq& model,
                                        const std::vector<std::vector<int32_t>>& sources,

@@ -48,6 +48,10 @@ struct Translation {
   std::vector<Translation> nbest;
 };
 
+// A hypothesis's rank: log_prob / length^alpha (length counts <eos> when it finished);
+// alpha = 0 is the log-probability itself.
+double length_normalised_score(double log_prob, int64_t length, double alpha);
+
 // Sources are id sequences without <eos> (make_source_batch appends it).
 std::vector<Translation> greedy_decode(const Seq2Seq& model,
                                        const std::vector<std::vector<int32_t>>& sources,

@@ -558,6 +558,32 @@ TEST_F(Cli, PatienceStopsEarly) {
   EXPECT_TRUE(fs::exists(model / "best.safetensors"));
 }
 
+// One beam search answers for every length penalty: each alpha of the grid scores exactly what a
+// search run at that alpha returns.
+TEST_F(CliGuards, LengthPenaltyGridEqualsSearchesAtEachPenalty) {
+  write_small_corpus();
+  const fs::path model = dir_ / "grid";
+  ASSERT_EQ(train_tiny(model, "--threads 1").status, 0);
+  const std::string eval_any_beam =
+      "eval --model " + model.string() + " --test " + (dir_ / "test.tsv").string() + " --threads 1";
+  const std::string eval = eval_any_beam + " --beam 3";
+  const Process grid = run_attn(eval + " --length-penalties 0,0.5,2");
+  ASSERT_EQ(grid.status, 0) << grid.output;
+  for (const char* alpha : {"0", "0.5", "2"}) {
+    const Process one = run_attn(eval + " --length-penalty " + alpha);
+    ASSERT_EQ(one.status, 0) << one.output;
+    const std::size_t bleu = one.output.find("BLEU|");
+    ASSERT_NE(bleu, std::string::npos) << one.output;
+    const std::string line = one.output.substr(bleu, one.output.find('\n', bleu) - bleu);
+    EXPECT_NE(grid.output.find(std::string("length penalty ") + alpha + ": " + line), std::string::npos)
+        << "alpha " << alpha << ": " << line << "\nnot in:\n" << grid.output;
+  }
+  EXPECT_NE(grid.output.find("best length penalty on"), std::string::npos) << grid.output;
+  const Process greedy = run_attn(eval_any_beam + " --beam 1 --length-penalties 1");
+  EXPECT_EQ(greedy.status, 2);
+  EXPECT_NE(greedy.output.find("--length-penalties tunes beam search"), std::string::npos) << greedy.output;
+}
+
 TEST_F(CliGuards, KeptCheckpointsAverageIntoOneThatTranslates) {
   write_small_corpus();
   const fs::path model = dir_ / "averaged";

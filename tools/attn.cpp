@@ -32,6 +32,7 @@
 #include "seq2seq/batch_log.h"
 #include "seq2seq/corpus.h"
 #include "seq2seq/heatmap.h"
+#include "seq2seq/length_penalty.h"
 #include "seq2seq/pairs_file.h"
 #include "seq2seq/safetensors.h"
 #include "seq2seq/train.h"
@@ -543,6 +544,17 @@ int run_eval(const EvalArgs& a) {
   s2s::DecodeConfig config;
   config.beam = a.beam;
   config.length_penalty = a.length_penalty;
+  if (!a.length_penalties.empty()) {
+    const auto scores = s2s::score_length_penalties(translator, pairs, config, a.length_penalties);
+    for (const s2s::LengthPenaltyScore& s : scores)
+      std::printf("length penalty %g: %s\n  %s\n", s.length_penalty,
+                  s2s::format_sacre_bleu(s.bleu).c_str(), s2s::format_chrf(s.chrf).c_str());
+    const s2s::LengthPenaltyScore& best = s2s::best_length_penalty(scores);
+    std::printf("best length penalty on %s (beam %lld, %zu sentences): %g (BLEU %.2f)\n",
+                name.c_str(), static_cast<long long>(a.beam), pairs.size(), best.length_penalty,
+                best.bleu.bleu);
+    return 0;
+  }
   std::optional<OutputStream> output;
   if (!a.output.empty()) output.emplace(a.output, "--output");  // fails before decoding
   const s2s::EvalResult r = s2s::evaluate(translator, pairs, config);

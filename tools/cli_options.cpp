@@ -225,6 +225,10 @@ void check_eval(const EvalOptions& a) {
       a.split != "test_long" && a.split != "long")
     throw UsageError("--corpus-split must be train, valid, test or test_long, got " + a.split);
   if (a.beam < 1) throw UsageError("--beam must be >= 1, got " + std::to_string(a.beam));
+  if (!a.length_penalties.empty() && a.beam < 2)
+    throw UsageError("--length-penalties tunes beam search: give --beam 2 or more");
+  if (!a.length_penalties.empty() && !a.output.empty())
+    throw UsageError("give at most one of --length-penalties and --output");
 }
 
 void check_average(const AverageOptions& a) {
@@ -298,6 +302,11 @@ ParsedCommandLine parse_command_line(const std::vector<std::string>& args) {
   eval->add_option("--limit", ev.limit, "Evaluate only the first N pairs")->check(kNonNegative);
   eval->add_option("--threads", ev.threads, kThreadsHelp)->check(kPositive);
   eval->add_option("--output,-o", ev.output, "Write the translations to this file, one per pair");
+  eval->add_option("--length-penalties", ev.length_penalties,
+                   "Tune beam search's length penalty: score each of these (comma-separated; "
+                   "needs --beam >= 2) from one search, and print the best (give it to "
+                   "translate --length-penalty)")
+      ->delimiter(',')->check(kFinite);
 
   AverageOptions& av = out.average;
   CLI::App* average = app.add_subcommand(

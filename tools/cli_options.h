@@ -89,6 +89,8 @@ struct EvalOptions {
   CorpusOptions corpus_options;
   int64_t threads = 0;
   std::string output;  // write the translations (detokenised), one line per pair
+  // Score each of these length penalties (beam >= 2) from one search instead of one decode.
+  std::vector<double> length_penalties;
 };
 
 // `attn average`: the mean weights of several checkpoints of one model, written to output.
