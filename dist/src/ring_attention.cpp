@@ -435,20 +435,40 @@ struct Accumulator {
 };
 
 // dst[rows row0.., all heads] += src (a [B, H, rows, D] tensor), float64 accumulator.
-void add_rows(std::vector<double>& dst, int64_t rows_per_head, const Tensor& src, int64_t row0) {
-  const Tensor s = src.to(DType::f64).contiguous();
-  const double* p = s.data<double>();
+template <class T>
+void add_rows_of(std::vector<double>& dst, int64_t rows_per_head, const Tensor& s, int64_t row0) {
+  const T* p = s.data<T>();
   const int64_t BH = s.size(0) * s.size(1), rows = s.size(2), D = s.size(3);
   for (int64_t bh = 0; bh < BH; ++bh)
     for (int64_t i = 0; i < rows; ++i) {
       double* d = dst.data() + (bh * rows_per_head + row0 + i) * D;
-      const double* x = p + (bh * rows + i) * D;
-      for (int64_t c = 0; c < D; ++c) d[c] += x[c];
+      const T* x = p + (bh * rows + i) * D;
+      for (int64_t c = 0; c < D; ++c) d[c] += static_cast<double>(x[c]);
     }
 }
 
+// Adds src [B, H, rows, D] to rows [row0, row0 + rows) of dst (float64, rows_per_head rows per
+// head). Float32 is read in place: converting each block's gradient to a float64 tensor first
+// (Tensor::to, element by element) cost more than the block's fused backward (perf, BENCHMARKS.md).
+void add_rows(std::vector<double>& dst, int64_t rows_per_head, const Tensor& src, int64_t row0) {
+  if (src.dtype() == DType::f32) return add_rows_of<float>(dst, rows_per_head, src.contiguous(), row0);
+  add_rows_of<double>(dst, rows_per_head, src.to(DType::f64).contiguous(), row0);
+}
+
+// A tensor of `dtype` from float64 values, written directly (Tensor::from + to() converted element
+// by element through a float64 copy: a sixth of the ring's time in perf).
 Tensor from_doubles(const std::vector<double>& values, const Shape& shape, DType dtype) {
-  return Tensor::from(values, shape).to(dtype);
+  if (dtype != DType::f32 && dtype != DType::f64) return Tensor::from(values, shape).to(dtype);
+  Tensor t = Tensor::empty(shape, dtype);
+  ATTN_CHECK(t.numel() == static_cast<int64_t>(values.size()), "ring_attention", "internal: ",
+             values.size(), " values for ", t.shape_str());
+  if (dtype == DType::f64) {
+    std::copy(values.begin(), values.end(), t.data<double>());
+  } else {
+    float* p = t.data<float>();
+    for (std::size_t i = 0; i < values.size(); ++i) p[i] = static_cast<float>(values[i]);
+  }
+  return t;
 }
 
 // Rows [start, start + len) of x along dim 2, at least `min_rows` rows: padded with zeros past len.
