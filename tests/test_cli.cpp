@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <map>
 #include <fstream>
 #include <string>
 #include <vector>
@@ -190,6 +191,56 @@ TEST_F(Cli, TrainTranslateEvalRoundTrip) {
   const Process resumed = run_attn("train --train " + train.string() + " --out " + model.string() + " --resume");
   EXPECT_EQ(resumed.status, 0) << resumed.output;
   EXPECT_NE(resumed.output.find("resuming"), std::string::npos);
+}
+
+// The pointer-sentinel mixture from the command line, with the attention statistics of
+// translate --stats (text and JSON) and eval --weight-histogram (CSV and SVG).
+TEST_F(Cli, CopySentinelStatsAndWeightHistogram) {
+  const s2s::Corpus corpus = write_small_corpus();
+  const fs::path train = dir_ / "train.tsv", test = dir_ / "test.tsv", model = dir_ / "model";
+  const Process bad = run_attn("train --train " + train.string() + " --out " + model.string() + " --copy nonsense");
+  EXPECT_EQ(bad.status, 2) << bad.output;
+  EXPECT_NE(bad.output.find("--copy must be generator or sentinel"), std::string::npos) << bad.output;
+  const Process t = run_attn("train --train " + train.string() + " --out " + model.string() +
+                             " --emb 8 --hidden 16 --epochs 1 --batch 32 --eval-sentences 5 --copy sentinel");
+  ASSERT_EQ(t.status, 0) << t.output;
+  EXPECT_NE(t.output.find("copy (sentinel)"), std::string::npos) << t.output;
+
+  const Process text = run_attn("translate --model " + model.string() + " --stats --no-alignment \"" +
+                                corpus.test[0].source + "\"");
+  ASSERT_EQ(text.status, 0) << text.output;
+  EXPECT_NE(text.output.find("attention (largest weight / entropy nats):"), std::string::npos) << text.output;
+  EXPECT_NE(text.output.find("| mean "), std::string::npos) << text.output;
+  const Process json = run_attn("translate --model " + model.string() + " --stats --json \"" +
+                                corpus.test[0].source + "\"");
+  ASSERT_EQ(json.status, 0) << json.output;
+  EXPECT_NE(json.output.find("\"stats\":{\"words\":"), std::string::npos) << json.output;
+  EXPECT_NE(json.output.find("\"largest_weight\":["), std::string::npos) << json.output;
+  EXPECT_NE(json.output.find("\"entropy\":["), std::string::npos) << json.output;
+
+  const fs::path prefix = dir_ / "weights";
+  const Process e = run_attn("eval --model " + model.string() + " --test " + test.string() +
+                             " --weight-histogram " + prefix.string());
+  ASSERT_EQ(e.status, 0) << e.output;
+  std::ifstream csv(prefix.string() + ".csv");
+  std::string line;
+  ASSERT_TRUE(std::getline(csv, line));
+  EXPECT_EQ(line, "statistic,bin_start,bin_end,count");
+  // Both histograms count every target word once: their totals agree.
+  std::map<std::string, int64_t> totals;
+  int rows = 0;
+  while (std::getline(csv, line)) {
+    ++rows;
+    totals[line.substr(0, line.find(','))] += std::stoll(line.substr(line.rfind(',') + 1));
+  }
+  EXPECT_EQ(rows, 40);
+  EXPECT_GT(totals["largest_weight"], 0);
+  EXPECT_EQ(totals["largest_weight"], totals["entropy_nats"]);
+  std::ifstream svg_in(prefix.string() + ".svg");
+  const std::string svg((std::istreambuf_iterator<char>(svg_in)), std::istreambuf_iterator<char>());
+  EXPECT_EQ(svg.rfind("<?xml", 0), 0u);
+  EXPECT_EQ(count_lines(svg) > 0 && svg.find("data-kind=\"bar\"") != std::string::npos, true);
+  EXPECT_NE(svg.find("entropy (bin start, nats)"), std::string::npos);
 }
 
 // A stacked recurrent decoder with dropout and a vocabulary cut-off trains, reports its shape,

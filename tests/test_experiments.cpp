@@ -177,6 +177,29 @@ TEST(ExperimentReport, WritesHtmlCsvAndJson) {
   fs::remove_all(dir);
 }
 
+// The per-word statistics behind translate --stats and eval --weight-histogram, and the charts.
+TEST(ExperimentStatistics, WeightRowStatsAndHistogramChart) {
+  const ex::WeightRowStats s = ex::weight_row_stats({{0.25, 0.25, 0.25, 0.25}, {0.0, 1.0, 0.0}});
+  ASSERT_EQ(s.largest.size(), 2u);
+  EXPECT_DOUBLE_EQ(s.largest[0], 0.25);
+  EXPECT_NEAR(s.entropy[0], std::log(4.0), 1e-12);
+  EXPECT_DOUBLE_EQ(s.largest[1], 1.0);
+  EXPECT_DOUBLE_EQ(s.entropy[1], 0.0);
+  const ex::Histogram h = ex::histogram({0.05, 0.15, 0.15, 0.95}, 0.0, 1.0, 10);
+  const ex::BarChart c = ex::histogram_chart(h, "t", "largest weight", "target words");
+  ASSERT_EQ(c.categories.size(), 10u);
+  EXPECT_EQ(c.categories[1], "0.1");
+  EXPECT_EQ(c.y_label, "share of target words");
+  double share = 0.0;
+  for (double v : c.values) share += v;
+  EXPECT_NEAR(share, 1.0, 1e-12);
+  EXPECT_DOUBLE_EQ(c.values[1], 0.5);
+  const std::string doc = ex::svg_document({ex::render(c), ex::render(c)}, c.width, c.height);
+  EXPECT_EQ(doc.rfind("<?xml", 0), 0u);
+  EXPECT_EQ(count(doc, "<svg class=\"chart\""), 2u);
+  EXPECT_NE(doc.find("translate(330,0)"), std::string::npos);
+}
+
 // Experiment 7's data: every name and number replaced alike in source and target, each invented
 // word in one sentence only, training and held-out pools disjoint; and the copy score.
 TEST(ExperimentCopying, RareWordsReplaceNamesAndNumbersOnceInDisjointPools) {

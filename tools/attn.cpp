@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cmath>
 #include <chrono>
 #include <cstdio>
 #include <ctime>
@@ -41,6 +42,8 @@
 
 #include <nlohmann/json.hpp>
 #include "experiments/experiments.h"
+#include "experiments/statistics.h"
+#include "experiments/svg_chart.h"
 
 namespace s2s = attn::seq2seq;
 
@@ -406,6 +409,36 @@ nlohmann::ordered_json translation_json(const s2s::Translator& translator, const
   return j;
 }
 
+// The attention statistics of a translation's alignment rows (one per target word, <eos> too
+// when finished): the largest weight and the entropy in nats.
+struct WordStats {
+  s2s::Tokens words;
+  attn::experiments::WeightRowStats rows;
+};
+WordStats word_stats(const s2s::Translator& translator, const s2s::Translation& t) {
+  WordStats w;
+  w.words = translator.target_tokens(t);
+  if (t.finished) w.words.push_back("<eos>");
+  w.words.resize(t.alignment.size(), "?");
+  w.rows = attn::experiments::weight_row_stats(t.alignment);
+  return w;
+}
+
+// "  attention (largest weight / entropy nats): le 0.91/0.31  chat 0.88/0.40 ... | mean 0.9/0.35"
+std::string word_stats_text(const WordStats& w) {
+  std::string line = "  attention (largest weight / entropy nats):";
+  char buf[64];
+  double mean_largest = 0.0, mean_entropy = 0.0;
+  for (std::size_t k = 0; k < w.words.size(); ++k) {
+    std::snprintf(buf, sizeof buf, " %.2f/%.2f", w.rows.largest[k], w.rows.entropy[k]);
+    line += " " + w.words[k] + buf;
+    mean_largest += w.rows.largest[k], mean_entropy += w.rows.entropy[k];
+  }
+  const double n = static_cast<double>(std::max<std::size_t>(1, w.words.size()));
+  std::snprintf(buf, sizeof buf, " | mean %.2f/%.2f", mean_largest / n, mean_entropy / n);
+  return line + buf + "\n";
+}
+
 // One output line per input line, always: a blank input line gives a blank output line (and no
 // heatmap), so outputs can be pasted next to their inputs. Every line is checked against the
 // model's longest input before anything is decoded, so decoding time stays bounded. With
@@ -442,7 +475,9 @@ int run_translate(TranslateArgs a) {
   config.nbest = a.nbest;
   config.length_penalty = a.length_penalty;
   const bool terminal = !a.json && a.nbest == 1 && a.input.empty() && (a.output.empty() || a.output == "-");
-  config.alignment = a.json || !a.heatmap.empty() || (terminal && !a.no_alignment);
+  if (a.stats && a.nbest > 1 && !a.json)
+    throw UsageError("--stats with --nbest needs --json (the n-best lines keep Moses's format)");
+  config.alignment = a.json || a.stats || !a.heatmap.empty() || (terminal && !a.no_alignment);
   OutputStream output(a.output, "--output");  // opened first: a bad path fails before decoding
   std::vector<s2s::Tokens> sources;
   const auto start = std::chrono::steady_clock::now();
@@ -464,6 +499,10 @@ int run_translate(TranslateArgs a) {
         j.update(translation_json(translator, t));
         j["source_tokens"] = sources[next];
         j["alignment"] = t.alignment;
+        if (a.stats) {
+          const WordStats w = word_stats(translator, t);
+          j["stats"] = {{"words", w.words}, {"largest_weight", w.rows.largest}, {"entropy", w.rows.entropy}};
+        }
         if (a.nbest > 1) {
           j["nbest"] = nlohmann::ordered_json::array();
           for (const s2s::Translation& alt : t.nbest) j["nbest"].push_back(translation_json(translator, alt));
@@ -492,6 +531,7 @@ int run_translate(TranslateArgs a) {
     }
     const std::size_t i = next++;
     os << translator.target_text(out[i]) << "\n";
+    if (a.stats) os << word_stats_text(word_stats(translator, out[i]));
     if (out[i].alignment.empty()) continue;
     s2s::Tokens src = sources[i], tgt = translator.target_tokens(out[i]);
     src.push_back("<eos>");
@@ -514,6 +554,47 @@ int run_translate(TranslateArgs a) {
 
 using EvalArgs = attn::cli::EvalOptions;
 using attn::cli::AverageOptions;
+
+// `attn eval --weight-histogram PREFIX`: the largest attention weight and the entropy of every
+// target word's weights over the test set (the sources decoded again, keeping the weights), as
+// PREFIX.csv (statistic, bin_start, bin_end, count) and PREFIX.svg (two bar charts).
+void write_weight_histograms(const s2s::Translator& translator, const std::vector<s2s::SentencePair>& pairs,
+                             s2s::DecodeConfig config, const std::string& prefix, OutputStream& csv) {
+  namespace ex = attn::experiments;
+  config.alignment = true;
+  std::vector<std::string> sources;
+  for (const s2s::SentencePair& p : pairs) sources.push_back(p.source);
+  std::vector<double> largest, entropy;
+  if (!sources.empty())
+    for (const s2s::Translation& t : translator.translate_all(sources, config)) {
+      const ex::WeightRowStats rows = ex::weight_row_stats(t.alignment);
+      largest.insert(largest.end(), rows.largest.begin(), rows.largest.end());
+      entropy.insert(entropy.end(), rows.entropy.begin(), rows.entropy.end());
+    }
+  if (largest.empty()) throw std::runtime_error("--weight-histogram: the translations have no attention weights");
+  double entropy_max = 0.0;
+  for (const double e : entropy) entropy_max = std::max(entropy_max, e);
+  const ex::Histogram h_largest = ex::histogram(largest, 0.0, 1.0, 20);
+  const ex::Histogram h_entropy = ex::histogram(entropy, 0.0, std::max(0.5, std::ceil(2.0 * entropy_max) / 2.0), 20);
+  std::ostream& os = *csv.stream;
+  os << "statistic,bin_start,bin_end,count\n";
+  for (const auto& [name, h] : {std::pair{"largest_weight", &h_largest}, std::pair{"entropy_nats", &h_entropy}})
+    for (std::size_t b = 0; b < h->counts.size(); ++b)
+      os << name << "," << h->lo + h->bin_width() * static_cast<double>(b) << ","
+         << h->lo + h->bin_width() * static_cast<double>(b + 1) << "," << h->counts[b] << "\n";
+  csv.close(prefix + ".csv", "--weight-histogram");
+  const std::string words = std::to_string(largest.size()) + " target words";
+  const std::string svg = ex::svg_document(
+      {ex::render(ex::histogram_chart(h_largest, "Largest attention weight (" + words + ")",
+                                      "largest weight (bin start, 0-1)", "target words")),
+       ex::render(ex::histogram_chart(h_entropy, "Entropy of the attention weights (" + words + ")",
+                                      "entropy (bin start, nats)", "target words"))},
+      330, 230);
+  OutputStream svg_file(prefix + ".svg", "--weight-histogram");
+  *svg_file.stream << svg;
+  svg_file.close(prefix + ".svg", "--weight-histogram");
+  std::cerr << "wrote " << prefix << ".csv and " << prefix << ".svg (" << words << ")\n";
+}
 
 int run_eval(const EvalArgs& a) {
   apply_threads(a.threads);
@@ -557,11 +638,14 @@ int run_eval(const EvalArgs& a) {
   }
   std::optional<OutputStream> output;
   if (!a.output.empty()) output.emplace(a.output, "--output");  // fails before decoding
+  std::optional<OutputStream> histogram_csv;
+  if (!a.weight_histogram.empty()) histogram_csv.emplace(a.weight_histogram + ".csv", "--weight-histogram");
   const s2s::EvalResult r = s2s::evaluate(translator, pairs, config);
   if (output) {
     for (const std::string& text : r.hypothesis_texts) *output->stream << text << "\n";
     output->close(a.output, "--output");
   }
+  if (histogram_csv) write_weight_histograms(translator, pairs, config, a.weight_histogram, *histogram_csv);
   // sacreBLEU and chrF over the detokenised output against the references as written; then
   // the token BLEU of the training tokenisation (lowercased words for word-level models).
   s2s::ChrfOptions plus_plus;

@@ -281,6 +281,9 @@ ParsedCommandLine parse_command_line(const std::vector<std::string>& args) {
                         "Print the K best translations with their scores (beam search with a beam "
                         "of at least K): 'LINE ||| translation ||| score' lines, or in --json")
       ->capture_default_str();
+  translate->add_flag("--stats", tr.stats,
+                      "Per sentence: the largest attention weight and the entropy (nats) of the "
+                      "weights for each target word (also in --json)");
   translate->add_flag("--json", tr.json,
                       "One JSON object per input line: translation, tokens, score, log_prob, "
                       "alignment (and nbest)");
@@ -307,6 +310,9 @@ ParsedCommandLine parse_command_line(const std::vector<std::string>& args) {
                    "needs --beam >= 2) from one search, and print the best (give it to "
                    "translate --length-penalty)")
       ->delimiter(',')->check(kFinite);
+  eval->add_option("--weight-histogram", ev.weight_histogram,
+                   "Write histograms of the largest attention weight and the entropy per target "
+                   "word over the test set to PREFIX.csv and PREFIX.svg");
 
   AverageOptions& av = out.average;
   CLI::App* average = app.add_subcommand(

@@ -79,6 +79,7 @@ struct TranslateOptions {
   std::string input, output;  // files instead of arguments/stdin and stdout ("-": standard)
   int64_t nbest = 1;          // > 1: the K best translations with their scores (beam >= K)
   bool json = false;          // one JSON object per input line: tokens, scores, alignment
+  bool stats = false;         // per sentence: largest attention weight and entropy per word
 };
 
 // `attn eval`. Exactly one of test_file and split (a known split name); beam >= 1.
@@ -89,6 +90,8 @@ struct EvalOptions {
   CorpusOptions corpus_options;
   int64_t threads = 0;
   std::string output;  // write the translations (detokenised), one line per pair
+  // Histograms of the largest attention weight and entropy per target word: PREFIX.csv, .svg.
+  std::string weight_histogram;
   // Score each of these length penalties (beam >= 2) from one search instead of one decode.
   std::vector<double> length_penalties;
 };

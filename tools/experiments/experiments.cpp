@@ -422,7 +422,7 @@ Report run(const Options& options, const std::function<void(const std::string&)>
   // Expected seconds per experiment on 2 cores (for the ETA before anything was measured).
   const std::map<std::string, std::pair<double, double>> expected = {
       {"cost", {12, 300}}, {"scale", {1, 300}}, {"length", {10, 120}},
-      {"luong", {70, 1000}}, {"heads", {30, 1200}}, {"alignments", {4, 30}}, {"copying", {25, 240}}};
+      {"luong", {70, 1000}}, {"heads", {60, 700}}, {"alignments", {4, 30}}, {"copying", {25, 240}}};
   std::vector<std::pair<std::string, double>> plan;
   for (const auto& name : experiment_names())
     if (options.only.empty() || std::find(options.only.begin(), options.only.end(), name) != options.only.end())
@@ -443,7 +443,7 @@ Report run(const Options& options, const std::function<void(const std::string&)>
                             "shared or busy machine: compare numbers from the same run only.");
   if (options.quick)
     report.preamble.push_back("Quick mode: small sizes, tiny translators trained for a few hundred "
-                              "steps and one seed. Its numbers are indicative only; run without "
+                              "steps and one seed (two for the heads). Its numbers are indicative only; run without "
                               "--quick for the full measurements.");
   const auto selected = [&](const std::string& n) {
     for (const auto& p : plan) if (p.first == n) return true;

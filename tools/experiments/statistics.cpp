@@ -28,6 +28,15 @@ RowStats row_stats(const std::vector<double>& p) {
   return row_stats(p.data(), static_cast<int64_t>(p.size()));
 }
 
+WeightRowStats weight_row_stats(const std::vector<std::vector<double>>& rows) {
+  WeightRowStats out;
+  for (const auto& row : rows) {
+    const RowStats s = row_stats(row);
+    out.largest.push_back(s.largest), out.entropy.push_back(s.entropy);
+  }
+  return out;
+}
+
 std::vector<double> softmax(const std::vector<double>& scores) {
   std::vector<double> p(scores.size());
   if (scores.empty()) return p;

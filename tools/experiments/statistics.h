@@ -20,6 +20,13 @@ struct RowStats {
 RowStats row_stats(const double* p, int64_t n);
 RowStats row_stats(const std::vector<double>& p);
 
+// row_stats of every row (a target word's attention weights over the source), as two lists.
+struct WeightRowStats {
+  std::vector<double> largest;
+  std::vector<double> entropy;
+};
+WeightRowStats weight_row_stats(const std::vector<std::vector<double>>& rows);
+
 // softmax of `scores` (row maximum subtracted), in double.
 std::vector<double> softmax(const std::vector<double>& scores);
 

@@ -7,8 +7,35 @@
 #include <sstream>
 
 #include "attn/error.h"
+#include "tools/experiments/conclusions.h"
+#include "tools/experiments/statistics.h"
 
 namespace attn::experiments {
+
+std::string svg_document(const std::vector<std::string>& charts, int width, int height) {
+  std::ostringstream o;
+  o << "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<svg xmlns=\"http://www.w3.org/2000/svg\" width=\""
+    << width * static_cast<int>(charts.size()) << "\" height=\"" << height << "\">\n";
+  for (size_t i = 0; i < charts.size(); ++i)
+    o << "<g transform=\"translate(" << width * static_cast<int>(i) << ",0)\">" << charts[i] << "</g>\n";
+  o << "</svg>\n";
+  return o.str();
+}
+
+BarChart histogram_chart(const Histogram& histogram, const std::string& title, const std::string& x_label,
+                         const std::string& y_what) {
+  BarChart c;
+  c.title = title;
+  c.x_label = x_label;
+  c.y_label = "share of " + y_what;
+  c.width = 330, c.height = 230;
+  const double total = static_cast<double>(std::max<int64_t>(1, histogram.total()));
+  for (size_t b = 0; b < histogram.counts.size(); ++b) {
+    c.categories.push_back(num(histogram.lo + histogram.bin_width() * static_cast<double>(b), 2));
+    c.values.push_back(static_cast<double>(histogram.counts[b]) / total);
+  }
+  return c;
+}
 namespace {
 
 // Distinguishable on white, colour-blind friendly first (Okabe-Ito), then extras.

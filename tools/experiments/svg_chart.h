@@ -47,6 +47,15 @@ struct Heatmap {
   std::string scale_label = "attention weight";
 };
 
+struct Histogram;  // statistics.h
+// A histogram as a bar chart of the share of values per bin (categories: bin starts, 2 digits;
+// y: "share of <y_what>"), small enough to show several side by side.
+BarChart histogram_chart(const Histogram& histogram, const std::string& title, const std::string& x_label,
+                         const std::string& y_what);
+
+// Charts (render's output, each `width` x `height`) side by side as one standalone SVG document.
+std::string svg_document(const std::vector<std::string>& charts, int width, int height);
+
 // Throws attn::Error for a chart without data or with mismatched sizes.
 std::string render(const LineChart& chart);
 std::string render(const BarChart& chart);

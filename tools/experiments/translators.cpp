@@ -250,43 +250,84 @@ const s2s::SentencePair& example_sentence(const s2s::Corpus& corpus) {
 
 }  // namespace
 
+namespace {
+
+// The histogram of an attention statistic (largest weight in [0, 1], entropy in [0, 3] nats).
+std::string weight_histogram(const std::vector<double>& values, double hi, const std::string& title,
+                             const std::string& what, const std::string& unit) {
+  return render(histogram_chart(histogram(values, 0.0, hi, 10), title, what + " " + unit, "target words"));
+}
+
+}  // namespace
+
 void heads_experiment(Context& ctx, Report& report) {
   ctx.begin("heads");
   const s2s::Corpus& corpus = ctx.corpus();
   const std::vector<int64_t> heads = {1, 2, 4, 8};
-  Table table{"heads", {"heads", "head_dim", "test_bleu", "train_seconds", "parameters"}, {}};
+  // Two seeds even in quick mode: the differences between head counts are small, and only a
+  // measured spread says whether one is real.
+  const std::vector<uint64_t> seeds = {1, 2};
+  Table table{"heads", {"heads", "head_dim", "seed", "test_bleu", "train_seconds", "parameters"}, {}};
   BarChart bleu_chart{"Transformer: held-out BLEU against heads", "heads (same d_model)", "test BLEU (0-100)", {}, {}, {}};
   BarChart time_chart{"Transformer: training time against heads", "heads (same d_model)", "training time (s)", {}, {}, {}};
-  std::vector<double> bleu, time;
+  std::vector<Summary> bleu, time;
   const Context::Trained* last = nullptr;
-  for (size_t i = 0; i < heads.size(); ++i) {
-    const s2s::TrainConfig c = base_transformer_config(ctx, heads[i]);
-    const auto& t = ctx.train("transformer " + std::to_string(heads[i]) + " heads", c,
-                              static_cast<double>(i) / 4.2, (static_cast<double>(i) + 0.9) / 4.2);
-    ctx.progress((static_cast<double>(i) + 0.9) / 4.2, "evaluating " + std::to_string(heads[i]) + " heads");
-    const s2s::EvalResult r = s2s::evaluate(t.translator, corpus.test);
-    bleu.push_back(r.bleu.bleu), time.push_back(t.train_seconds);
-    table.add({std::to_string(heads[i]), std::to_string(c.model.hidden / heads[i]), num(r.bleu.bleu, 5),
-               num(t.train_seconds, 4), std::to_string(t.parameters)});
-    bleu_chart.categories.push_back(std::to_string(heads[i])), bleu_chart.values.push_back(r.bleu.bleu);
-    time_chart.categories.push_back(std::to_string(heads[i])), time_chart.values.push_back(t.train_seconds);
-    last = &t;
+  const double runs = static_cast<double>(heads.size() * seeds.size()) + 0.4;  // + heatmaps and histograms
+  double run_index = 0;
+  for (const int64_t h : heads) {
+    std::vector<double> b, t;
+    for (const uint64_t seed : seeds) {
+      s2s::TrainConfig c = base_transformer_config(ctx, h);
+      c.seed = seed;
+      const std::string key = "transformer " + std::to_string(h) + " heads" + (seed == 1 ? "" : " seed " + std::to_string(seed));
+      const auto& tr = ctx.train(key, c, run_index / runs, (run_index + 0.9) / runs);
+      ctx.progress((run_index + 0.9) / runs, "evaluating " + key);
+      const s2s::EvalResult r = s2s::evaluate(tr.translator, corpus.test);
+      b.push_back(r.bleu.bleu), t.push_back(tr.train_seconds);
+      table.add({std::to_string(h), std::to_string(c.model.hidden / h), std::to_string(seed), num(r.bleu.bleu, 5),
+                 num(tr.train_seconds, 4), std::to_string(tr.parameters)});
+      if (seed == seeds.front()) last = &tr;
+      ++run_index;
+    }
+    bleu.push_back(summarize(b)), time.push_back(summarize(t));
+    bleu_chart.categories.push_back(std::to_string(h)), bleu_chart.values.push_back(bleu.back().mean);
+    bleu_chart.error.push_back(bleu.back().stddev);
+    time_chart.categories.push_back(std::to_string(h)), time_chart.values.push_back(time.back().mean);
+    time_chart.error.push_back(time.back().stddev);
   }
   Section sec = new_section("heads", "5. What do several heads buy?",
                             "Vaswani et al. (2017): multi-head attention lets the model attend to information "
                  "from different representation subspaces; one head averages them away.");
   sec.charts.push_back(render(bleu_chart));
   sec.charts.push_back(render(time_chart));
-  const size_t best = static_cast<size_t>(std::max_element(bleu.begin(), bleu.end()) - bleu.begin());
+  size_t best = 0;
+  for (size_t i = 0; i < bleu.size(); ++i)
+    if (bleu[i].mean > bleu[best].mean) best = i;
+  const bool several = seeds.size() > 1;
+  auto pm = [&](const Summary& x) { return num(x.mean, 3) + (several ? " ± " + num(x.stddev, 2) : ""); };
+  // The noise: the largest spread between seeds of any head count, at least 0.5 BLEU (assumed
+  // with one seed), as for Luong's scores.
+  double noise = 0.5;
+  for (const Summary& x : bleu) noise = std::max(noise, x.stddev);
+  const double gain = bleu[best].mean - bleu[0].mean;
+  std::string best_text;
+  if (best == 0)
+    best_text = "1 head scored highest. ";
+  else
+    best_text = std::to_string(heads[best]) + " heads scored highest, " + num(gain, 2) + " BLEU above 1 head: " +
+                (gain > noise ? "beyond" : "within") + " the noise of " + num(noise, 2) + " BLEU" +
+                (several ? " (largest seed spread, at least 0.5)" : " (0.5 assumed: one seed)") +
+                (gain > noise ? "." : ", so no head count is measurably best here.") + " ";
   sec.conclusions.push_back("At d_model " + std::to_string(base_transformer_config(ctx, 1).model.hidden) +
-                            ", BLEU was " + num(bleu[0], 3) + " with 1 head, " + num(bleu[1], 3) + " with 2, " +
-                            num(bleu[2], 3) + " with 4 and " + num(bleu[3], 3) + " with 8; best: " +
-                            std::to_string(heads[best]) + " heads. " +
-                            versus_claim(bleu[best] > bleu[0] + 0.5, "several heads translate better than one"));
-  sec.conclusions.push_back(compare_times("8 heads", time[3], "1 head", time[0], "in training time") +
+                            ", BLEU was " + pm(bleu[0]) + " with 1 head, " + pm(bleu[1]) + " with 2, " +
+                            pm(bleu[2]) + " with 4 and " + pm(bleu[3]) + " with 8" +
+                            (several ? " (mean ± standard deviation over " + std::to_string(seeds.size()) + " seeds)" : "") +
+                            ". " + best_text +
+                            versus_claim(gain > noise, "several heads translate better than one"));
+  sec.conclusions.push_back(compare_times("8 heads", time[3].mean, "1 head", time[0].mean, "in training time") +
                             " (the same parameter count: heads split d_model).");
   // Per-head heatmaps of one held-out sentence, 8-head model.
-  ctx.progress(0.97, "per-head heatmaps");
+  ctx.progress((run_index + 0.1) / runs, "per-head heatmaps");
   const s2s::SentencePair& example = example_sentence(corpus);
   const s2s::Tokens source = last->translator.source_tokens(example.source);
   const std::vector<s2s::Translation> tr = last->translator.translate({example.source}, {});
@@ -300,11 +341,52 @@ void heads_experiment(Context& ctx, Report& report) {
     hm.columns = cols, hm.rows = rows, hm.values = per_head[h];
     sec.charts.push_back(render(hm));
   }
+  // Per-head histograms of the largest weight and the entropy per target word, over held-out
+  // sentences (each teacher-forced on the model's own greedy translation).
+  ctx.progress((run_index + 0.2) / runs, "per-head histograms");
+  const size_t sentences = std::min<size_t>(corpus.test.size(), ctx.quick() ? 50 : 200);
+  std::vector<std::string> sources;
+  for (size_t i = 0; i < sentences; ++i) sources.push_back(corpus.test[i].source);
+  const std::vector<s2s::Translation> outs = last->translator.translate(sources, {});
+  std::vector<std::vector<double>> largest(per_head.size()), entropy(per_head.size());
+  for (size_t i = 0; i < sentences; ++i) {
+    const auto weights = per_head_weights(last->translator, last->translator.source_tokens(sources[i]),
+                                          last->translator.target_tokens(outs[i]));
+    for (size_t h = 0; h < weights.size() && h < largest.size(); ++h)
+      for (const auto& row : weights[h]) {
+        const RowStats st = row_stats(row);
+        largest[h].push_back(st.largest), entropy[h].push_back(st.entropy);
+      }
+  }
+  Table head_table{"head_rows", {"head", "rows", "mean_largest_weight", "mean_entropy_nats"}, {}};
+  std::vector<std::string> histos_entropy;
+  size_t sharpest = 0, softest = 0;
+  for (size_t h = 0; h < largest.size(); ++h) {
+    const std::string name = "head " + std::to_string(h + 1) + " of " + std::to_string(largest.size());
+    sec.charts.push_back(weight_histogram(largest[h], 1.0, name + ": largest weight", "largest weight", "(bin start, 0-1)"));
+    histos_entropy.push_back(weight_histogram(entropy[h], 3.0, name + ": entropy", "entropy", "(bin start, nats)"));
+    head_table.add({std::to_string(h + 1), std::to_string(largest[h].size()), num(summarize(largest[h]).mean, 4),
+                    num(summarize(entropy[h]).mean, 4)});
+    if (summarize(largest[h]).mean > summarize(largest[sharpest]).mean) sharpest = h;
+    if (summarize(largest[h]).mean < summarize(largest[softest]).mean) softest = h;
+  }
+  for (auto& c : histos_entropy) sec.charts.push_back(std::move(c));
+  if (!largest.empty() && !largest[0].empty())
+    sec.conclusions.push_back("The heads of the " + std::to_string(largest.size()) + "-head model differ: head " +
+                              std::to_string(sharpest + 1) + " put on average " + num(summarize(largest[sharpest]).mean, 2) +
+                              " of a target word's weight on one source word (entropy " +
+                              num(summarize(entropy[sharpest]).mean, 2) + " nats), head " + std::to_string(softest + 1) +
+                              " only " + num(summarize(largest[softest]).mean, 2) + " (" +
+                              num(summarize(entropy[softest]).mean, 2) + " nats), over " + std::to_string(sentences) +
+                              " held-out sentences.");
   sec.notes.push_back("Per-head heatmaps: cross-attention of the last decoder layer of the " +
                       std::to_string(heads.back()) + "-head model on the held-out sentence \"" + example.source +
-                      "\" (its own greedy translation, teacher-forced), rows = target words, columns = source words.");
+                      "\" (its own greedy translation, teacher-forced), rows = target words, columns = source words. "
+                      "Per-head histograms: the same layer over every target word of " + std::to_string(sentences) +
+                      " held-out sentences; entropy above 3 nats is counted in the last bin.");
   sec.notes.push_back(setup_note(ctx, corpus, base_transformer_config(ctx, 4)));
   sec.tables.push_back(std::move(table));
+  sec.tables.push_back(std::move(head_table));
   finish(ctx, report, std::move(sec));
 }
 
@@ -357,21 +439,9 @@ void alignments_experiment(Context& ctx, Report& report) {
                num(median(largest), 4), num(summarize(entropy).mean, 4),
                num(peaked / static_cast<double>(largest.size()), 4)});
     stats.push_back({label(presets[i]), summarize(largest).mean, summarize(entropy).mean});
-    auto histo = [&](const std::vector<double>& values, double hi, const std::string& what, const std::string& unit) {
-      const Histogram h = histogram(values, 0.0, hi, 10);
-      BarChart c;
-      c.title = label(presets[i]) + ": " + what;
-      c.x_label = what + " " + unit;
-      c.y_label = "share of target words";
-      c.width = 330, c.height = 230;
-      for (size_t b = 0; b < h.counts.size(); ++b) {
-        c.categories.push_back(num(h.lo + h.bin_width() * static_cast<double>(b), 2));
-        c.values.push_back(static_cast<double>(h.counts[b]) / static_cast<double>(h.total()));
-      }
-      return render(c);
-    };
-    histos_max.push_back(histo(largest, 1.0, "largest weight", "(bin start, 0-1)"));
-    histos_entropy.push_back(histo(entropy, 3.0, "entropy", "(bin start, nats)"));
+    histos_max.push_back(weight_histogram(largest, 1.0, label(presets[i]) + ": largest weight", "largest weight",
+                                          "(bin start, 0-1)"));
+    histos_entropy.push_back(weight_histogram(entropy, 3.0, label(presets[i]) + ": entropy", "entropy", "(bin start, nats)"));
   }
   for (auto* group : {&heatmaps, &histos_max, &histos_entropy})
     for (auto& c : *group) sec.charts.push_back(std::move(c));
