@@ -749,19 +749,13 @@ AttentionGrads ring_attention_backward(const Tensor& q, const Tensor& k, const T
     step.wait_s = MPI_Wtime() - t_dkv;
     auto [dks, dvs] = dkv.view(dsend, tk);
     {
-      Tensor dk_here = from_doubles(dk, {B, Hkv, tk, Dk}, gdtype);
-      Tensor dv_here = from_doubles(dv, {B, Hkv, tk, Dv}, gdtype);
-      if (s > 0) {
+      if (s > 0) {  // the sums so far, added to this rank's part in float64, rounded once
         auto [dkr, dvr] = dkv.view(drecv, tk);
-        std::vector<double> sum_k = dkr.to_vector(), sum_v = dvr.to_vector();
-        const std::vector<double> hk = dk_here.to_vector(), hv = dv_here.to_vector();
-        for (std::size_t i = 0; i < sum_k.size(); ++i) sum_k[i] += hk[i];
-        for (std::size_t i = 0; i < sum_v.size(); ++i) sum_v[i] += hv[i];
-        dk_here = from_doubles(sum_k, {B, Hkv, tk, Dk}, gdtype);
-        dv_here = from_doubles(sum_v, {B, Hkv, tk, Dv}, gdtype);
+        add_rows(dk, tk, dkr, 0);
+        add_rows(dv, tk, dvr, 0);
       }
-      dks.copy_from(dk_here);
-      dvs.copy_from(dv_here);
+      dks.copy_from(from_doubles(dk, {B, Hkv, tk, Dk}, gdtype));
+      dvs.copy_from(from_doubles(dv, {B, Hkv, tk, Dv}, gdtype));
     }
     // Send this block's dK/dV on (at the last step: home to its owner, rank + 1), receive the
     // next block's (at the last step: this rank's own, complete).
