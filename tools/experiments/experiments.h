@@ -10,9 +10,10 @@
 //               Jacobian norm, scaled vs unscaled (full run: plus training curves)
 //   length      BLEU against source length, encoder-decoder with and without attention
 //   luong       Luong et al. 2015's scoring functions on the translator (BLEU, time, parameters)
-//   heads       1/2/4/8 heads on the Transformer translator, with per-head heatmaps
+//   heads       1/2/4/8 heads on the Transformer translator over two seeds, with per-head
+//               heatmaps and histograms of the largest weight and entropy per target word
 //   alignments  heatmaps of held-out sentences per scoring function; histograms of the
-//               largest weight and entropy per target word, per scoring function and per head
+//               largest weight and entropy per target word, per scoring function
 //   copying     names and numbers never seen in training: no copying, pointer-generator and
 //               pointer-sentinel
 #pragma once
