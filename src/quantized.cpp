@@ -36,6 +36,19 @@ int64_t offset_of(const Shape& index, const Shape& strides) {
   return at;
 }
 
+// The scales a QuantizedTensor of `shape` must carry (scales() is mutable: a caller may have
+// replaced them), checked before a kernel trusts them.
+void check_scales(const char* op, const char* name, const QuantizedTensor& t) {
+  const Tensor& s = t.scales();
+  Shape want = t.shape();
+  want.back() = int8_blocks(want.back());
+  ATTN_CHECK(s.defined() && s.dtype() == DType::f32 && s.shape() == want && s.stride(-1) == 1,
+             op, name, " scales must be float32 ", attn::shape_str(want),
+             " with a contiguous last dimension, got ",
+             s.defined() ? std::string(dtype_name(s.dtype())) + " " + s.shape_str()
+                         : std::string("undefined"));
+}
+
 }  // namespace
 
 QuantizedTensor QuantizedTensor::zeros(const Shape& shape) {
@@ -93,6 +106,7 @@ void quantize_int8_into(const Tensor& src, QuantizedTensor& dst) {
   ATTN_CHECK(dst.defined() && dst.shape() == src.shape(), op, "destination ",
              dst.defined() ? dst.shape_str() : std::string("(undefined)"),
              " differs from the input ", src.shape_str());
+  check_scales(op, "destination", dst);
   const Tensor x = src.to(DType::f64).contiguous();
   const double* in = x.data<double>();
   const int64_t D = src.size(-1), blocks = int8_blocks(D);
@@ -132,6 +146,7 @@ QuantizedTensor quantize_int8(const Tensor& x) {
 Tensor dequantize(const QuantizedTensor& x, DType dtype) {
   const char* op = "dequantize";
   ATTN_CHECK(x.defined(), op, "input is undefined");
+  check_scales(op, "input", x);
   ATTN_CHECK(dtype == DType::f32 || dtype == DType::f64, op,
              "dtype must be float32 or float64, got ", dtype_name(dtype));
   Tensor out = Tensor::empty(x.shape(), DType::f64);
@@ -157,6 +172,8 @@ AttentionOutput attention(const Tensor& q, const QuantizedTensor& k, const Quant
              k.defined() ? k.shape_str() : std::string("(undefined)"), " and ",
              v.defined() ? v.shape_str() : std::string("(undefined)"));
   ATTN_CHECK(q.defined(), op, "q is undefined");
+  check_scales(op, "8-bit k", k);
+  check_scales(op, "8-bit v", v);
   ATTN_CHECK(q.dtype() == DType::f32 || q.dtype() == DType::f64 || q.dtype() == DType::bf16, op,
              "q must be float32, float64 or bf16 against 8-bit k and v, got ",
              dtype_name(q.dtype()));

@@ -223,6 +223,10 @@ TEST(KVCacheInt8, Errors) {
                "[attention]");
   expect_error([&] { attention(Tensor::zeros({1, 2, 1, 32}, DType::b8), k, k); },
                {"[attention]", "float32, float64 or bf16", "bool"});
+  QuantizedTensor bad = k;
+  bad.scales() = Tensor::zeros({1, 2, 5, 2});  // two blocks where D = 32 has one
+  expect_error([&] { attention(random_tensor({1, 2, 1, 32}, DType::f32, 8), bad, bad); },
+               {"[attention]", "8-bit k scales must be float32 [1, 2, 5, 1]", "[1, 2, 5, 2]"});
 }
 
 }  // namespace
