@@ -139,6 +139,7 @@ Linear Linear::from_params(LinearParams params) {
 }
 
 LinearForward Linear::forward(const Tensor& x) const {
+  ATTN_PROFILE_SCOPE("linear.forward");
   const auto [rows, out_shape] = check_input(params, x);
   const Tensor xc = x.contiguous();
   // Init-captures: lambdas capturing structured bindings need clang 16 (the fuzz build's is 14).
@@ -150,6 +151,7 @@ LinearForward Linear::forward(const Tensor& x) const {
 }
 
 Tensor Linear::backward(const LinearCache& cache, const Tensor& dout) {
+  ATTN_PROFILE_SCOPE("linear.backward");
   ATTN_CHECK(cache.x.defined(), kOp, "backward needs the cache of a forward call");
   const auto [rows, out_shape] = check_input(params, cache.x);
   ATTN_CHECK(dout.defined() && dout.shape() == out_shape, kOp, "dout is ",

@@ -8,6 +8,7 @@
 #include <utility>
 #include <vector>
 
+#include "attn/profile.h"
 #include "attn/random.h"
 #include "nn/dropout.h"
 #include "nn/linear.h"
@@ -382,6 +383,7 @@ EncoderLayer EncoderLayer::create(const TransformerConfig& config, uint64_t seed
 }
 
 EncoderForward EncoderLayer::forward(const Tensor& x, const EncoderOptions& options) const {
+  ATTN_PROFILE_SCOPE("transformer.encoder_layer.forward");
   const TransformerConfig& c = config;
   const int64_t T = check_sequence(kEncoderOp, "input", x, c.d_model, c.dtype);
   check_lengths(kEncoderOp, "lengths", options.lengths, x.size(0), T);
@@ -412,6 +414,7 @@ EncoderForward EncoderLayer::forward(const Tensor& x, const EncoderOptions& opti
 }
 
 Tensor EncoderLayer::backward(const EncoderCache& cache, const Tensor& dout) {
+  ATTN_PROFILE_SCOPE("transformer.encoder_layer.backward");
   const TransformerConfig& c = config;
   ATTN_CHECK(cache.self_attn.saved.output.defined(), kEncoderOp,
              "backward needs the cache of a forward call");
@@ -475,6 +478,7 @@ int64_t memory_width(const TransformerConfig& c) {
 
 DecoderForward DecoderLayer::forward(const Tensor& x, const Tensor& memory,
                                      const DecoderOptions& options) const {
+  ATTN_PROFILE_SCOPE("transformer.decoder_layer.forward");
   const TransformerConfig& c = config;
   const int64_t T = check_sequence(kDecoderOp, "input", x, c.d_model, c.dtype);
   const int64_t S = check_sequence(kDecoderOp, "memory", memory, memory_width(c), c.dtype);
@@ -526,6 +530,7 @@ DecoderForward DecoderLayer::forward(const Tensor& x, const Tensor& memory,
 }
 
 DecoderGrads DecoderLayer::backward(const DecoderCache& cache, const Tensor& dout) {
+  ATTN_PROFILE_SCOPE("transformer.decoder_layer.backward");
   const TransformerConfig& c = config;
   ATTN_CHECK(cache.self_attn.saved.output.defined() && cache.cross_attn.saved.output.defined(),
              kDecoderOp, "backward needs the cache of a forward call");
