@@ -4,7 +4,8 @@
 For each model: one `attn train` run writes its batches (ATTN_DUMP_BATCHES) and the twin replays
 them; then attn and PyTorch runs alternate (attn 1 thread, torch 1 thread, attn 2 threads, torch
 2 threads with OMP_WAIT_POLICY=PASSIVE, repeated), so that load from other processes falls on both
-sides alike. Prints, per run, tokens/s (source + target tokens, one <eos> each, first step start to
+sides alike. PyTorch gets the glibc heap policy attn's CLI sets for itself (32 MiB mmap threshold;
+--torch-default-malloc leaves glibc's default). Prints, per run, tokens/s (source + target tokens, one <eos> each, first step start to
 last step start), tokens per CPU second and peak RSS; then the table of issue 15 with the best
 run of each side, attn's best over PyTorch's best thread setting, and the load average.
 
@@ -63,6 +64,8 @@ def main():
     ap.add_argument("--models", default="transformer,gru")
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--torch-default-malloc", action="store_true",
+                    help="leave glibc's mmap threshold at its default for PyTorch")
     a = ap.parse_args()
     try:
         import torch  # noqa: F401  (only to know whether the twin can run)
@@ -100,6 +103,12 @@ def main():
                 env = dict(os.environ)
                 if threads > 1:
                     env["OMP_WAIT_POLICY"] = "PASSIVE"
+                if not a.torch_default_malloc:
+                    # The heap policy attn's CLI sets for itself (tools/attn.cpp), as glibc's
+                    # environment variables: PyTorch's temporaries too stop coming back as fresh
+                    # zeroed pages, so neither side pays page faults the other does not.
+                    env["MALLOC_MMAP_THRESHOLD_"] = str(32 << 20)
+                    env["MALLOC_TRIM_THRESHOLD_"] = str(256 << 20)
                 m, rss, out = run([sys.executable, os.path.join(HERE, "torch_translators.py"),
                                    "--batches", batches, "--threads", str(threads)] + twin_flags, env)
                 if not m:
