@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <optional>
 #include <string>
@@ -13,7 +14,10 @@
 #include <utility>
 #include <variant>
 
+#include "collective.h"
+
 namespace attn::dist {
+using namespace detail;
 namespace {
 
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
@@ -21,74 +25,6 @@ constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 // many query rows on; shorter query runs are padded with hidden rows in the backward.
 constexpr int64_t kMinFusedRows = 16;
 
-// ---------------------------------------------------------------------------------------------
-// Collective error agreement: every rank learns the first failing rank's message and throws it.
-
-void agree(MPI_Comm comm, const char* op, const std::string& local_error) {
-  int rank = 0, size = 1;
-  MPI_Comm_rank(comm, &rank);
-  MPI_Comm_size(comm, &size);
-  int mine = local_error.empty() ? size : rank, first = size;
-  MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, comm);
-  if (first == size) return;
-  std::string message = local_error;
-  int length = static_cast<int>(message.size());
-  MPI_Bcast(&length, 1, MPI_INT, first, comm);
-  message.resize(static_cast<std::size_t>(length));
-  MPI_Bcast(message.data(), length, MPI_CHAR, first, comm);
-  throw Error(op, (size > 1 ? "rank " + std::to_string(first) + ": " : std::string()) + message);
-}
-
-// A private duplicate of the caller's communicator, so that the ring's messages never match the
-// caller's own.
-class Comm {
- public:
-  explicit Comm(MPI_Comm parent) {
-    MPI_Comm_dup(parent, &comm_);
-    MPI_Comm_rank(comm_, &rank_);
-    MPI_Comm_size(comm_, &size_);
-  }
-  ~Comm() { MPI_Comm_free(&comm_); }
-  Comm(const Comm&) = delete;
-  Comm& operator=(const Comm&) = delete;
-  MPI_Comm get() const { return comm_; }
-  int rank() const { return rank_; }
-  int size() const { return size_; }
-  int next() const { return (rank_ + 1) % size_; }
-  int prev() const { return (rank_ + size_ - 1) % size_; }
-
- private:
-  MPI_Comm comm_ = MPI_COMM_NULL;
-  int rank_ = 0, size_ = 1;
-};
-
-uint64_t fnv(uint64_t h, const void* data, std::size_t bytes) {
-  const auto* p = static_cast<const unsigned char*>(data);
-  for (std::size_t i = 0; i < bytes; ++i) h = (h ^ p[i]) * 1099511628211ull;
-  return h;
-}
-uint64_t fnv_tensor(uint64_t h, const Tensor& t) {
-  if (!t.defined()) return fnv(h, "undef", 5);
-  const Tensor c = t.contiguous();
-  for (int64_t d : c.shape()) h = fnv(h, &d, sizeof d);
-  return fnv(h, c.raw_data(), static_cast<std::size_t>(c.numel()) * dtype_size(c.dtype()));
-}
-
-// The tensors of a score (parameters, or their gradients).
-std::vector<Tensor*> score_tensors(Score& score) {
-  return std::visit(
-      [](auto& s) -> std::vector<Tensor*> {
-        using S = std::decay_t<decltype(s)>;
-        if constexpr (std::is_same_v<S, GeneralScore>) return {&s.weight, &s.u, &s.v};
-        else if constexpr (std::is_same_v<S, AdditiveScore>) return {&s.w_query, &s.w_key, &s.bias, &s.v};
-        else if constexpr (std::is_same_v<S, ConcatScore>) return {&s.weight, &s.v};
-        else if constexpr (std::is_same_v<S, CosineScore>) return {&s.tau};
-        else if constexpr (std::is_same_v<S, LocationScore>) return {&s.weight};
-        else if constexpr (std::is_same_v<S, TrilinearScore>) return {&s.weight};
-        else return {};
-      },
-      score);
-}
 
 // What cannot be sharded, or "" when the call can be.
 std::string unsupported(const AttentionParams& p, bool backward, DType qdtype) {
@@ -112,141 +48,37 @@ std::string unsupported(const AttentionParams& p, bool backward, DType qdtype) {
   return "";
 }
 
-// Everything that must agree across ranks, as integers.
-std::vector<int64_t> signature(const Tensor& q, const Tensor& k, const Tensor& v,
-                               const AttentionParams& p, Layout layout) {
-  uint64_t h = 1469598103934665603ull;
-  const Mask& m = p.mask;
-  h = fnv(h, m.key_lengths.data(), m.key_lengths.size() * sizeof(int64_t));
-  h = fnv(h, "|", 1);
-  h = fnv(h, m.query_lengths.data(), m.query_lengths.size() * sizeof(int64_t));
-  Score score = p.score;
-  for (Tensor* t : score_tensors(score)) h = fnv_tensor(h, *t);
-  if (const auto* s = std::get_if<ScaledDotScore>(&p.score); s && s->scale) h = fnv(h, &*s->scale, 8);
-  if (const auto* s = std::get_if<CosineScore>(&p.score)) h = fnv(h, &s->eps, 8);
-  return {q.size(0), q.size(1), k.size(1), q.size(3), k.size(3), v.size(3),
-          static_cast<int64_t>(q.dtype()), static_cast<int64_t>(k.dtype()),
-          static_cast<int64_t>(v.dtype()), static_cast<int64_t>(p.score.index()),
-          m.causal ? 1 : 0, static_cast<int64_t>(m.alignment), static_cast<int64_t>(layout),
-          static_cast<int64_t>(m.key_lengths.size()), static_cast<int64_t>(m.query_lengths.size()),
-          static_cast<int64_t>(h & 0x7fffffffffffffffull)};
-}
-
-const char* kSignatureNames[] = {"batch", "query heads", "key/value heads", "query features",
-                                 "key features", "value features", "q dtype", "k dtype",
-                                 "v dtype", "score", "causal", "alignment", "layout",
-                                 "key_lengths size", "query_lengths size",
-                                 "key/query lengths or score parameters"};
-
-// The global picture, the same on every rank once validated.
-struct Plan {
-  int P = 1, rank = 0;
-  Layout layout = Layout::zigzag;
-  std::vector<int64_t> tq, tk;  // per-rank shard lengths
-  int64_t Tq = 0, Tk = 0;       // global lengths
-  std::vector<Range> q_ranges(int r) const { return ranges(tq, Tq, r); }
-  std::vector<Range> k_ranges(int r) const { return ranges(tk, Tk, r); }
-
- private:
-  std::vector<Range> ranges(const std::vector<int64_t>& lens, int64_t total, int r) const {
-    if (layout == Layout::zigzag) return shard_ranges(total, P, r, layout);
-    int64_t start = 0;
-    for (int i = 0; i < r; ++i) start += lens[static_cast<std::size_t>(i)];
-    return {Range{start, 0, lens[static_cast<std::size_t>(r)]}};
-  }
-};
-
-// Collective validation: local checks, then agreement of every rank's shapes and parameters.
-Plan validate(const char* op, const Comm& comm, const Tensor& q, const Tensor& k, const Tensor& v,
-              const AttentionParams& params, Layout layout, bool backward) {
-  std::string error;
-  if (!q.defined() || !k.defined() || !v.defined() || q.dim() != 4 || k.dim() != 4 ||
-      v.dim() != 4) {
-    error = "q, k and v must be defined [B, H, T, D] tensors";
-  } else {
-    error = unsupported(params, backward, q.dtype());
+// This rank's checks before the collective validation: what the ring cannot shard, causal
+// shards that are not self-attention, and attn's own checks of shapes and score parameters on one
+// query against one key (the lengths are the global ones, so they are left out there).
+std::function<std::string()> ring_checks(const Tensor& q, const Tensor& k, const Tensor& v,
+                                         const AttentionParams& params, bool backward) {
+  return [&q, &k, &v, &params, backward]() -> std::string {
+    std::string error = unsupported(params, backward, q.dtype());
     if (error.empty() && params.mask.causal && q.size(2) != k.size(2))
       error = "causal ring attention is self-attention: this rank holds " +
               std::to_string(q.size(2)) + " queries and " + std::to_string(k.size(2)) + " keys";
-    if (error.empty()) {
-      // attn's own checks of shapes and score parameters, on one query against one key (the
-      // lengths are the global ones, so they are left out here).
-      try {
-        AttentionParams one = params;
-        one.mask.key_lengths.clear();
-        one.mask.query_lengths.clear();
-        one.mask.causal = false;
-        const int64_t nq = std::min<int64_t>(q.size(2), 1), nk = std::min<int64_t>(k.size(2), 1);
-        (void)attention(q.slice(2, 0, nq), k.slice(2, 0, nk), v.slice(2, 0, nk), one);
-        for (const auto* lengths : {&params.mask.key_lengths, &params.mask.query_lengths})
-          if (!lengths->empty() && static_cast<int64_t>(lengths->size()) != q.size(0))
-            error = "key_lengths and query_lengths need one entry per batch entry";
-      } catch (const Error& e) {
-        error = e.what();
-      }
+    if (!error.empty()) return error;
+    try {
+      AttentionParams one = params;
+      one.mask.key_lengths.clear();
+      one.mask.query_lengths.clear();
+      one.mask.causal = false;
+      const int64_t nq = std::min<int64_t>(q.size(2), 1), nk = std::min<int64_t>(k.size(2), 1);
+      (void)attention(q.slice(2, 0, nq), k.slice(2, 0, nk), v.slice(2, 0, nk), one);
+      for (const auto* lengths : {&params.mask.key_lengths, &params.mask.query_lengths})
+        if (!lengths->empty() && static_cast<int64_t>(lengths->size()) != q.size(0))
+          return "key_lengths and query_lengths need one entry per batch entry";
+    } catch (const Error& e) {
+      return e.what();
     }
-  }
-  agree(comm.get(), op, error);
-
-  std::vector<int64_t> sig = signature(q, k, v, params, layout);
-  sig.push_back(q.size(2));
-  sig.push_back(k.size(2));
-  const std::size_t n = sig.size();
-  std::vector<int64_t> all(n * static_cast<std::size_t>(comm.size()));
-  MPI_Allgather(sig.data(), static_cast<int>(n), MPI_INT64_T, all.data(), static_cast<int>(n),
-                MPI_INT64_T, comm.get());
-  Plan plan;
-  plan.P = comm.size();
-  plan.rank = comm.rank();
-  plan.layout = layout;
-  // The same verdict on every rank: all ranks look at the same gathered numbers.
-  std::string verdict;
-  for (int r = 1; r < plan.P && verdict.empty(); ++r)
-    for (std::size_t i = 0; i + 2 < n && verdict.empty(); ++i)
-      if (all[r * n + i] != all[i])
-        verdict = std::string(kSignatureNames[i]) + " differ between rank 0 and rank " +
-                  std::to_string(r);
-  for (int r = 0; r < plan.P; ++r) {
-    plan.tq.push_back(all[r * n + n - 2]);
-    plan.tk.push_back(all[r * n + n - 1]);
-    plan.Tq += plan.tq.back();
-    plan.Tk += plan.tk.back();
-  }
-  if (verdict.empty() && layout == Layout::zigzag) {
-    for (int r = 0; r < plan.P && verdict.empty(); ++r) {
-      int64_t want_q = 0, want_k = 0;
-      for (const Range& g : shard_ranges(plan.Tq, plan.P, r, layout)) want_q += g.length;
-      for (const Range& g : shard_ranges(plan.Tk, plan.P, r, layout)) want_k += g.length;
-      if (plan.tq[r] != want_q || plan.tk[r] != want_k)
-        verdict = "zigzag shards: rank " + std::to_string(r) + " holds " +
-                  std::to_string(plan.tq[r]) + " queries and " + std::to_string(plan.tk[r]) +
-                  " keys; global lengths " + std::to_string(plan.Tq) + " and " +
-                  std::to_string(plan.Tk) + " over " + std::to_string(plan.P) +
-                  " ranks give it " + std::to_string(want_q) + " and " + std::to_string(want_k);
-    }
-  }
-  if (!verdict.empty()) throw Error(op, verdict);
-  return plan;
+    return "";
+  };
 }
 
 // ---------------------------------------------------------------------------------------------
 // Blocks: K and V of one rank packed into one byte buffer, so one message carries both.
 
-Tensor wrap_bytes(std::byte* p, DType dtype, const Shape& shape) {
-  switch (dtype) {
-    case DType::f32: return Tensor::wrap(reinterpret_cast<float*>(p), shape);
-    case DType::f64: return Tensor::wrap(reinterpret_cast<double*>(p), shape);
-    case DType::bf16: return Tensor::wrap(reinterpret_cast<BFloat16*>(p), shape);
-    case DType::b8: return Tensor::wrap(reinterpret_cast<bool*>(p), shape);
-  }
-  return {};
-}
-
-int count_of(int64_t bytes, const char* op) {
-  ATTN_CHECK(bytes <= INT_MAX, op, "a block of ", bytes, " bytes is more than one MPI message "
-             "carries (2^31 - 1); use more ranks");
-  return static_cast<int>(bytes);
-}
 
 // Two tensors [B, H, T, D1] and [B, H, T, D2] of rank-dependent T in one buffer.
 struct PairLayout {
@@ -600,7 +432,7 @@ AttentionOutput ring_attention(const Tensor& q, const Tensor& k, const Tensor& v
   const char* op = "ring_attention";
   const double t_begin = MPI_Wtime();
   const Comm comm(parent);
-  const Plan plan = validate(op, comm, q, k, v, params, options.layout, /*backward=*/false);
+  const Plan plan = validate(op, comm, q, k, v, params, options.layout, ring_checks(q, k, v, params, false));
   const int64_t B = q.size(0), Hq = q.size(1), Hkv = k.size(1), Dv = v.size(3);
   const PairLayout kv{B, Hkv, k.size(3), Dv, k.dtype(), v.dtype()};
   int64_t max_tk = 0;
@@ -654,19 +486,8 @@ AttentionGrads ring_attention_backward(const Tensor& q, const Tensor& k, const T
   const char* op = "ring_attention_backward";
   const double t_begin = MPI_Wtime();
   const Comm comm(parent);
-  {
-    std::string error;
-    if (q.defined() && q.dim() == 4 && v.defined() && v.dim() == 4) {
-      const Shape out_shape{q.size(0), q.size(1), q.size(2), v.size(3)};
-      if (!forward.out.defined() || forward.out.shape() != out_shape ||
-          !forward.lse.defined() || forward.lse.shape() != Shape{q.size(0), q.size(1), q.size(2)} ||
-          !dout.defined() || dout.shape() != out_shape)
-        error = "forward.out and dout must be " + shape_str(out_shape) + " and forward.lse " +
-                shape_str({q.size(0), q.size(1), q.size(2)}) + " (this rank's rows)";
-    }
-    agree(comm.get(), op, error);
-  }
-  const Plan plan = validate(op, comm, q, k, v, params, options.layout, /*backward=*/true);
+  agree(comm.get(), op, forward_shape_error(q, v, forward, dout));
+  const Plan plan = validate(op, comm, q, k, v, params, options.layout, ring_checks(q, k, v, params, true));
   const int64_t B = q.size(0), Hq = q.size(1), Hkv = k.size(1), Dq = q.size(3), Dk = k.size(3),
                 Dv = v.size(3);
   const DType gdtype = result_dtype(q.dtype());  // float32 here (float64 is refused)
