@@ -357,8 +357,10 @@ def multihead_attention_backward(config: MultiHeadConfig, weights: MultiHeadWeig
 
 class KVCache:
     """The projected keys and values of every position decoded so far (grows on demand).
-    keys() and values() are views of the valid rows, [B, Hkv, length, D], sharing the cache's
-    memory until it next grows."""
+    dtype: "float32", "float64", "bfloat16" or "int8" (8 bits per value and a float32 scale per
+    block of 32 channels, as llama.cpp's q8_0; for float32 queries). keys() and values() are
+    views of the valid rows, [B, Hkv, length, D], sharing the cache's memory until it next grows
+    (an int8 cache's are dequantised copies; its steps return no k and v)."""
 
     def __init__(self, config: MultiHeadConfig, batch: int = 1, capacity: int = 0,
                  dtype: str = "float32", kind: str = "numpy"):

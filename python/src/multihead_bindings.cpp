@@ -7,6 +7,7 @@
 #include <string>
 
 #include "attn/multihead.h"
+#include "attn/quantized.h"
 #include "bindings.h"
 #include "convert.h"
 #include "params.h"
@@ -173,7 +174,11 @@ void bind_multihead(py::module_& m) {
                        const std::string& dtype) {
              PyKVCache c;
              c.config = to_config(config);
-             c.cache = KVCache::create(c.config, {batch, capacity, parse_dtype(dtype)});
+             // "int8": 8-bit storage (a float32 scale per block of 32 channels) for float32
+             // queries.
+             KVCacheOptions options{batch, capacity, DType::f32, dtype == "int8"};
+             if (!options.int8) options.dtype = parse_dtype(dtype);
+             c.cache = KVCache::create(c.config, options);
              return c;
            }),
            py::arg("config"), py::arg("batch"), py::arg("capacity"), py::arg("dtype"))
@@ -182,13 +187,16 @@ void bind_multihead(py::module_& m) {
       .def(
           "keys",
           [](const PyKVCache& c, const std::string& kind) {
-            return to_python(c.cache.keys(), parse_kind(kind));
+            // An 8-bit cache's keys come back dequantised (a copy), as NumPy has no int8 blocks.
+            return to_python(c.cache.is_int8() ? dequantize(c.cache.int8_keys()) : c.cache.keys(),
+                             parse_kind(kind));
           },
           py::arg("kind"))
       .def(
           "values",
           [](const PyKVCache& c, const std::string& kind) {
-            return to_python(c.cache.values(), parse_kind(kind));
+            return to_python(c.cache.is_int8() ? dequantize(c.cache.int8_values()) : c.cache.values(),
+                             parse_kind(kind));
           },
           py::arg("kind"))
       .def("append",

@@ -173,3 +173,32 @@ def test_float32_query_against_bf16_keys_and_values():
                                     alignment="bottom_right")
     tol = 16 * np.finfo(np.float32).eps * (1 + np.abs(want.out.numpy()))
     assert_close(got.out.numpy(), want.out.numpy(), tol, "f32 query, bf16 K/V")
+
+
+def test_int8_kv_cache_decodes_like_the_float32_one_within_its_block_scales():
+    config = attn.MultiHeadConfig(d_model=64, num_heads=4, num_kv_heads=2)  # head width 16
+    w = attn.MultiHeadWeights.init(config, "float32", seed=5)
+    x = RNG.standard_normal((2, 5, config.d_model)).astype(np.float32)
+    caches = {d: attn.KVCache(config, batch=2, capacity=2, dtype=d) for d in ("float32", "int8")}
+    rows = {d: [] for d in caches}
+    for t in range(5):
+        step = x[:, t:t + 1]
+        for d, cache in caches.items():
+            rows[d].append(attn.multihead_attention_step(config, w, cache, step, step, step,
+                                                         causal=True).output)
+    f32, int8 = (np.concatenate(rows[d], axis=1) for d in ("float32", "int8"))
+    keys, ref_keys = caches["int8"].keys(), caches["float32"].keys()
+    assert keys.dtype == np.float32 and keys.shape == ref_keys.shape == (2, 2, 5, 16)
+    # One block of 32 channels holds a whole 16-wide row: its scale is max|row| / 127 and each
+    # value is off by at most half of it.
+    half_scale = np.abs(ref_keys).max(axis=-1, keepdims=True) / 254
+    assert_close(keys, ref_keys, half_scale * (1 + 1e-6) + 1e-30, "int8 keys")
+    assert_close(caches["int8"].values(), caches["float32"].values(),
+                 np.abs(caches["float32"].values()).max(axis=-1, keepdims=True) / 254 * (1 + 1e-6)
+                 + 1e-30, "int8 values")
+    # Relative errors of 1/254 in K and V move each output by about that relative amount of the
+    # magnitudes summed through the value and output projections (and the scores through K).
+    mag = np.abs(x).max() * np.abs(w.w_v).sum(axis=1).max() * np.abs(w.w_o).sum(axis=1).max()
+    assert_close(int8, f32, 8 / 254 * (1 + mag), "int8 cache outputs")
+    with pytest.raises(attn.Error, match="dtype"):
+        attn.KVCache(config, dtype="int4")
