@@ -1,13 +1,15 @@
-// Ring attention over MPI, measured per ring step (run by hand; BENCHMARKS.md):
+// Ring attention over MPI, measured per ring step, against all-to-all attention over heads
+// (Ulysses) and one process (run by hand; BENCHMARKS.md):
 //
-//   OMP_NUM_THREADS=1 mpirun -np 2 build-dist/bin/bench_ring [T] [causal 0|1] [reps]
+//   OMP_NUM_THREADS=1 mpirun -np 2 build-dist/bin/bench_ring [T] [causal 0|1] [reps] [D]
 //
 // For a global sequence of T positions (B 1, 8 heads, D 64, float32, zigzag layout): per step
 // of the forward and the backward, the time computing the block, the time still waiting for the
 // next block afterwards (communication not hidden), the time the same exchange takes alone (no
 // computation beside it), the fraction of it hidden behind computation, and the bytes each rank
 // sent; then the total against single-process attn::attention on the full sequence (rank 0,
-// same thread count per process). Medians over `reps` runs.
+// same thread count per process), and Ulysses' totals, its time in all-to-alls and the bytes
+// each rank sent (ring: summed over the steps). Medians over `reps` runs.
 #include <mpi.h>
 
 #include <algorithm>
@@ -16,6 +18,7 @@
 #include <vector>
 
 #include "attn/dist/ring_attention.h"
+#include "attn/dist/ulysses_attention.h"
 
 namespace {
 
@@ -82,7 +85,8 @@ int main(int argc, char** argv) {
   const int64_t T = argc > 1 ? std::atoll(argv[1]) : 4096;
   const bool causal = argc > 2 ? std::atoi(argv[2]) != 0 : true;
   const int reps = argc > 3 ? std::atoi(argv[3]) : 5;
-  const int64_t B = 1, H = 8, D = 64;
+  const int64_t D = argc > 4 ? std::atoll(argv[4]) : 64;
+  const int64_t B = 1, H = 8;
   const auto layout = attn::dist::Layout::zigzag;
 
   const Tensor q = random({B, H, T, D}, 1), k = random({B, H, T, D}, 2), v = random({B, H, T, D}, 3);
@@ -93,19 +97,36 @@ int main(int argc, char** argv) {
   params.mask.causal = causal;
 
   std::vector<StepRow> fwd_rows(static_cast<std::size_t>(P)), bwd_rows(static_cast<std::size_t>(P));
-  std::vector<double> ring_fwd, ring_bwd;
+  std::vector<double> ring_fwd, ring_bwd, uly_fwd, uly_bwd, uly_a2a_fwd, uly_a2a_bwd;
+  int64_t ring_bytes_fwd = 0, ring_bytes_bwd = 0, uly_bytes_fwd = 0, uly_bytes_bwd = 0;
   for (int i = 0; i < reps + 1; ++i) {  // the first run warms up
     MPI_Barrier(MPI_COMM_WORLD);
     attn::dist::RingStats fs, bs;
     const attn::AttentionOutput f = attn::dist::ring_attention(sq, sk, sv, params, MPI_COMM_WORLD, {layout}, &fs);
     MPI_Barrier(MPI_COMM_WORLD);
     attn::dist::ring_attention_backward(sq, sk, sv, params, f, sd, MPI_COMM_WORLD, {layout}, &bs);
+    MPI_Barrier(MPI_COMM_WORLD);
+    attn::dist::UlyssesStats uf, ub;
+    const attn::AttentionOutput g = attn::dist::ulysses_attention(sq, sk, sv, params, MPI_COMM_WORLD, {layout}, &uf);
+    MPI_Barrier(MPI_COMM_WORLD);
+    attn::dist::ulysses_attention_backward(sq, sk, sv, params, g, sd, MPI_COMM_WORLD, {layout}, &ub);
     if (i == 0) continue;
     // The slowest rank sets the pace.
-    double totals[2] = {fs.total_s, bs.total_s}, worst[2];
-    MPI_Allreduce(totals, worst, 2, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+    double totals[6] = {fs.total_s, bs.total_s, uf.total_s, ub.total_s, uf.all_to_all_s,
+                        ub.all_to_all_s},
+           worst[6];
+    MPI_Allreduce(totals, worst, 6, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
     ring_fwd.push_back(worst[0]);
     ring_bwd.push_back(worst[1]);
+    uly_fwd.push_back(worst[2]);
+    uly_bwd.push_back(worst[3]);
+    uly_a2a_fwd.push_back(worst[4]);
+    uly_a2a_bwd.push_back(worst[5]);
+    uly_bytes_fwd = uf.bytes_sent;
+    uly_bytes_bwd = ub.bytes_sent;
+    ring_bytes_fwd = ring_bytes_bwd = 0;
+    for (const auto& st : fs.steps) ring_bytes_fwd += st.bytes_sent;
+    for (const auto& st : bs.steps) ring_bytes_bwd += st.bytes_sent;
     for (int s = 0; s < P; ++s) {
       fwd_rows[s].compute.push_back(fs.steps[s].compute_s);
       fwd_rows[s].wait.push_back(fs.steps[s].wait_s);
@@ -145,6 +166,14 @@ int main(int argc, char** argv) {
                 "backward %.1f ms\n",
                 median(ring_fwd) * 1e3, median(ring_bwd) * 1e3, median(single_fwd) * 1e3,
                 median(single_bwd) * 1e3);
+    std::printf("total  ulysses forward %.1f ms (all-to-all %.1f), backward %.1f ms (all-to-all "
+                "%.1f)\n",
+                median(uly_fwd) * 1e3, median(uly_a2a_fwd) * 1e3, median(uly_bwd) * 1e3,
+                median(uly_a2a_bwd) * 1e3);
+    std::printf("MB sent by rank 0  ring forward %.2f, backward %.2f;  ulysses forward %.2f, "
+                "backward %.2f\n",
+                ring_bytes_fwd / 1e6, ring_bytes_bwd / 1e6, uly_bytes_fwd / 1e6,
+                uly_bytes_bwd / 1e6);
   }
   MPI_Finalize();
   return 0;

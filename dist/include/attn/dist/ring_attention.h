@@ -47,6 +47,10 @@
 // attn's float64 backward renormalises the softmax within each call, so a per-block float64
 // backward cannot take the global lse.
 //
+// attn/dist/ulysses_attention.h shards the same inputs over heads instead (all-to-all), and takes
+// most of what the ring refuses when the heads divide by the ranks; choose_sequence_parallel()
+// there picks between the two.
+//
 // All entry points are collective: every rank of `comm` calls them, in the same order.
 #pragma once
 

@@ -18,11 +18,13 @@
 //
 // ## Ring or Ulysses (see docs/SCALING.md, BENCHMARKS.md)
 // Bytes each rank sends, with s = element size and t = T/P its shard:
-//   ring     forward (P-1) t 2 Hkv D s            backward (P-1) t 4 Hkv D s (K/V, dK/dV)
+//   ring     forward (P-1) t 2 Hkv D s            backward (2P-1) t 2 Hkv D s (K/V ahead
+//            P-1 times, dK/dV behind P-1 times and home once)
 //   Ulysses  forward (P-1)/P t (2 Hq + 2 Hkv) D s  backward (P-1)/P t (4 Hq + 4 Hkv) D s
 //            (q, k, v, out there; q, k, v, out, dout there and dq, dk, dv back; lse is small)
-// With Hq == Hkv Ulysses moves the same bytes at P = 2 and fewer for P > 2 (a fraction ~2/P of
-// the ring's), but its transfers are not hidden behind computation and it needs P | Hkv;
+// With Hq == Hkv Ulysses moves the same bytes as the ring's forward at P = 2 (2/3 of its
+// backward's) and a fraction ~2/P for P > 2, but its transfers are not hidden behind computation
+// (measured in BENCHMARKS.md) and it needs P | Hkv;
 // with GQA (Hkv << Hq) the ring moves fewer bytes. choose_sequence_parallel() encodes this.
 //
 // All entry points are collective: every rank of `comm` calls them, in the same order.
