@@ -249,7 +249,8 @@ ParsedCommandLine parse_command_line(const std::vector<std::string>& args) {
                      "' (expected train, translate, eval, average or experiments; see attn --help)");
 
   ParsedCommandLine out;
-  CLI::App app{"attn: attention encoder-decoder translators (train, translate, eval)", "attn"};
+  CLI::App app{"attn: attention encoder-decoder translators (train, translate, eval, average; "
+                "attn experiments --help for the measured questions)", "attn"};
   app.require_subcommand(1);
   app.set_version_flag("--version", std::string("attn"),
                        "Print the version, SIMD target, BLAS kernel and thread counts");
