@@ -88,16 +88,33 @@ def crossover_n(d, causal, pas, gflops, gbit, lat_us):
     return (b + math.sqrt(b * b + 4 * a * L)) / (2 * a)
 
 
-def ring_time(T, P, d, causal, pas, gflops, gbit, lat_us):
+def ring_time(T, P, d, causal, pas, gflops, gbit, lat_us, h=H):
     """steps x max(compute, comm) (P-1 overlapped steps, the last has no transfer) + the exposed
     final dK/dV return of the backward."""
     n = T / P
-    c = flops_step(n, d, causal, pas) / (gflops * 1e9)
-    m = comm_s(bytes_step(n, d, pas), gbit, lat_us)
+    c = flops_step(n, d, causal, pas, h) / (gflops * 1e9)
+    m = comm_s(bytes_step(n, d, pas, h), gbit, lat_us)
     t = (P - 1) * max(c, m) + c
     if pas == "bwd":
-        t += comm_s(bytes_step(n, d, "fwd"), gbit, lat_us)  # dK+dV: as many bytes as K+V
+        t += comm_s(bytes_step(n, d, "fwd", h), gbit, lat_us)  # dK+dV: as many bytes as K+V
     return t, c, m
+
+
+def ulysses_bytes(T, P, d, pas, hq=H, hkv=H):
+    """Bytes one rank sends in Ulysses' all-to-alls (lse left out): (P-1)/P of its shard of q, k,
+    v, out forward; of q, k, v, out, dout and dq, dk, dv backward."""
+    heads = (2 * hq + 2 * hkv) if pas == "fwd" else (4 * hq + 4 * hkv)
+    return (P - 1) / P * (T / P) * heads * d * BYTES
+
+
+def ulysses_time(T, P, d, causal, pas, gflops, gbit, lat_us, h=H):
+    """No overlap: the whole sequence's FLOPs / P (H/P heads each) + the all-to-alls (P-1
+    messages of latency each, 4 forward, 9 backward)."""
+    f = flops_step(T, d, causal, pas, h)
+    c = f / P / (gflops * 1e9)
+    calls = 4 if pas == "fwd" else 9
+    m = ulysses_bytes(T, P, d, pas, h, h) / (gbit * 1e9 / 8) + calls * (P - 1) * lat_us * 1e-6
+    return c + m, c, m
 
 
 def fit():
@@ -202,6 +219,29 @@ def main():
                          + flops_step(T, 128, True, "bwd") / FUSED_GFLOPS[(128, True, "bwd")]) / 1e9 / p
                 cells.append(f"{(tf + tb) * 1e3:,.1f} ms ({ideal / (tf + tb):.0%})")
             print(f"| {T:,} | {gb} Gb/s | " + " | ".join(cells) + " |")
+    print()
+
+    print("## Ulysses against the ring, scenario B, d 128, causal, forward + backward, 20 us: "
+          "time (efficiency); Ulysses needs P | heads\n")
+    ps_u = [8, 16, 32, 64]
+    print("| T | heads | link | method | " + " | ".join(f"P={p}" for p in ps_u) + " |")
+    print("|---|---|---|---|" + "---|" * len(ps_u))
+    rf, rb = FUSED_GFLOPS[(128, True, "fwd")], FUSED_GFLOPS[(128, True, "bwd")]
+    for T in (4096, 65536):
+        for h in (8, 32):
+            for gb in LINKS_GBIT:
+                for name, fn in (("ring", ring_time), ("Ulysses", ulysses_time)):
+                    cells = []
+                    for p in ps_u:
+                        if name == "Ulysses" and h % p:
+                            cells.append("-")
+                            continue
+                        tf, _, _ = fn(T, p, 128, True, "fwd", rf, gb, 20, h=h)
+                        tb, _, _ = fn(T, p, 128, True, "bwd", rb, gb, 20, h=h)
+                        ideal = (flops_step(T, 128, True, "fwd", h) / rf
+                                 + flops_step(T, 128, True, "bwd", h) / rb) / 1e9 / p
+                        cells.append(f"{(tf + tb) * 1e3:,.0f} ms ({ideal / (tf + tb):.0%})")
+                    print(f"| {T:,} | {h} | {gb} Gb/s | {name} | " + " | ".join(cells) + " |")
     print()
 
     # ------------------------------------------------------------ data parallel (implemented, fitted)
