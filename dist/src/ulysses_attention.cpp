@@ -168,9 +168,13 @@ AttentionParams head_params(const AttentionParams& params, int64_t Hq, const Pla
   return p;
 }
 
-// Sums a score's parameter gradients over the ranks (each rank's covers its heads), in float64.
-void sum_over_ranks(Score& dscore, const Comm& comm) {
-  for (Tensor* t : score_tensors(dscore)) {
+// Sums parameter gradients over the ranks (each rank's covers its heads), in float64: the score's
+// and those of Luong local-p (w_p, v_p).
+void sum_over_ranks(Score& dscore, LocalAttention& dlocal, const Comm& comm) {
+  std::vector<Tensor*> tensors = score_tensors(dscore);
+  tensors.push_back(&dlocal.w_p);
+  tensors.push_back(&dlocal.v_p);
+  for (Tensor* t : tensors) {
     if (!t->defined()) continue;
     std::vector<double> values = t->to_vector();
     MPI_Allreduce(MPI_IN_PLACE, values.data(), static_cast<int>(values.size()), MPI_DOUBLE,
@@ -243,7 +247,8 @@ AttentionGrads ulysses_attention_backward(const Tensor& q, const Tensor& k, cons
   grads.dk = to_sequence(heads.dk, plan, &Plan::k_ranges, plan.tk, comm, op, local_stats);
   grads.dv = to_sequence(heads.dv, plan, &Plan::k_ranges, plan.tk, comm, op, local_stats);
   grads.dscore = heads.dscore;
-  sum_over_ranks(grads.dscore, comm);
+  grads.dlocal = heads.dlocal;
+  sum_over_ranks(grads.dscore, grads.dlocal, comm);
   local_stats.total_s = MPI_Wtime() - t_begin;
   if (stats) *stats = local_stats;
   return grads;

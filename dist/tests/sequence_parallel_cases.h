@@ -18,6 +18,7 @@
 #include <cmath>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <variant>
 #include <vector>
@@ -50,6 +51,7 @@ struct Case {
   bool alibi = false;                  // ALiBi over global positions
   Method method = Method::ring;
   attn::Alignment alignment = attn::Alignment::top_left;
+  attn::LocalAttention local;  // Luong local attention (Ulysses only)
 };
 
 inline double max_abs(const Tensor& t) {
@@ -102,6 +104,7 @@ inline void run_case(const Case& c) {
   params.mask.query_lengths = c.query_lengths;
   params.mask.window = c.window;
   params.mask.alignment = c.alignment;
+  params.mask.local = c.local;
   if (c.alibi) params.mask.alibi_slopes = attn::alibi_slopes(c.Hq);
 
   // All-bf16 inputs: attn's AVX512_BF16 kernel rounds P to bf16 (relative 2^-9) against the
@@ -138,6 +141,13 @@ inline void run_case(const Case& c) {
   EXPECT_TRUE(close(gg.dq, shard(rg.dq, c.layout), c.dtype, terms, "dq", grad_extra));
   EXPECT_TRUE(close(gg.dk, shard(rg.dk, c.layout), c.dtype, terms, "dk", grad_extra));
   EXPECT_TRUE(close(gg.dv, shard(rg.dv, c.layout), c.dtype, terms, "dv", grad_extra));
+  for (auto [want, have, what] : {std::tuple{&rg.dlocal.w_p, &gg.dlocal.w_p, "dlocal.w_p"},
+                                  std::tuple{&rg.dlocal.v_p, &gg.dlocal.v_p, "dlocal.v_p"}}) {
+    ASSERT_EQ(want->defined(), have->defined()) << what;
+    if (want->defined()) {
+      EXPECT_TRUE(close(*have, *want, c.dtype, c.Tq * c.Tk + c.D + c.A, what));
+    }
+  }
   Score expected = rg.dscore;
   std::vector<Tensor*> want = score_tensors(expected), have = score_tensors(gg.dscore);
   ASSERT_EQ(want.size(), have.size());

@@ -116,6 +116,21 @@ TEST(UlyssesAttention, ScoresIncludingLocation) {
   }
 }
 
+// Luong local attention needs every key of the sequence: monotonic, and predictive whose w_p and
+// v_p gradients are summed over the ranks' heads.
+TEST(UlyssesAttention, LuongLocal) {
+  Case c = ulysses_case("local-monotonic");
+  c.local.kind = attn::LocalKind::monotonic;
+  c.local.half_width = 3;
+  run_case(c);
+  c.name = "local-predictive";
+  c.local.kind = attn::LocalKind::predictive;
+  c.local.w_p = random_tensor({6, c.D}, DType::f32, 41, -0.25, 0.25);
+  c.local.v_p = random_tensor({6}, DType::f32, 42, -0.5, 0.5);
+  c.key_lengths = {37, 30};
+  run_case(c);
+}
+
 TEST(UlyssesAttention, Bf16AndFloat64Backward) {
   Case c = ulysses_case("bf16-causal");
   c.dtype = DType::bf16;
