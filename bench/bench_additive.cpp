@@ -1,5 +1,5 @@
 // Additive (Bahdanau) attention at B=1, H=8, d = A = 128, N = Tq = Tk in {512, 2048}, float32:
-//   Fused        the fused kernels (src/kernels/additive_attention.*), forward and backward
+//   Fused        the fused kernels (src/kernels/additive/additive_attention.*), forward and backward
 //   Composed     attn's composed path (per (b, h) score tiles, scalar std::tanh per element),
 //                N = 512 only
 //   Materialised the Keras AdditiveAttention / OpenNMT "mlp" graph, written here: per head
@@ -35,8 +35,8 @@
 #include <vector>
 
 #include "attention_validate.h"
-#include "kernels/additive_attention.h"
-#include "kernels/attention_composed.h"
+#include "kernels/additive/additive_attention.h"
+#include "kernels/composed/attention_composed.h"
 
 namespace {
 

@@ -1,4 +1,4 @@
-// Decode attention (src/kernels/decode_attention.*): one new query per sequence against a KV
+// Decode attention (src/kernels/decode/decode_attention.*): one new query per sequence against a KV
 // cache, B = 1, Hq = 8, Hkv in {8, 2}, d = 128, cache length L in {4096, 32768}, float32 and bf16
 // caches, 1 and 2 threads. Decode reads every cache byte once and does ~2 FLOPs per byte, so it
 // is judged by read bandwidth against a plain streaming sum over the same bytes.
@@ -49,8 +49,8 @@
 #include "attn/paged_kv_cache.h"
 #include "attn/quantized.h"
 #include "attn/tensor.h"
-#include "kernels/attention_composed.h"
-#include "kernels/decode_attention.h"
+#include "kernels/composed/attention_composed.h"
+#include "kernels/decode/decode_attention.h"
 
 namespace {
 

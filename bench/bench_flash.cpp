@@ -1,4 +1,4 @@
-// The fused dot-product attention forward (src/kernels/flash_attention.*) at B=1, H=8,
+// The fused dot-product attention forward (src/kernels/flash/flash_attention.*) at B=1, H=8,
 // d in {64, 128}, N = Tq = Tk in {512, 2048, 8192}, non-causal and causal, float32.
 //
 // Counters (the machine is shared and loads come and go, so rates are taken from the fastest
@@ -11,7 +11,7 @@
 //   vs_sgemm       GFLOP/s / sgemm_GFLOP/s
 //   peak_MB        peak resident memory of the process so far (VmHWM; inputs included)
 //   label          the Highway target the kernel dispatched to, and OpenBLAS's sgemm core
-// BM_FlashForwardBf16 runs the bf16 kernel (src/kernels/flash_attention_bf16.*: bf16 q, k, v,
+// BM_FlashForwardBf16 runs the bf16 kernel (src/kernels/flash/flash_attention_bf16.*: bf16 q, k, v,
 // AVX512_BF16 dot products, float32 softmax and output) on the same problem and, alternating
 // call by call in the same loop, the float32 kernel on the widened inputs, so both see the same
 // load: its time and GFLOP/s are the bf16 kernel's, fp32_ms the float32 kernel's best, and
@@ -37,9 +37,9 @@
 #include <string>
 #include <vector>
 
-#include "kernels/bf16.h"
-#include "kernels/flash_attention.h"
-#include "kernels/flash_attention_bf16.h"
+#include "kernels/common/bf16.h"
+#include "kernels/flash/flash_attention.h"
+#include "kernels/flash/flash_attention_bf16.h"
 
 namespace {
 

@@ -1,4 +1,4 @@
-// The fused dot-product attention backward (src/kernels/flash_backward.*) at B=1, H=8,
+// The fused dot-product attention backward (src/kernels/flash/flash_backward.*) at B=1, H=8,
 // d in {64, 128}, N = Tq = Tk in {512, 2048}, non-causal and causal, float32, against the
 // composed backward (attn::attention_backward, BLAS GEMMs on materialised score tiles) and an
 // OpenBLAS sgemm timed in the same run. Plus dropout p = 0.1 at d = 64, N = 2048 (drop_pct = 10):
@@ -33,8 +33,8 @@
 
 #include "attention_validate.h"
 #include "attn/attention.h"
-#include "kernels/attention_composed.h"
-#include "kernels/flash_backward.h"
+#include "kernels/composed/attention_composed.h"
+#include "kernels/flash/flash_backward.h"
 
 namespace {
 

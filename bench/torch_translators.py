@@ -2,7 +2,7 @@
 """PyTorch 1.13 twins of the translators attn trains, for a like-for-like training speed.
 
 The twin replays the batches attn trained on, step for step: `attn train` with
-ATTN_DUMP_BATCHES=FILE writes every step's token ids (seq2seq/batch_log.h: the same subword
+ATTN_DUMP_BATCHES=FILE writes every step's token ids (seq2seq/data/batch_log.h: the same subword
 vocabulary, the same pairs, the same batch order and padding). This script builds the same
 architecture with the same parameter count (printed, compare with attn's "parameters" line),
 trains it with the same loss (label-smoothed cross-entropy, padding ignored), gradient clipping,
@@ -34,7 +34,7 @@ import time
 
 
 def read_batches(path, limit):
-    """The batch log of seq2seq/batch_log.h: (header dict, list of batches)."""
+    """The batch log of seq2seq/data/batch_log.h: (header dict, list of batches)."""
     with open(path) as f:
         head = f.readline().split()
         if head[:2] != ["attn-batches", "1"]:

@@ -1,4 +1,4 @@
-// libFuzzer target: parse_pairs on arbitrary bytes (seq2seq/pairs_file.h), under both bad-line
+// libFuzzer target: parse_pairs on arbitrary bytes (seq2seq/data/pairs_file.h), under both bad-line
 // policies and a token limit taken from the first input byte.
 //
 // Contract: attn::Error or a result; a result keeps only pairs that are valid UTF-8 with both
@@ -10,7 +10,7 @@
 #include <string_view>
 
 #include "attn/error.h"
-#include "seq2seq/pairs_file.h"
+#include "seq2seq/data/pairs_file.h"
 
 namespace s2s = attn::seq2seq;
 

@@ -1,4 +1,4 @@
-// libFuzzer target: SafetensorsFile::parse on arbitrary bytes (seq2seq/safetensors.h).
+// libFuzzer target: SafetensorsFile::parse on arbitrary bytes (seq2seq/training/safetensors.h).
 //
 // The reader's contract: any byte string either parses or throws attn::Error; nothing else may
 // escape (a crash, a sanitizer report, another exception type, a hang). A file that parses must
@@ -10,7 +10,7 @@
 #include <string>
 
 #include "attn/error.h"
-#include "seq2seq/safetensors.h"
+#include "seq2seq/training/safetensors.h"
 
 using attn::seq2seq::SafetensorsFile;
 using attn::seq2seq::StDType;

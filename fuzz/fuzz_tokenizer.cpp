@@ -1,4 +1,4 @@
-// libFuzzer target: the tokeniser and the vocabulary (seq2seq/vocab.h) on arbitrary bytes.
+// libFuzzer target: the tokeniser and the vocabulary (seq2seq/data/vocab.h) on arbitrary bytes.
 //
 // tokenize() must never fail; its tokens are non-empty, hold no whitespace, and a punctuation
 // character only as a token of its own; tokenising the tokens joined by spaces gives the same
@@ -13,8 +13,8 @@
 #include <vector>
 
 #include "attn/error.h"
-#include "seq2seq/corpus.h"
-#include "seq2seq/vocab.h"
+#include "seq2seq/data/corpus.h"
+#include "seq2seq/data/vocab.h"
 
 namespace s2s = attn::seq2seq;
 

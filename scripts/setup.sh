@@ -11,7 +11,7 @@ packages=(
   libopenmpi-dev openmpi-bin
   python3-dev pybind11-dev python3-numpy python3-torch python3-pytest python3-venv
   python3-setuptools python3-wheel
-  chromium  # renders the `attn experiments` report in tests/test_experiments_report.cpp
+  chromium  # renders the `attn experiments` report in tests/tools/test_experiments_report.cpp
 )
 missing=()
 for p in "${packages[@]}"; do

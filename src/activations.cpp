@@ -1,11 +1,11 @@
 // Front-end of the elementwise activations (attn/activations.h): checks, then the vectorised
-// float32 kernel (kernels/activations.h) or the float64 loop.
+// float32 kernel (kernels/activations/activations.h) or the float64 loop.
 #include "attn/activations.h"
 
 #include <cmath>
 
 #include "attn/error.h"
-#include "kernels/activations.h"
+#include "kernels/activations/activations.h"
 
 namespace attn {
 namespace {

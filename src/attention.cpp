@@ -7,12 +7,12 @@
 
 #include "attention_dot_form.h"
 #include "attention_validate.h"
-#include "kernels/additive_attention.h"
-#include "kernels/attention_composed.h"
-#include "kernels/decode_attention.h"
-#include "kernels/flash_attention.h"
-#include "kernels/flash_attention_bf16.h"
-#include "kernels/flash_backward.h"
+#include "kernels/additive/additive_attention.h"
+#include "kernels/composed/attention_composed.h"
+#include "kernels/decode/decode_attention.h"
+#include "kernels/flash/flash_attention.h"
+#include "kernels/flash/flash_attention_bf16.h"
+#include "kernels/flash/flash_backward.h"
 
 namespace attn {
 

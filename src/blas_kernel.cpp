@@ -20,8 +20,8 @@
 #include <sstream>
 
 #include "attn/runtime.h"
-#include "kernels/flash_attention_bf16.h"
-#include "kernels/simd_target.h"
+#include "kernels/flash/flash_attention_bf16.h"
+#include "kernels/common/simd_target.h"
 
 namespace attn::detail {
 

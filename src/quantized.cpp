@@ -6,7 +6,7 @@
 
 #include "attention_validate.h"
 #include "attn/error.h"
-#include "kernels/decode_attention.h"
+#include "kernels/decode/decode_attention.h"
 
 namespace attn {
 

@@ -6,7 +6,7 @@
 
 #include "attn/profile.h"
 
-#include "kernels/bf16.h"
+#include "kernels/common/bf16.h"
 
 namespace attn {
 

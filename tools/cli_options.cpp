@@ -7,8 +7,8 @@
 #include <cmath>
 #include <filesystem>
 
-#include "seq2seq/model.h"
-#include "seq2seq/optim.h"
+#include "seq2seq/models/model.h"
+#include "seq2seq/training/optim.h"
 
 namespace attn::cli {
 namespace {

@@ -8,7 +8,7 @@
 #include <memory>
 #include <string>
 
-#include "seq2seq/train.h"
+#include "seq2seq/training/train.h"
 
 namespace attn::cli {
 

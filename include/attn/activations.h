@@ -3,7 +3,7 @@
 //
 // float32 is vectorised (Highway, compiled for every SIMD target and picked at run time;
 // ATTN_SIMD_TARGET caps the choice) and stays within 4 float32 ulps of the float64 functions
-// (2.25 measured; tests/test_activations.cpp checks every target). float64 evaluates std::tanh
+// (2.25 measured; tests/ops/test_activations.cpp checks every target). float64 evaluates std::tanh
 // and 1 / (1 + std::exp(-x)) element by element, for references and gradient checks. Special
 // values: NaN stays NaN, tanh(+-inf) = +-1, sigmoid(-inf) = 0, sigmoid(+inf) = 1; float32
 // sigmoids below the smallest normal float (x < -87) may be flushed to zero.

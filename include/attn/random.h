@@ -48,7 +48,7 @@ constexpr double counter_uniform(uint64_t seed, uint64_t b, uint64_t h, uint64_t
 // (every input bit flips every output bit with probability ~1/2), so within a row no two keys
 // j < 2^32 share a 32-bit hash and neighbouring keys are decorrelated. K_hi, xored after the
 // first multiply, makes rows whose low key halves happen to coincide (chance 2^-32 per pair)
-// still differ. tests/test_dropout_rng.cpp checks keep rates against binomial bounds,
+// still differ. tests/ops/test_dropout_rng.cpp checks keep rates against binomial bounds,
 // correlations between neighbours in j, i, h and seed, and chi-square uniformity of u.
 // Keys j >= 2^32 fold their high half into the row key (mix64), so no two (i, j) alias.
 
@@ -67,7 +67,7 @@ constexpr uint64_t dropout_row_key(uint64_t seed, uint64_t b, uint64_t h, uint64
 }
 
 // The 24-bit uniform of key j (j < 2^32) of the row with key `row_key`: one round of 32-bit
-// multiply-xorshift. The SIMD kernels (src/kernels/dropout_mask-inl.h) run exactly these lane
+// multiply-xorshift. The SIMD kernels (src/kernels/common/dropout_mask-inl.h) run exactly these lane
 // operations with the constants above.
 constexpr uint32_t dropout_bits(uint64_t row_key, uint32_t j) {
   uint32_t x = static_cast<uint32_t>(row_key) ^ (j * kDropoutKeyStep);

@@ -8,9 +8,9 @@
 #include "attn/runtime.h"
 #include "bindings.h"
 #include "convert.h"
-#include "seq2seq/heatmap.h"
-#include "seq2seq/train.h"
-#include "seq2seq/vocab.h"
+#include "seq2seq/decoding/heatmap.h"
+#include "seq2seq/training/train.h"
+#include "seq2seq/data/vocab.h"
 
 namespace attn::python {
 

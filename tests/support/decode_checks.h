@@ -11,8 +11,8 @@
 #include <vector>
 
 #include "attn/tensor.h"
-#include "seq2seq/batching.h"
-#include "seq2seq/decode.h"
+#include "seq2seq/data/batching.h"
+#include "seq2seq/decoding/decode.h"
 #include "support/test_support.h"
 
 namespace attn::testing {

@@ -10,7 +10,7 @@
 
 #include <algorithm>
 
-#include "kernels/decode_attention.h"
+#include "kernels/decode/decode_attention.h"
 #include "support/test_support.h"
 
 namespace attn::testing {

@@ -25,8 +25,8 @@
 #include "attn/attention.h"
 #include "attn/reference.h"
 #include "attn/tensor.h"
-#include "kernels/flash_attention.h"
-#include "kernels/flash_backward.h"
+#include "kernels/flash/flash_attention.h"
+#include "kernels/flash/flash_backward.h"
 #include "support/simd_targets.h"
 #include "support/test_support.h"
 

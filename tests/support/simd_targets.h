@@ -15,7 +15,7 @@
 
 #include "attn/attention.h"
 #include "attn/tensor.h"
-#include "kernels/simd_target.h"
+#include "kernels/common/simd_target.h"
 
 namespace attn::kernels {
 // Names the parameter in test listings; without it gtest prints SimdTarget's raw bytes,
@@ -102,7 +102,7 @@ void set_interval_masks(const Case& c, Mask& m) {
 }
 
 // Copies the case's sizes (B, Hq, Hkv, Tq, Tk, D, dv()) and interval masks into a dot-product
-// kernel's argument struct (kernels/kernel_problem.h fields plus head_dim and value_dim).
+// kernel's argument struct (kernels/common/kernel_problem.h fields plus head_dim and value_dim).
 template <class Case, class Args>
 void set_kernel_problem(const Case& c, Args& a) {
   a.batch = c.B, a.q_heads = c.Hq, a.kv_heads = c.Hkv, a.q_len = c.Tq, a.k_len = c.Tk;

@@ -14,9 +14,9 @@
 #include <utility>
 #include <vector>
 
-#include "seq2seq/corpus.h"
-#include "seq2seq/decode.h"
-#include "seq2seq/train.h"
+#include "seq2seq/data/corpus.h"
+#include "seq2seq/decoding/decode.h"
+#include "seq2seq/training/train.h"
 
 namespace attn::testing {
 

@@ -10,8 +10,8 @@
 #include <string>
 #include <vector>
 
-#include "seq2seq/corpus.h"
-#include "seq2seq/train.h"
+#include "seq2seq/data/corpus.h"
+#include "seq2seq/training/train.h"
 #include "tools/experiments/experiments.h"
 #include "tools/experiments/report_html.h"
 

@@ -9,8 +9,8 @@
 #include <set>
 
 #include "attn/random.h"
-#include "seq2seq/bleu.h"
-#include "seq2seq/vocab.h"
+#include "seq2seq/metrics/bleu.h"
+#include "seq2seq/data/vocab.h"
 #include "tools/experiments/conclusions.h"
 #include "tools/experiments/context.h"
 #include "tools/experiments/statistics.h"

@@ -1,6 +1,6 @@
 // Statistics behind `attn experiments`: of attention rows (largest weight, entropy, the norm of
 // the softmax Jacobian), of samples (mean, variance, spread over seeds) and histograms.
-// Plain functions of numbers, no I/O: tests/test_experiments.cpp checks them against closed forms.
+// Plain functions of numbers, no I/O: tests/tools/test_experiments.cpp checks them against closed forms.
 #pragma once
 
 #include <cstdint>

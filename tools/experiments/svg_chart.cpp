@@ -325,7 +325,7 @@ std::string render(const Heatmap& c) {
   open_svg(o, "heatmap", std::max(w, 260), h, c.title);
   auto shade = [](double v) {
     v = std::clamp(std::isfinite(v) ? v : 0.0, 0.0, 1.0);
-    // white (255, 255, 255) to dark blue (8, 48, 107), as seq2seq/heatmap.h
+    // white (255, 255, 255) to dark blue (8, 48, 107), as seq2seq/decoding/heatmap.h
     const int r = static_cast<int>(std::lround(255 + (8 - 255) * v));
     const int g = static_cast<int>(std::lround(255 + (48 - 255) * v));
     const int b = static_cast<int>(std::lround(255 + (107 - 255) * v));

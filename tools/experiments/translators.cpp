@@ -1,12 +1,12 @@
 // Experiments 3-6: the translators of seq2seq/ trained on the embedded English -> French corpus
-// (seq2seq/corpus.h) and measured: BLEU against source length with and without attention,
+// (seq2seq/data/corpus.h) and measured: BLEU against source length with and without attention,
 // Luong et al.'s scoring functions, Transformer heads, and the alignments the models learn.
 #include <algorithm>
 #include <cmath>
 #include <map>
 
 #include "attn/attention.h"
-#include "seq2seq/bleu.h"
+#include "seq2seq/metrics/bleu.h"
 #include "tools/experiments/conclusions.h"
 #include "tools/experiments/context.h"
 #include "tools/experiments/statistics.h"

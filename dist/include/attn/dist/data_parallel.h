@@ -1,5 +1,5 @@
 // attn::dist — data-parallel training over the ranks of an MPI communicator: the MPI side of
-// seq2seq::GradientSharding (seq2seq/train.h), which keeps the training loop free of MPI.
+// seq2seq::GradientSharding (seq2seq/training/train.h), which keeps the training loop free of MPI.
 //
 // Every global batch is cut into S gradient shards (S >= the number of ranks P); rank r computes
 // the contiguous run shard_range(S, P, r) of them and the gradients are summed in shard order
