@@ -139,18 +139,24 @@ def test_multihead_errors_name_the_op():
                                  w, query, key, value)
 
 
-def test_bf16_kv_cache_decodes_like_the_float32_one_within_bf16_rounding():
-    config = CONFIGS["grouped"]
-    w = attn.MultiHeadWeights.init(config, "float32", seed=4)
-    x = RNG.standard_normal((2, 6, config.d_model)).astype(np.float32)
-    caches = {d: attn.KVCache(config, batch=2, capacity=8, dtype=d) for d in ("float32", "bfloat16")}
-    rows = {d: [] for d in caches}
-    for t in range(6):
+def decode_with_caches(config, w, x, dtypes, capacity):
+    """Self-attention decoding of x [B, T, E] token by token (causal), once per cache dtype:
+    the caches and each dtype's outputs [B, T, E]."""
+    caches = {d: attn.KVCache(config, batch=x.shape[0], capacity=capacity, dtype=d) for d in dtypes}
+    rows = {d: [] for d in dtypes}
+    for t in range(x.shape[1]):
         step = x[:, t:t + 1]
         for d, cache in caches.items():
             rows[d].append(attn.multihead_attention_step(config, w, cache, step, step, step,
                                                          causal=True).output)
-    f32, bf16 = (np.concatenate(rows[d], axis=1) for d in ("float32", "bfloat16"))
+    return caches, [np.concatenate(rows[d], axis=1) for d in dtypes]
+
+
+def test_bf16_kv_cache_decodes_like_the_float32_one_within_bf16_rounding():
+    config = CONFIGS["grouped"]
+    w = attn.MultiHeadWeights.init(config, "float32", seed=4)
+    x = RNG.standard_normal((2, 6, config.d_model)).astype(np.float32)
+    caches, (f32, bf16) = decode_with_caches(config, w, x, ("float32", "bfloat16"), capacity=8)
     # NumPy has no bfloat16: the bf16 cache's views come back widened (exactly) to float32.
     keys = caches["bfloat16"].keys()
     assert keys.dtype == np.float32 and keys.shape == (2, 2, 6, 3)
@@ -179,14 +185,7 @@ def test_int8_kv_cache_decodes_like_the_float32_one_within_its_block_scales():
     config = attn.MultiHeadConfig(d_model=64, num_heads=4, num_kv_heads=2)  # head width 16
     w = attn.MultiHeadWeights.init(config, "float32", seed=5)
     x = RNG.standard_normal((2, 5, config.d_model)).astype(np.float32)
-    caches = {d: attn.KVCache(config, batch=2, capacity=2, dtype=d) for d in ("float32", "int8")}
-    rows = {d: [] for d in caches}
-    for t in range(5):
-        step = x[:, t:t + 1]
-        for d, cache in caches.items():
-            rows[d].append(attn.multihead_attention_step(config, w, cache, step, step, step,
-                                                         causal=True).output)
-    f32, int8 = (np.concatenate(rows[d], axis=1) for d in ("float32", "int8"))
+    caches, (f32, int8) = decode_with_caches(config, w, x, ("float32", "int8"), capacity=2)
     keys, ref_keys = caches["int8"].keys(), caches["float32"].keys()
     assert keys.dtype == np.float32 and keys.shape == ref_keys.shape == (2, 2, 5, 16)
     # One block of 32 channels holds a whole 16-wide row: its scale is max|row| / 127 and each
